@@ -1,0 +1,215 @@
+//! The command line: what each command takes. `main.rs` parses it and calls [`run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "docusearch-agent",
+    version,
+    about = "Keeps a DocuSearch index (ColPali + ChromaDB) in sync with watched folders",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Configuration file (default: the platform's config location, when it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: watch folders and keep the index current (what launchd/systemd start).
+    Run(RunArgs),
+    /// Index files or folders once, with progress, then exit.
+    Index(IndexArgs),
+    /// Search the index.
+    Search(SearchArgs),
+    /// Show what is indexed, queued and failed.
+    Status(StatusArgs),
+    /// Check the configuration, PDFium, Chroma, the model and the device; print the fixes.
+    Doctor(DoctorArgs),
+    /// Install, remove or inspect the launchd agent / systemd user unit.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Embed images and queries with ColPali and print the vectors.
+    Embed(EmbedArgs),
+    /// Check the index for records the server lost, and rebuild what is broken.
+    Repair(RepairArgs),
+    /// Manage the model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Internal: the isolated renderer process (started by the agent itself).
+    #[command(hide = true)]
+    ExtractWorker,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Folders to watch, replacing the configured ones.
+    pub folders: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// Files or folders to index.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SearchMode {
+    Hybrid,
+    Visual,
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    pub query: String,
+    /// Results to print.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    #[arg(long, value_enum, default_value_t = SearchMode::Hybrid)]
+    pub mode: SearchMode,
+    /// Candidates fetched per collection for exact re-scoring.
+    #[arg(long, default_value_t = 100)]
+    pub candidates: usize,
+    #[arg(long)]
+    pub json: bool,
+    /// Print the time of each stage.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the launchd plist / systemd unit and load it.
+    Install {
+        /// Print the file and the commands without touching anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Unload and remove the service.
+    Uninstall {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Whether the service is installed and running.
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Repo id or local directory (default: the configured model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Image files to embed as document pages.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// Queries to embed.
+    #[arg(long = "query", value_name = "TEXT")]
+    pub queries: Vec<String>,
+    /// Print one JSON object with every vector and the MaxSim scores.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Report what would be done without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Download the model into the Hugging Face cache ahead of time.
+    Fetch {
+        /// Repo id (default: the configured model).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        revision: Option<String>,
+    },
+}
+
+/// What every command gets: the validated configuration and where it came from.
+pub struct Context {
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+}
+
+/// Exit status of a command whose issue is not done yet.
+pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+/// Says plainly that a command does not work yet, and exits with status 2.
+pub fn not_implemented(command: &str, issue: u32) -> anyhow::Result<ExitCode> {
+    eprintln!("docusearch-agent {command}: not implemented yet (issue {issue}); nothing was done");
+    Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
+}
+
+/// Loads the configuration, sets up logging and runs the command.
+pub fn run(cli: Cli) -> ExitCode {
+    // The renderer child speaks a binary protocol on stdout and needs no configuration.
+    if let Command::ExtractWorker = cli.command {
+        return crate::extract::worker_main();
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let config = match Config::load(cli.config.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            // `doctor` reports a bad configuration as one of its checks.
+            if let Command::Doctor(_) = cli.command {
+                return crate::doctor::run_with_config_error(cli.config.as_deref(), &e);
+            }
+            eprintln!("error: {e}");
+            return ExitCode::from(78); // EX_CONFIG: launchd/systemd show it as a config error
+        }
+    };
+    let _log_guard = crate::logging::init(&config.logging);
+    let ctx = Context {
+        config,
+        config_path: cli.config.clone(),
+    };
+    let result = match cli.command {
+        Command::Run(a) => crate::agent::run_command(&ctx, a),
+        Command::Index(a) => crate::agent::index_command(&ctx, a),
+        Command::Status(a) => crate::agent::status_command(&ctx, a),
+        Command::Search(a) => crate::search::search_command(&ctx, a),
+        Command::Repair(a) => crate::search::repair_command(&ctx, a),
+        Command::Doctor(_) => crate::doctor::run(&ctx),
+        Command::Service(c) => crate::service::service_command(&ctx, c),
+        Command::Embed(a) => crate::embed::cli::embed_command(&ctx, a),
+        Command::Model(ModelCommand::Fetch { model, revision }) => {
+            crate::embed::cli::fetch_command(&ctx, model, revision)
+        }
+        Command::ExtractWorker => unreachable!("handled above"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

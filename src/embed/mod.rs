@@ -1,0 +1,3 @@
+//! ColPali on candle: loading, preprocessing, the forward pass, batching. Issue 3.
+
+pub mod cli;

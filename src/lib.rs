@@ -1,0 +1,23 @@
+//! docusearch-agent: a background agent that keeps a DocuSearch index in sync with folders.
+//!
+//! The modules follow the data flow (see `docs/` and DESIGN.md):
+//! `watch` → `state` (files, jobs) → `extract` (pages, text) → `embed` (ColPali) →
+//! `sync` (Chroma records) ; `search` reads them back; `agent` runs the stages; `service` and
+//! `api` make it a well-behaved background process.
+
+pub mod agent;
+pub mod api;
+pub mod chroma;
+pub mod cli;
+pub mod config;
+pub mod doctor;
+pub mod embed;
+pub mod extract;
+pub mod logging;
+pub mod runtime_paths;
+pub mod search;
+pub mod service;
+pub mod state;
+pub mod sync;
+pub mod types;
+pub mod watch;

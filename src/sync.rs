@@ -1,0 +1,1 @@
+//! Writing documents to Chroma: records, batching, upsert-then-prune, moves and deletions. Issue 5.

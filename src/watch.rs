@@ -1,0 +1,1 @@
+//! File-system events (notify) and reconcile scans, turned into jobs. Issue 6.

@@ -1,0 +1,8 @@
+//! Integration tests: one binary (quick to link), one module per area.
+//! They use the real parts: a real `chroma run` server, the real PDFium library, real files.
+
+mod common;
+
+mod config;
+mod managed_chroma;
+mod pdfium;

@@ -1,0 +1,63 @@
+//! The managed `chroma run`: started, answers its heartbeat, restarted after being killed,
+//! stopped on drop.
+
+use std::time::{Duration, Instant};
+
+use docusearch_agent::chroma::managed::{heartbeat, ManagedChroma};
+
+use crate::common;
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn managed_chroma_starts_restarts_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chroma");
+    let server = ManagedChroma::start(&common::chroma_bin(), &data).expect("managed chroma starts");
+    let port = server.port();
+    assert!(server.url().starts_with("http://127.0.0.1:"));
+    assert!(heartbeat(port), "answers its heartbeat once started");
+    assert_eq!(server.starts(), 1);
+    assert!(data.join("chroma-server.pid").is_file(), "records its pid");
+
+    // Kill it behind the supervisor's back: it must come back on the same port.
+    let pid = server.pid().expect("a running server has a pid");
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || server.starts() == 2 && heartbeat(port)),
+        "restarted after SIGKILL (starts = {})",
+        server.starts()
+    );
+    let new_pid = server.pid().unwrap();
+    assert_ne!(pid, new_pid);
+
+    drop(server);
+    assert!(!heartbeat(port), "stopped on drop");
+    // The process is gone, not just deaf.
+    assert!(
+        wait_until(Duration::from_secs(5), || unsafe { libc::kill(new_pid as i32, 0) } != 0),
+        "chroma process {new_pid} still exists after drop"
+    );
+    assert!(!data.join("chroma-server.pid").exists(), "pid file removed");
+}
+
+#[test]
+fn missing_chroma_program_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ManagedChroma::start(&dir.path().join("no-such-chroma"), &dir.path().join("data"))
+        .err()
+        .expect("starting a missing program fails");
+    let msg = err.to_string();
+    assert!(msg.contains("no-such-chroma") && msg.contains("scripts/setup"), "{msg}");
+}
