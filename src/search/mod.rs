@@ -1,5 +1,7 @@
 //! The read path: two-stage search (Chroma on the mean vector, then exact MaxSim) and `repair`.
 
+pub mod maxsim;
+
 use std::process::ExitCode;
 
 use crate::cli::{Context, RepairArgs, SearchArgs};
