@@ -4,5 +4,6 @@
 mod common;
 
 mod config;
+mod doctor;
 mod managed_chroma;
 mod pdfium;
