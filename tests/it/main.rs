@@ -4,5 +4,6 @@
 mod common;
 
 mod config;
+mod embed;
 mod managed_chroma;
 mod pdfium;
