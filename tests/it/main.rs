@@ -5,5 +5,6 @@ mod common;
 
 mod config;
 mod doctor;
+mod embed;
 mod managed_chroma;
 mod pdfium;
