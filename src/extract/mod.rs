@@ -126,11 +126,13 @@ pub enum ExtractError {
     Unsupported { path: PathBuf, detail: String },
     #[error("{path}: the file is empty (0 bytes)")]
     Empty { path: PathBuf },
-    #[error("{path}: {size_mb} MB is above the {limit_mb} MB limit (extract.max_file_mb)")]
+    #[error("{path}: {} is above the {} limit (extract.max_file_mb)", mib(*.size), mib(*.limit))]
     TooLarge {
         path: PathBuf,
-        size_mb: u64,
-        limit_mb: u64,
+        /// Bytes.
+        size: u64,
+        /// Bytes.
+        limit: u64,
     },
     #[error("{path}: {pages} pages is above the {limit}-page limit (extract.max_pages)")]
     TooManyPages {
@@ -186,6 +188,10 @@ pub enum ExtractError {
     Stopped { path: PathBuf },
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 fn stderr_suffix(stderr: &str) -> String {
     let s = stderr.trim();
     if s.is_empty() {
@@ -225,9 +231,7 @@ impl ExtractError {
         match self {
             Unsupported { detail, .. } => format!("unsupported: {detail}"),
             Empty { .. } => "empty file".into(),
-            TooLarge {
-                size_mb, limit_mb, ..
-            } => format!("too large: {size_mb} MB > {limit_mb} MB"),
+            TooLarge { size, limit, .. } => format!("too large: {} > {}", mib(*size), mib(*limit)),
             TooManyPages { pages, limit, .. } => format!("too many pages: {pages} > {limit}"),
             WrongContent {
                 expected, found, ..

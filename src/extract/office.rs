@@ -171,12 +171,7 @@ pub(crate) fn extract_text(
             })
         }
     };
-    // An empty package still counts as one (empty) page, so the document is known.
-    let pages = if pages.is_empty() {
-        vec![String::new()]
-    } else {
-        pages
-    };
+    // A presentation without slides has no pages (and gives no records).
     let info = DocumentInfo {
         format,
         num_pages: pages.len() as u32,

@@ -11,6 +11,9 @@ use super::{DocumentInfo, Page};
 use crate::embed::preprocess::resize_for_model;
 use crate::types::DocFormat;
 
+/// Longest side of a rendered page, in pixels (a US Letter page at 150 DPI is 1650).
+const MAX_RENDER_SIDE: f32 = 8000.0;
+
 /// What the PDF stage needs to know.
 pub(crate) struct PdfJob<'a> {
     pub path: &'a Path,
@@ -49,14 +52,18 @@ pub(crate) fn extract(
     };
     out.info(&info)?;
 
-    let scale = job.render_dpi as f32 / 72.0;
-    // RGB straight from PDFium (what pypdfium2 asks for too): no alpha to strip, no swizzle.
-    let config = PdfRenderConfig::new()
-        .scale_page_by_factor(scale)
-        .set_format(PdfBitmapFormat::BGR)
-        .set_reverse_byte_order(true);
+    let dpi_scale = job.render_dpi as f32 / 72.0;
     for (i, page) in pages.iter().enumerate() {
         let number = i as u32 + 1;
+        // Posters and CAD sheets would need gigabytes at full DPI, and the model sees
+        // `image_size` pixels anyway: such pages are rendered smaller.
+        let longest = page.width().value.max(page.height().value).max(1.0);
+        let scale = dpi_scale.min(MAX_RENDER_SIDE / longest);
+        // RGB straight from PDFium (what pypdfium2 asks for too): no alpha to strip, no swizzle.
+        let config = PdfRenderConfig::new()
+            .scale_page_by_factor(scale)
+            .set_format(PdfBitmapFormat::BGR)
+            .set_reverse_byte_order(true);
         let corrupt = |what: &str, e: PdfiumError| WorkerFailure::Corrupt {
             format: "PDF".into(),
             detail: format!("page {number}: {what}: {e}"),

@@ -43,8 +43,8 @@ pub(crate) fn check_file(
     if size > max_bytes {
         return Err(ExtractError::TooLarge {
             path: path.to_path_buf(),
-            size_mb: size.div_ceil(1024 * 1024),
-            limit_mb: max_bytes / (1024 * 1024),
+            size,
+            limit: max_bytes,
         });
     }
     let mut head = Vec::with_capacity(HEAD);

@@ -4,5 +4,6 @@
 mod common;
 
 mod config;
+mod extract;
 mod managed_chroma;
 mod pdfium;
