@@ -6,5 +6,6 @@ mod common;
 mod config;
 mod doctor;
 mod embed;
+mod extract;
 mod managed_chroma;
 mod pdfium;
