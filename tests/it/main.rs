@@ -4,5 +4,8 @@
 mod common;
 
 mod config;
+mod doctor;
+mod embed;
+mod extract;
 mod managed_chroma;
 mod pdfium;
