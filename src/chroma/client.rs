@@ -484,6 +484,94 @@ impl ChromaClient {
         })
     }
 
+    /// Opens an existing collection without creating it: `None` when there is none by that name
+    /// (readers such as `search` must not create collections).
+    pub async fn get_collection(&self, name: &str) -> Result<Option<Collection>, ChromaError> {
+        let what = format!("opening collection `{name}`");
+        let bytes = match self
+            .send(
+                &what,
+                Method::GET,
+                self.db_url(&["collections", name]),
+                None,
+            )
+            .await
+        {
+            Ok(bytes) => bytes,
+            Err(e) if e.status() == Some(404) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let info: CollectionInfo = parse(&what, &bytes)?;
+        Ok(Some(Collection {
+            max_batch: self.max_batch_size().await?,
+            client: self.clone(),
+            unindexed_string_keys: info.unindexed_string_keys(),
+            id: info.id,
+            name: info.name,
+            dimension: info.dimension,
+        }))
+    }
+
+    /// The collection's `schema` as the server reports it (index settings, HNSW parameters):
+    /// what a copy of the collection must be created with.
+    pub async fn collection_schema(&self, collection: &Collection) -> Result<Value, ChromaError> {
+        let what = format!("reading the settings of collection `{}`", collection.name);
+        let info: CollectionInfo = self
+            .call(
+                &what,
+                Method::GET,
+                self.db_url(&["collections", &collection.name]),
+                None,
+            )
+            .await?;
+        Ok(info.schema)
+    }
+
+    /// Creates a collection with a given `schema` (for instance another collection's, read with
+    /// [`collection_schema`](Self::collection_schema)); fails if the name is taken.
+    pub async fn create_collection_with_schema(
+        &self,
+        name: &str,
+        schema: &Value,
+    ) -> Result<Collection, ChromaError> {
+        let body = json!({ "name": name, "get_or_create": false, "schema": schema });
+        let what = format!("creating collection `{name}`");
+        let info: CollectionInfo = self
+            .call(
+                &what,
+                Method::POST,
+                self.db_url(&["collections"]),
+                Some(&body),
+            )
+            .await?;
+        Ok(Collection {
+            max_batch: self.max_batch_size().await?,
+            client: self.clone(),
+            unindexed_string_keys: info.unindexed_string_keys(),
+            id: info.id,
+            name: info.name,
+            dimension: info.dimension,
+        })
+    }
+
+    /// Renames a collection (its id and records stay).
+    pub async fn rename_collection(
+        &self,
+        collection: &Collection,
+        new_name: &str,
+    ) -> Result<(), ChromaError> {
+        let what = format!("renaming collection `{}` to `{new_name}`", collection.name);
+        let _: Value = self
+            .call(
+                &what,
+                Method::PUT,
+                self.db_url(&["collections", &collection.id]),
+                Some(&json!({ "new_name": new_name })),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Deletes a collection and all its records. 404 (already gone) is success.
     pub async fn delete_collection(&self, name: &str) -> Result<(), ChromaError> {
         let what = format!("deleting collection `{name}`");
