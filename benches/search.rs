@@ -10,7 +10,9 @@ use docusearch_agent::types::MultiVector;
 use rand::{Rng, SeedableRng};
 
 fn random(rng: &mut impl Rng, rows: usize, dim: usize) -> MultiVector {
-    let data = (0..rows * dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let data = (0..rows * dim)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
     MultiVector::new(rows, dim, data)
 }
 
@@ -43,8 +45,9 @@ fn kernel_bench() -> anyhow::Result<()> {
 
     let (naive, naive_scores) = median_time(5, || score_naive(&query, &docs));
     let prepared = PreparedQuery::new(&query);
-    let (single, single_scores) =
-        median_time(21, || docs.iter().map(|d| prepared.score(d)).collect::<Vec<_>>());
+    let (single, single_scores) = median_time(21, || {
+        docs.iter().map(|d| prepared.score(d)).collect::<Vec<_>>()
+    });
     let (parallel, parallel_scores) = median_time(21, || prepared.score_many(&docs));
 
     // candle: one matmul of the query against all pages stacked, then a max per page.
@@ -66,7 +69,12 @@ fn kernel_bench() -> anyhow::Result<()> {
         .zip(&naive_scores)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    println!("  {:<34} {:>9.2} ms   x{:>6.1}", "naive loop (MultiVector::maxsim)", ms(naive), 1.0);
+    println!(
+        "  {:<34} {:>9.2} ms   x{:>6.1}",
+        "naive loop (MultiVector::maxsim)",
+        ms(naive),
+        1.0
+    );
     println!(
         "  {:<34} {:>9.2} ms   x{:>6.1}",
         "kernel, 1 thread",

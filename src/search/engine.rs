@@ -203,7 +203,9 @@ impl Searcher {
             (visual, RecordKind::Visual, &visual_ids),
             (text, RecordKind::Text, &text_ids),
         ] {
-            let Some(collection) = collection else { continue };
+            let Some(collection) = collection else {
+                continue;
+            };
             for slice in ids.chunks(opts.fetch_slice.max(1)) {
                 let (collection, slice) = (collection.clone(), slice.to_vec());
                 let (prepared, permits) = (prepared.clone(), permits.clone());
@@ -382,6 +384,9 @@ mod tests {
         let s = snippet(&long);
         assert_eq!(s.chars().count(), SNIPPET_CHARS);
         assert!(s.ends_with('…'));
-        assert_eq!(snippet("é".repeat(500).as_str()).chars().count(), SNIPPET_CHARS);
+        assert_eq!(
+            snippet("é".repeat(500).as_str()).chars().count(),
+            SNIPPET_CHARS
+        );
     }
 }

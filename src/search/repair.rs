@@ -345,7 +345,11 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
                 "{name}: {} unreachable (chroma-core/chroma#7758): {}{}",
                 r.before.unreachable.len(),
                 shown.join(", "),
-                if r.before.unreachable.len() > shown.len() { ", …" } else { "" }
+                if r.before.unreachable.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
             );
         }
         match (&r.rebuilt, &r.after) {
@@ -360,7 +364,9 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
                 problems |= !after.is_complete();
             }
             _ if !r.before.is_complete() => {
-                println!("{name}: would rebuild the collection from its own records (no re-embedding)");
+                println!(
+                    "{name}: would rebuild the collection from its own records (no re-embedding)"
+                );
                 problems = true;
             }
             _ => {}

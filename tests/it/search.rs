@@ -16,7 +16,9 @@ use rand::{Rng, SeedableRng};
 use crate::common;
 
 fn random_mv(rng: &mut impl Rng, rows: usize, dim: usize) -> MultiVector {
-    let data = (0..rows * dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let data = (0..rows * dim)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
     MultiVector::new(rows, dim, data)
 }
 
@@ -92,8 +94,14 @@ async fn write_synthetic(syncer: &Syncer, config: &Config, docs: u32, seed: u64)
                 },
             })
             .collect();
-        syncer.upsert_pages(&meta, &page_records).await.expect("pages written");
-        syncer.upsert_chunks(&meta, &chunk_records).await.expect("chunks written");
+        syncer
+            .upsert_pages(&meta, &page_records)
+            .await
+            .expect("pages written");
+        syncer
+            .upsert_chunks(&meta, &chunk_records)
+            .await
+            .expect("chunks written");
         syncer
             .finish_document(&meta, pages, pages)
             .await
@@ -142,7 +150,9 @@ fn with_every_record_a_candidate_search_equals_brute_force_maxsim() {
         config.chroma.text_collection = format!("text_{suffix}");
         config.chroma.multivector_encoding = encoding;
         rt.block_on(async {
-            let syncer = Syncer::connect(&chroma.url(), &config).await.expect("connect");
+            let syncer = Syncer::connect(&chroma.url(), &config)
+                .await
+                .expect("connect");
             write_synthetic(&syncer, &config, 12, 5).await;
             let visual = syncer.visual_collection();
             let text = syncer.text_collection();
@@ -167,28 +177,40 @@ fn with_every_record_a_candidate_search_equals_brute_force_maxsim() {
                 };
 
                 let all = ranked(v.iter().chain(&t).cloned().collect());
-                let r = searcher.search(&query, &opts(Scope::Hybrid, total)).await.unwrap();
+                let r = searcher
+                    .search(&query, &opts(Scope::Hybrid, total))
+                    .await
+                    .unwrap();
                 assert_eq!(r.candidates_visual + r.candidates_text, total);
                 assert!(r.skipped.is_empty(), "{:?}", r.skipped);
                 assert_equals_brute_force(&r, &all, total);
-                let r = searcher.search(&query, &opts(Scope::Hybrid, 7)).await.unwrap();
+                let r = searcher
+                    .search(&query, &opts(Scope::Hybrid, 7))
+                    .await
+                    .unwrap();
                 assert_equals_brute_force(&r, &all, 7);
-                assert_eq!(r.hits.iter().map(|h| h.rank).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+                assert_eq!(
+                    r.hits.iter().map(|h| h.rank).collect::<Vec<_>>(),
+                    (1..=7).collect::<Vec<_>>()
+                );
 
-                let r = searcher.search(&query, &opts(Scope::Visual, 5)).await.unwrap();
+                let r = searcher
+                    .search(&query, &opts(Scope::Visual, 5))
+                    .await
+                    .unwrap();
                 assert!(r.hits.iter().all(|h| h.kind == RecordKind::Visual));
                 assert_equals_brute_force(&r, &ranked(v.clone()), 5);
-                let r = searcher.search(&query, &opts(Scope::Text, 5)).await.unwrap();
+                let r = searcher
+                    .search(&query, &opts(Scope::Text, 5))
+                    .await
+                    .unwrap();
                 assert!(r.hits.iter().all(|h| h.kind == RecordKind::Text));
                 assert_equals_brute_force(&r, &ranked(t.clone()), 5);
             }
 
             // The fields a user sees come from the record.
             let query = random_mv(&mut rng, 10, 128);
-            let r = searcher
-                .search(&query, &opts_default(total))
-                .await
-                .unwrap();
+            let r = searcher.search(&query, &opts_default(total)).await.unwrap();
             for h in &r.hits {
                 let m = &h.metadata;
                 assert!(!m.contains_key("full_embeddings"), "blob left in results");
@@ -217,9 +239,13 @@ fn fewer_candidates_rank_only_what_stage_one_returned() {
     let rt = runtime();
     let config = Config::default();
     rt.block_on(async {
-        let syncer = Syncer::connect(&chroma.url(), &config).await.expect("connect");
+        let syncer = Syncer::connect(&chroma.url(), &config)
+            .await
+            .expect("connect");
         write_synthetic(&syncer, &config, 6, 8).await;
-        let searcher = Searcher::open(syncer.client(), &config.chroma).await.unwrap();
+        let searcher = Searcher::open(syncer.client(), &config.chroma)
+            .await
+            .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let query = random_mv(&mut rng, 16, 128);
         let r = searcher
@@ -250,7 +276,10 @@ fn search_opens_nothing_it_was_not_given() {
             docusearch_agent::chroma::client::ChromaClient::new(&chroma.url(), &config.chroma)
                 .unwrap();
         let err = Searcher::open(&client, &config.chroma).await.unwrap_err();
-        assert!(err.to_string().contains("nothing has been indexed"), "{err}");
+        assert!(
+            err.to_string().contains("nothing has been indexed"),
+            "{err}"
+        );
         // A reader must not have created the collections.
         assert!(client
             .get_collection(&config.chroma.visual_collection)
@@ -299,7 +328,9 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
     let rt = runtime();
     let meta = doc_meta(&config, "colours", 3);
     rt.block_on(async {
-        let syncer = Syncer::connect(&chroma.url(), &config).await.expect("connect");
+        let syncer = Syncer::connect(&chroma.url(), &config)
+            .await
+            .expect("connect");
         let pages: Vec<PageRecord> = page_mvs
             .iter()
             .enumerate()
@@ -309,7 +340,10 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
                 embedding: mv.clone(),
             })
             .collect();
-        syncer.upsert_pages(&meta, &pages).await.expect("pages written");
+        syncer
+            .upsert_pages(&meta, &pages)
+            .await
+            .expect("pages written");
         syncer.finish_document(&meta, 3, 0).await.expect("finished");
     });
     let mut expected: Vec<(u32, f32)> = page_mvs
@@ -339,7 +373,10 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
         .expect("run the binary");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "search failed: {stderr}");
-    assert!(stderr.contains("stage 1"), "--verbose prints stage times: {stderr}");
+    assert!(
+        stderr.contains("stage 1"),
+        "--verbose prints stage times: {stderr}"
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("--json prints one JSON document");
     let hits = json["results"]["hits"].as_array().expect("hits");
@@ -350,7 +387,10 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
         assert_eq!(hit["kind"], "visual");
         let got = hit["score"].as_f64().unwrap() as f32;
         // The binary embeds the query itself: same model, same input, same numbers.
-        assert!((got - score).abs() <= 1e-4 * score.abs().max(1.0), "{got} vs {score}");
+        assert!(
+            (got - score).abs() <= 1e-4 * score.abs().max(1.0),
+            "{got} vs {score}"
+        );
     }
     assert!(json["results"]["times"]["stage1_ms"].as_f64().is_some());
 
@@ -362,10 +402,19 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
         .output()
         .expect("run the binary");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        stdout.contains("  1.") && stdout.contains("colours.pdf") && stdout.contains(&format!("page {}", expected[0].0)),
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("  1.")
+            && stdout.contains("colours.pdf")
+            && stdout.contains(&format!("page {}", expected[0].0)),
         "{stdout}"
     );
-    assert!(stdout.contains(&format!("colour page {}", expected[0].0)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("colour page {}", expected[0].0)),
+        "{stdout}"
+    );
 }
