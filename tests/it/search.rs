@@ -418,3 +418,95 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
         "{stdout}"
     );
 }
+
+/// The order colpali-engine's `score_multi_vector` gives on the same vectors (computed once by
+/// `scripts/check_search.py` with the reference stack and committed, so no Python is needed
+/// here), after the vectors went through the Syncer into a real Chroma server and back.
+#[test]
+fn ranking_equals_colpali_engine_score_multi_vector() {
+    let path = common::fixture("search-reference/colpali_scores.json");
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).expect("the reference fixture is committed"),
+    )
+    .expect("fixture is JSON");
+    let decode = |v: &serde_json::Value| {
+        records::decode_full_embeddings(v.as_object().expect("an object")).expect("blob decodes")
+    };
+    let query = decode(&reference["query"]);
+    let pages: Vec<MultiVector> = reference["pages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(decode)
+        .collect();
+    let colpali_scores: Vec<f32> = reference["colpali_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap() as f32)
+        .collect();
+    let colpali_order: Vec<usize> = reference["colpali_order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as usize)
+        .collect();
+
+    let chroma = common::start_chroma();
+    let config = Config::default();
+    let rt = runtime();
+    rt.block_on(async {
+        let syncer = Syncer::connect(&chroma.url(), &config)
+            .await
+            .expect("connect");
+        // One single-page document per reference page, so the file name says which page it is.
+        for (i, mv) in pages.iter().enumerate() {
+            let meta = doc_meta(&config, &format!("ref{i:02}"), 1);
+            let page = PageRecord {
+                page: 1,
+                text: format!("reference page {i}"),
+                embedding: mv.clone(),
+            };
+            syncer
+                .upsert_pages(&meta, &[page])
+                .await
+                .expect("page written");
+        }
+        let searcher = Searcher::open(syncer.client(), &config.chroma)
+            .await
+            .unwrap();
+        let r = searcher
+            .search(
+                &query,
+                &SearchOptions {
+                    limit: pages.len(),
+                    candidates: pages.len(),
+                    scope: Scope::Visual,
+                    ..SearchOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+        let order: Vec<usize> = r
+            .hits
+            .iter()
+            .map(|h| {
+                let f = h.filename.as_deref().expect("filename");
+                f["ref".len().."ref".len() + 2]
+                    .parse()
+                    .expect("ref page number")
+            })
+            .collect();
+        assert_eq!(order, colpali_order, "our order vs colpali-engine's");
+        for h in &r.hits {
+            let i: usize = h.filename.as_deref().unwrap()[3..5].parse().unwrap();
+            let want = colpali_scores[i];
+            // torch sums in another order: equal to a few float ulps of the total.
+            assert!(
+                (h.score - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "page {i}: {} vs colpali-engine {want}",
+                h.score
+            );
+        }
+    });
+}
