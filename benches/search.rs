@@ -1,6 +1,15 @@
-//! Search benchmarks. `cargo bench --bench search` runs the MaxSim kernel micro-benchmark:
-//! a 20-token query against 100 pages of 1,030 × 128, naive loop vs the kernel (one thread and
-//! the rayon pool) vs candle's CPU matmul, with ratios.
+//! Search benchmarks.
+//!
+//! `cargo bench --bench search` runs the MaxSim kernel micro-benchmark: a 20-token query
+//! against 100 pages of 1,030 × 128, naive loop vs the kernel (one thread and the rayon pool)
+//! vs candle's CPU matmul, with ratios.
+//!
+//! `cargo bench --bench search -- chroma RECORDS ENCODING` runs the two-stage search on a real
+//! `chroma run` holding RECORDS page records of 1,030 × 128 (random unit rows) in ENCODING
+//! (`f32-gzip-b64` or `f16-b64`), written through the Syncer into
+//! `target/bench-search/ENCODING-RECORDS` (kept between runs: loading takes minutes), and prints
+//! stage-1, stage-2 and total latency p50/p95 over 30 queries for several candidate counts.
+//! Query embedding is not included.
 
 use std::time::{Duration, Instant};
 
@@ -107,7 +116,154 @@ fn kernel_bench() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+    let i = ((sorted_ms.len() as f64 - 1.0) * p).round() as usize;
+    sorted_ms[i]
+}
+
+fn unit_rows(rng: &mut impl Rng, rows: usize, dim: usize) -> MultiVector {
+    let mut data: Vec<f32> = (0..rows * dim)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    for row in data.chunks_mut(dim) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= n);
+    }
+    MultiVector::new(rows, dim, data)
+}
+
+fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
+    use docusearch_agent::chroma::managed::ManagedChroma;
+    use docusearch_agent::config::{Config, MultivectorEncoding};
+    use docusearch_agent::search::{Scope, SearchOptions, Searcher};
+    use docusearch_agent::sync::{DocumentMeta, PageRecord, Syncer};
+    use docusearch_agent::types::{ContentHash, DocFormat, DocId};
+
+    let encoding = MultivectorEncoding::parse(encoding)
+        .ok_or_else(|| anyhow::anyhow!("unknown encoding {encoding}"))?;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-search")
+        .join(format!("{}-{records}", encoding.as_str()));
+    let chroma = docusearch_agent::runtime_paths::find_chroma(None)?;
+    let server = ManagedChroma::start(&chroma, &dir)?;
+    let mut config = Config::default();
+    config.chroma.multivector_encoding = encoding;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (rows, dim, pages_per_doc) = (1030, 128, 20);
+    rt.block_on(async {
+        let syncer = Syncer::connect(&server.url(), &config).await?;
+        let have = syncer.visual_collection().count().await?;
+        if have < records {
+            println!(
+                "loading {} page records ({}) into {} ...",
+                records - have,
+                encoding.as_str(),
+                dir.display()
+            );
+            let t = Instant::now();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(have as u64);
+            let mut written = have;
+            while written < records {
+                let doc = written / pages_per_doc;
+                let path = std::path::PathBuf::from(format!("/bench/doc{doc:05}.pdf"));
+                let meta = DocumentMeta {
+                    doc_id: DocId::new(&config.agent_id, &path),
+                    source_path: path,
+                    filename: format!("doc{doc:05}.pdf"),
+                    format: DocFormat::Pdf,
+                    num_pages: pages_per_doc as u32,
+                    content_hash: ContentHash::of_bytes(format!("{doc}").as_bytes()),
+                    model: "bench".into(),
+                    timestamp: "2026-11-27T18:00:00Z".into(),
+                };
+                let first = written % pages_per_doc;
+                let n = (pages_per_doc - first).min(records - written);
+                let pages: Vec<PageRecord> = (first..first + n)
+                    .map(|p| PageRecord {
+                        page: p as u32 + 1,
+                        text: format!("text of page {} of document {doc}", p + 1),
+                        embedding: unit_rows(&mut rng, rows, dim),
+                    })
+                    .collect();
+                syncer.upsert_pages(&meta, &pages).await?;
+                written += n;
+                if written % 1000 < n {
+                    println!(
+                        "  {written} records, {:.1} pages/s",
+                        (written - have) as f64 / t.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            println!("loaded in {:.0} s", t.elapsed().as_secs_f64());
+        }
+        let count = syncer.visual_collection().count().await?;
+        let searcher = Searcher::open(syncer.client(), &config.chroma).await?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4242);
+        let queries: Vec<MultiVector> = (0..30).map(|_| unit_rows(&mut rng, 20, dim)).collect();
+        println!(
+            "two-stage search: {count} page records of {rows}x{dim} in {}, query 20x{dim}, {} queries, limit 10, visual collection, {} rayon threads; query embedding not included",
+            encoding.as_str(),
+            queries.len(),
+            rayon::current_num_threads()
+        );
+        println!(
+            "  {:>10}  {:>17}  {:>17}  {:>17}",
+            "candidates", "stage 1 p50/p95", "stage 2 p50/p95", "total p50/p95"
+        );
+        for candidates in [20, 50, 100] {
+            let opts = SearchOptions {
+                limit: 10,
+                candidates,
+                scope: Scope::Visual,
+                ..SearchOptions::default()
+            };
+            // One warm-up query (connections, server caches).
+            searcher.search(&queries[0], &opts).await?;
+            let (mut s1, mut s2, mut tot) = (Vec::new(), Vec::new(), Vec::new());
+            for q in &queries {
+                let r = searcher.search(q, &opts).await?;
+                s1.push(ms(r.times.stage1));
+                s2.push(ms(r.times.stage2));
+                tot.push(ms(r.times.total));
+            }
+            for v in [&mut s1, &mut s2, &mut tot] {
+                v.sort_by(f64::total_cmp);
+            }
+            println!(
+                "  {:>10}  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms",
+                candidates,
+                percentile(&s1, 0.5),
+                percentile(&s1, 0.95),
+                percentile(&s2, 0.5),
+                percentile(&s2, 0.95),
+                percentile(&tot, 0.5),
+                percentile(&tot, 0.95)
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    drop(server);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    // `cargo bench` passes `--bench`; ignore flags.
-    kernel_bench()
+    // `cargo bench` passes `--bench`; other words pick the benchmark.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    match args.first().map(String::as_str) {
+        Some("chroma") => {
+            let records = args
+                .get(1)
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(10_000);
+            let encoding = args.get(2).map(String::as_str).unwrap_or("f16-b64");
+            chroma_bench(records, encoding)
+        }
+        _ => kernel_bench(),
+    }
 }

@@ -74,6 +74,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCode> {
+    // Chroma first: a server that is down or empty is reported before the model loads.
+    let conn = connect_for_reading(&ctx.config)?;
+    let rt = runtime()?;
+    let searcher = rt.block_on(Searcher::open(&conn.client, &ctx.config.chroma))?;
+
     let t = std::time::Instant::now();
     let embedder = crate::embed::Embedder::load(&ctx.config.model)?;
     let load_time = t.elapsed();
@@ -85,7 +90,6 @@ pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCod
         .context("the model returned no vectors for the query")?;
     let embed_time = t.elapsed();
 
-    let conn = connect_for_reading(&ctx.config)?;
     let opts = SearchOptions {
         limit: args.limit,
         candidates: args.candidates.max(args.limit),
@@ -96,10 +100,7 @@ pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCod
         },
         ..SearchOptions::default()
     };
-    let results = runtime()?.block_on(async {
-        let searcher = Searcher::open(&conn.client, &ctx.config.chroma).await?;
-        searcher.search(&query, &opts).await
-    })?;
+    let results = rt.block_on(searcher.search(&query, &opts))?;
 
     if args.json {
         let out = serde_json::json!({

@@ -510,3 +510,30 @@ fn ranking_equals_colpali_engine_score_multi_vector() {
         }
     });
 }
+
+/// An empty server is reported as such, before any model is loaded.
+#[test]
+fn search_command_on_an_empty_server_says_nothing_is_indexed() {
+    let chroma = common::start_chroma();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "state_dir = {:?}\n[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n",
+            dir.path().join("state"),
+            chroma.url(),
+            dir.path().join("no-model").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["search", "anything"])
+        .output()
+        .expect("run the binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("nothing has been indexed"), "{stderr}");
+}
