@@ -221,8 +221,10 @@ impl ApiState {
         s.chroma.reachable = Some(chroma.is_ok());
         s.chroma.error = chroma.as_ref().err().cloned();
         let mut reasons = Vec::new();
-        if let Err(e) = chroma {
-            reasons.push(format!("chroma unreachable at {url}: {e}"));
+        match chroma {
+            Err(e) if url.is_empty() => reasons.push(format!("chroma unreachable: {e}")),
+            Err(e) => reasons.push(format!("chroma unreachable at {url}: {e}")),
+            Ok(()) => {}
         }
         reasons.extend(s.degraded_reasons());
         Health::from_reasons(reasons)
@@ -231,9 +233,7 @@ impl ApiState {
 
 /// Now, as ISO 8601 UTC with seconds (`2026-01-02T03:04:05Z`).
 pub fn now_iso() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// The address to listen on: loopback unless non-loopback was asked for explicitly.

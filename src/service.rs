@@ -20,6 +20,9 @@ pub const SYSTEMD_UNIT: &str = "docusearch-agent.service";
 /// launchd starts agents with a bare PATH; this one also finds Homebrew's tools (soffice,
 /// chroma) on Apple silicon and Intel Macs.
 pub const SERVICE_PATH: &str = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+/// The systemd unit's PATH: the usual places, and Homebrew on Linux.
+pub const SYSTEMD_SERVICE_PATH: &str =
+    "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin:/home/linuxbrew/.linuxbrew/bin";
 /// Nice value of the service: indexing yields to what the user is doing.
 pub const SERVICE_NICE: i64 = 10;
 /// Seconds launchd waits before starting a crashed agent again.
@@ -179,11 +182,16 @@ pub fn systemd_unit(spec: &ServiceSpec) -> String {
         .map(|a| systemd_exec_arg(a))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut env = vec![format!("PATH={SERVICE_PATH}")];
+    let mut env = vec![format!("PATH={SYSTEMD_SERVICE_PATH}")];
     env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
     let env_lines: String = env
         .iter()
-        .map(|e| format!("Environment={}\n", systemd_quoted(&systemd_escape_specifiers(e))))
+        .map(|e| {
+            format!(
+                "Environment={}\n",
+                systemd_quoted(&systemd_escape_specifiers(e))
+            )
+        })
         .collect();
     format!(
         "\
@@ -324,8 +332,7 @@ impl fmt::Display for Step {
 /// Quotes a word for a POSIX shell when it needs it, so printed commands can be pasted.
 pub fn shell_quote(s: &str) -> String {
     let plain = !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "/_.,:+@=%-".contains(c));
     if plain {
         s.to_string()
@@ -399,7 +406,11 @@ pub fn install_plan(
             )],
         ),
     };
-    let mut create_dirs = vec![spec.log_dir()];
+    // launchd opens the log files itself; systemd needs the working directory to exist.
+    let mut create_dirs = vec![match platform {
+        Platform::Launchd => spec.log_dir(),
+        Platform::Systemd => spec.state_dir.clone(),
+    }];
     if let Some(parent) = service_file.parent() {
         create_dirs.push(parent.to_path_buf());
     }
@@ -450,10 +461,11 @@ pub fn spec_for(ctx: &Context) -> Result<(ServiceSpec, bool), ServiceError> {
     let exe = exe.canonicalize().unwrap_or(exe);
     let (config, missing) = match &ctx.config_path {
         Some(p) => (
-            p.canonicalize().map_err(|source| ServiceError::ConfigPath {
-                path: p.clone(),
-                source,
-            })?,
+            p.canonicalize()
+                .map_err(|source| ServiceError::ConfigPath {
+                    path: p.clone(),
+                    source,
+                })?,
             false,
         ),
         None => {
@@ -462,12 +474,11 @@ pub fn spec_for(ctx: &Context) -> Result<(ServiceSpec, bool), ServiceError> {
             (p, missing)
         }
     };
-    let state_dir = std::path::absolute(&ctx.config.state_dir).map_err(|source| {
-        ServiceError::ConfigPath {
+    let state_dir =
+        std::path::absolute(&ctx.config.state_dir).map_err(|source| ServiceError::ConfigPath {
             path: ctx.config.state_dir.clone(),
             source,
-        }
-    })?;
+        })?;
     let env = CARRIED_ENV
         .iter()
         .filter_map(|k| {
@@ -650,7 +661,11 @@ fn status(ctx: &Context, platform: Platform) -> anyhow::Result<ExitCode> {
     println!(
         "service file: {} ({})",
         file.display(),
-        if installed { "installed" } else { "not installed" }
+        if installed {
+            "installed"
+        } else {
+            "not installed"
+        }
     );
     let running = match platform {
         Platform::Launchd => {
@@ -782,7 +797,12 @@ where
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if stdout.is_empty() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(stderr.trim().lines().last().unwrap_or("no answer").to_string());
+        return Err(stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("no answer")
+            .to_string());
     }
     Ok(stdout)
 }
@@ -794,10 +814,7 @@ mod tests {
     #[test]
     fn exec_args_with_spaces_and_specials_are_quoted() {
         assert_eq!(systemd_exec_arg("/usr/bin/x"), "/usr/bin/x");
-        assert_eq!(
-            systemd_exec_arg("/home/a b/c.toml"),
-            "\"/home/a b/c.toml\""
-        );
+        assert_eq!(systemd_exec_arg("/home/a b/c.toml"), "\"/home/a b/c.toml\"");
         assert_eq!(systemd_exec_arg("/x/100%"), "\"/x/100%%\"");
         assert_eq!(systemd_exec_arg("/x/$HOME"), "\"/x/$$HOME\"");
         assert_eq!(systemd_exec_arg("/x/a\"b"), "\"/x/a\\\"b\"");

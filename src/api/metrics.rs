@@ -83,7 +83,11 @@ impl Histogram {
 
     /// Records one observation, in seconds. Negative or NaN values count as zero.
     pub fn observe(&self, secs: f64) {
-        let secs = if secs.is_finite() && secs > 0.0 { secs } else { 0.0 };
+        let secs = if secs.is_finite() && secs > 0.0 {
+            secs
+        } else {
+            0.0
+        };
         let slot = self
             .bounds
             .iter()

@@ -6,3 +6,5 @@ mod common;
 mod config;
 mod managed_chroma;
 mod pdfium;
+mod api;
+mod service;
