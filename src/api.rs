@@ -6,6 +6,31 @@
 //! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`].
 //! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
 //! [`ApiClient`] is the other end, for commands that talk to a running agent.
+//!
+//! ```no_run
+//! # async fn agent(config: docusearch_agent::config::Config) -> anyhow::Result<()> {
+//! use docusearch_agent::api::{self, ApiState, ChromaProbe, Stage};
+//! let state = ApiState::new(api::initial_status(&config), ChromaProbe::from_config(&config.chroma)?);
+//! let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn({
+//!     let (cfg, state) = (config.api.clone(), state.clone());
+//!     async move { api::serve(&cfg, state, async { let _ = stop_rx.await; }).await }
+//! });
+//! // The managed Chroma is up: health checks can reach it.
+//! state.update(|s| s.chroma.url = "http://127.0.0.1:8123".into());
+//! // Stages count what they do.
+//! state.metrics().pages_embedded.inc_by(4);
+//! state.metrics().embed_latency.observe(1.7);
+//! state.metrics().failures.inc(Stage::Extract);
+//! // The reconcile loop also wakes up on `POST /rescan`.
+//! tokio::select! {
+//!     _ = state.rescan_requested() => { /* reconcile every watched folder */ }
+//!     _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+//! }
+//! let _ = stop_tx.send(());
+//! server.await??;
+//! # Ok(()) }
+//! ```
 
 mod metrics;
 mod status;
@@ -89,6 +114,11 @@ impl ChromaProbe {
             .build()
             .map_err(ApiError::Client)?;
         Ok(ChromaProbe { client, auth_token })
+    }
+
+    /// With the configured token and the default heartbeat timeout.
+    pub fn from_config(chroma: &crate::config::ChromaConfig) -> Result<ChromaProbe, ApiError> {
+        Self::new(chroma.auth_token.clone(), DEFAULT_HEARTBEAT_TIMEOUT)
     }
 
     /// `Ok` when the server answers 200; otherwise what went wrong, for a person to read.
@@ -228,6 +258,35 @@ impl ApiState {
         }
         reasons.extend(s.degraded_reasons());
         Health::from_reasons(reasons)
+    }
+}
+
+/// The first snapshot for a configuration: identity, folders, model, Chroma (its URL stays
+/// empty for a managed server until it has started), store.
+pub fn initial_status(config: &crate::config::Config) -> AgentStatus {
+    let (url, managed) = match config.chroma_target() {
+        crate::config::ChromaTarget::Remote { url } => (url, false),
+        crate::config::ChromaTarget::Managed => (String::new(), true),
+    };
+    AgentStatus {
+        agent_id: config.agent_id.clone(),
+        watched_folders: config.watch.folders.clone(),
+        model: ModelStatus {
+            name: config.model.name.clone(),
+            ..Default::default()
+        },
+        chroma: ChromaStatus {
+            url,
+            managed,
+            visual_collection: config.chroma.visual_collection.clone(),
+            text_collection: config.chroma.text_collection.clone(),
+            ..Default::default()
+        },
+        store: StoreStatus {
+            path: config.store_dir(),
+            error: None,
+        },
+        ..Default::default()
     }
 }
 

@@ -709,3 +709,24 @@ async fn refuses_a_non_loopback_address_unless_allowed() {
     assert!(client.status().await.expect("status").is_some());
     api.shutdown().await;
 }
+
+#[test]
+fn the_initial_status_follows_the_configuration() {
+    let mut config = Config::default();
+    let s = docusearch_agent::api::initial_status(&config);
+    assert!(s.chroma.managed, "no URL: the managed server");
+    assert_eq!(
+        s.chroma.url, "",
+        "known once the managed server has started"
+    );
+    assert_eq!(s.store.path, config.store_dir());
+    assert_eq!(s.model.name, config.model.name);
+    assert_eq!(s.model.state, ModelState::NotLoaded);
+
+    config.chroma.url = Some("http://chroma.local:8000/".into());
+    config.agent_id = "laptop".into();
+    let s = docusearch_agent::api::initial_status(&config);
+    assert!(!s.chroma.managed);
+    assert_eq!(s.chroma.url, "http://chroma.local:8000");
+    assert_eq!(s.agent_id, "laptop");
+}
