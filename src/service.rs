@@ -298,6 +298,8 @@ pub struct Step {
     pub may_fail: bool,
     /// Shown next to the command.
     pub note: Option<&'static str>,
+    /// Extra tries, a second apart, before giving up.
+    pub retries: u32,
 }
 
 impl Step {
@@ -307,7 +309,12 @@ impl Step {
             args: args.iter().map(|a| a.to_string()).collect(),
             may_fail: false,
             note: None,
+            retries: 0,
         }
+    }
+    fn retries(mut self, n: u32) -> Step {
+        self.retries = n;
+        self
     }
     fn may_fail(mut self, note: &'static str) -> Step {
         self.may_fail = true;
@@ -388,7 +395,9 @@ pub fn install_plan(
                     Step::new("launchctl", &["bootout", &service])
                         .may_fail("unloads an older copy; fails harmlessly when none is loaded"),
                     Step::new("launchctl", &["enable", &service]),
-                    Step::new("launchctl", &["bootstrap", &domain, &file]),
+                    // bootout returns before launchd has let go of the old job; bootstrap
+                    // right after it can fail with "Input/output error".
+                    Step::new("launchctl", &["bootstrap", &domain, &file]).retries(3),
                 ],
                 vec![Step::new("launchctl", &["load", "-w", &file])],
             )
@@ -755,9 +764,19 @@ fn write_file(path: &Path, contents: &str) -> Result<(), ServiceError> {
     })
 }
 
-/// Runs a step; `Err` carries what it printed (or why it could not start).
+/// Runs a step (with its retries); `Err` carries what it printed (or why it could not start).
 fn run_step(step: &Step) -> Result<(), String> {
-    capture(&step.program, &step.args).map(|_| ())
+    let mut tries_left = step.retries;
+    loop {
+        match capture(&step.program, &step.args) {
+            Ok(_) => return Ok(()),
+            Err(why) if tries_left == 0 => return Err(why),
+            Err(_) => {
+                tries_left -= 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Runs a program; `Ok(stdout)` when it exits 0.

@@ -255,6 +255,10 @@ fn plans_name_the_exact_commands() {
         ]
     );
     assert!(plan.steps[0].may_fail && !plan.steps[2].may_fail);
+    assert!(
+        plan.steps[2].retries > 0,
+        "bootstrap right after bootout is retried"
+    );
     assert_eq!(plan.fallback[0].program, "launchctl");
     assert_eq!(
         plan.fallback[0].args,
