@@ -118,11 +118,16 @@ mod tests {
         seen.sort();
         let got: Vec<(&str, bool)> = seen
             .iter()
-            .map(|(c, line)| (c.as_str(), line.contains(match c.as_str() {
-                "embed" => "embedded",
-                "sync" => "synced",
-                _ => "other",
-            })))
+            .map(|(c, line)| {
+                (
+                    c.as_str(),
+                    line.contains(match c.as_str() {
+                        "embed" => "embedded",
+                        "sync" => "synced",
+                        _ => "other",
+                    }),
+                )
+            })
             .collect();
         assert_eq!(got, vec![("agent", true), ("embed", true), ("sync", true)]);
     }
