@@ -542,6 +542,11 @@ impl Stopped {
             }
             Some(any)
         };
+        if !cfg!(target_os = "linux") {
+            // No /proc to look at: give the signal a moment.
+            std::thread::sleep(Duration::from_millis(500));
+            return Stopped(pid);
+        }
         let mut stopped = false;
         for _ in 0..200 {
             if all_stopped() == Some(true) {
