@@ -161,6 +161,9 @@ impl Default for RateCounter {
 }
 
 impl RateCounter {
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
     pub fn inc_by(&self, n: u64) {
         self.total.inc_by(n);
         self.record_at(n, self.start.elapsed().as_secs());
