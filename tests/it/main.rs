@@ -9,3 +9,5 @@ mod embed;
 mod extract;
 mod managed_chroma;
 mod pdfium;
+mod api;
+mod service;
