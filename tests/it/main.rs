@@ -3,11 +3,11 @@
 
 mod common;
 
+mod api;
 mod config;
 mod doctor;
 mod embed;
 mod extract;
 mod managed_chroma;
 mod pdfium;
-mod api;
 mod service;
