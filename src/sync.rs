@@ -362,15 +362,27 @@ impl Syncer {
         let fields = self.fields(new, path);
         let mut out = Vec::with_capacity(n);
         for (i, id) in got.ids.into_iter().enumerate() {
-            let embedding = embeddings
-                .get(i)
-                .cloned()
-                .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?;
             let mut metadata = metadatas
                 .get(i)
                 .cloned()
                 .flatten()
                 .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "metadata" }))?;
+            // Chroma re-normalises vectors in cosine space, so what it returns can differ from
+            // what was written in the last bit. From an f32 multi-vector the original is
+            // recomputed exactly; from f16 only the stored vector is left.
+            let lossless = metadata
+                .get(keys::MULTIVECTOR_ENCODING)
+                .and_then(Value::as_str)
+                == Some(MultivectorEncoding::F32GzipB64.as_str());
+            let embedding = match lossless {
+                true => records::decode_full_embeddings(&metadata)
+                    .map_err(|e| bad(&id, e))?
+                    .mean_normalized(),
+                false => embeddings
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?,
+            };
             let number = if is_pages {
                 page_of_record_id(old, &id).or_else(|| {
                     records::int_key(&metadata, keys::PAGE)

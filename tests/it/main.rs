@@ -3,6 +3,8 @@
 
 mod common;
 
+mod chroma_client;
 mod config;
 mod managed_chroma;
 mod pdfium;
+mod sync;
