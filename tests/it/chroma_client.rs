@@ -245,6 +245,26 @@ async fn an_existing_collection_with_another_space_or_dimension_is_refused() {
         "{msg}"
     );
 
+    // What DocuSearch itself makes (`metadata={"hnsw:space": "cosine"}`) is used as it is.
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v2/tenants/default_tenant/databases/default_database/collections",
+            chroma.url()
+        ))
+        .json(&json!({"name": "docusearch_made", "metadata": {"hnsw:space": "cosine"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let existing = c
+        .get_or_create_collection("docusearch_made")
+        .await
+        .expect("cosine is fine");
+    assert!(
+        existing.unindexed_string_keys.is_empty(),
+        "an existing collection keeps its schema"
+    );
+
     let col = c.get_or_create_collection("text_collection").await.unwrap();
     col.upsert(&[record("a", vec![0.1; 128], json!({}))])
         .await
