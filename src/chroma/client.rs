@@ -897,6 +897,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn server_errors_and_overload_are_transient_refusals_are_not() {
+        let status = |status| ChromaError::Status {
+            what: "x".into(),
+            status,
+            message: "m".into(),
+        };
+        for s in [500, 502, 503, 504, 429, 408] {
+            assert!(status(s).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(!status(s).is_transient(), "{s}");
+        }
+    }
+
+    #[test]
     fn retry_delays_grow_and_stay_bounded() {
         let p = RetryPolicy {
             max_attempts: 10,

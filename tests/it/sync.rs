@@ -618,6 +618,17 @@ async fn an_agent_refuses_collections_of_another_dimension_at_start() {
         .await
         .unwrap();
     again.check_dimension(128).expect("same model");
+    let mut broken = pages(2, 1..=1, 4);
+    broken[0].embedding.data[5] = f32::NAN;
+    let err = again.upsert_pages(&d, &broken).await.unwrap_err();
+    assert!(
+        matches!(err, SyncError::NonFinite { .. }) && !err.is_transient(),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("/docs/x.pdf") && err.to_string().contains("page001"),
+        "{err}"
+    );
     let err = again.check_dimension(96).unwrap_err();
     assert!(!err.is_transient());
     let msg = err.to_string();
