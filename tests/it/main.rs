@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod chroma_client;
 mod config;
 mod doctor;
 mod embed;
@@ -11,3 +12,4 @@ mod extract;
 mod managed_chroma;
 mod pdfium;
 mod service;
+mod sync;
