@@ -3,6 +3,8 @@
 
 mod common;
 
+mod api;
+mod chroma_client;
 mod config;
 mod doctor;
 mod embed;
@@ -11,3 +13,5 @@ mod managed_chroma;
 mod pdfium;
 mod repair;
 mod search;
+mod service;
+mod sync;
