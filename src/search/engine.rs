@@ -179,10 +179,13 @@ impl Searcher {
         }
         let start = Instant::now();
         let mean = vec![query.mean_normalized()];
-        let wanted = |kind| match (opts.scope, kind) {
-            (Scope::Hybrid, _) => true,
-            (Scope::Visual, RecordKind::Visual) | (Scope::Text, RecordKind::Text) => true,
-            _ => false,
+        let wanted = |kind| {
+            matches!(
+                (opts.scope, kind),
+                (Scope::Hybrid, _)
+                    | (Scope::Visual, RecordKind::Visual)
+                    | (Scope::Text, RecordKind::Text)
+            )
         };
         let visual = self.visual.as_ref().filter(|_| wanted(RecordKind::Visual));
         let text = self.text.as_ref().filter(|_| wanted(RecordKind::Text));

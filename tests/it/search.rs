@@ -301,8 +301,10 @@ fn search_command_end_to_end_through_the_tiny_checkpoint() {
         ..ModelConfig::default()
     };
     let embedder = docusearch_agent::embed::Embedder::load(&model).expect("tiny model loads");
-    let mut config = Config::default();
-    config.model = model;
+    let config = Config {
+        model,
+        ..Config::default()
+    };
     let image_size = embedder.image_size();
     // Three pages: flat colours and a gradient, so their embeddings differ.
     let images: Vec<image::RgbImage> = [(250u8, 30u8, 30u8), (20, 200, 40), (10, 10, 10)]
