@@ -30,32 +30,30 @@ fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(w, b, eps))
 }
 
+/// An additive key mask (B, 1, 1, L): 0 on real tokens, the dtype's lowest value on padding; on
+/// the device, and on the host for the CPU kernels.
+struct KeyMask {
+    tensor: Tensor,
+    host: Vec<f32>,
+}
+
 /// softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H a multiple of
-/// Hkv (grouped-query attention without copying k and v), mask additive (B, 1, 1, Lk).
+/// Hkv (grouped-query attention without copying k and v).
 fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    mask: Option<&KeyMask>,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let groups = h / hkv;
     // Heads of one group share k and v: stack their queries along the sequence axis.
     let q = q.reshape((b, hkv, groups * lq, d))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.reshape((b, h, lq, ()))?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = if scores.dtype() == DType::F32 {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    } else {
-        // The reference takes the softmax in f32 for half-precision weights.
-        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
-    };
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, lq, ()))?;
+    let probs =
+        ops::scaled_masked_softmax(scores, scale, mask.map(|m| (&m.tensor, m.host.as_slice())))?;
     let probs = probs.reshape((b, hkv, groups * lq, ()))?;
     probs.matmul(v)?.reshape((b, h, lq, d))
 }
@@ -106,7 +104,7 @@ impl VisionLayer {
         let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.out_proj.forward(&a)?)?;
         let x = self.layer_norm2.forward(&xs)?;
-        let x = ops::gelu_tanh(&self.fc1.forward(&x)?)?;
+        let x = ops::gelu_tanh(self.fc1.forward(&x)?)?;
         xs + self.fc2.forward(&x)?
     }
 }
@@ -248,7 +246,7 @@ impl TextLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &KeyMask) -> Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let x = self.input_layernorm.forward(xs)?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -265,8 +263,7 @@ impl TextLayer {
         let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.o_proj.forward(&a)?)?;
         let x = self.post_attention_layernorm.forward(&xs)?;
-        let gate = ops::gelu_tanh(&self.gate_proj.forward(&x)?)?;
-        let x = (gate * self.up_proj.forward(&x)?)?;
+        let x = ops::gelu_mul(self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
         xs + self.down_proj.forward(&x)?
     }
 }
@@ -342,7 +339,7 @@ impl TextModel {
         flat.reshape((b, l, self.cfg.hidden_size))? * (self.cfg.hidden_size as f64).sqrt()
     }
 
-    fn forward(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, embeds: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         let mut xs = embeds.clone();
         for layer in &self.layers {
             xs = layer.forward(&xs, &self.rope, mask)?;
@@ -441,12 +438,12 @@ impl ColPaliModel {
             DType::F32 => f32::MIN as f64,
             _ => -65504.0,
         };
-        let mut mask = Vec::with_capacity(b * l);
+        let mut host = Vec::with_capacity(b * l);
         for &n in lens {
-            mask.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
+            host.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
         }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
-        let hidden = self.text.forward(embeds, &mask)?;
+        let tensor = Tensor::from_slice(&host, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
+        let hidden = self.text.forward(embeds, &KeyMask { tensor, host })?;
         let proj = self
             .custom_text_proj
             .forward(&hidden)?
