@@ -7,12 +7,42 @@
 //! features differently. The tensor names asked of the `VarBuilder` are the merged checkpoint's.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::{ColPaliConfig, TextConfig, VisionConfig};
 use super::ops;
 
 type Result<T> = candle_core::Result<T>;
+
+/// y = x·Wᵀ + b over the last axis. The leading axes are flattened first, so a batch of pages
+/// is one large matrix product rather than one per page (candle's `Linear` broadcasts the
+/// weight per batch item).
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (last, lead) = dims
+            .split_last()
+            .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, *last))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.weight.dim(0)?);
+        y.reshape(out_dims)
+    }
+}
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
