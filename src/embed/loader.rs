@@ -18,10 +18,13 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     /// One file, or every shard named by `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
+    /// `preprocessor_config.json`, when the checkpoint has one.
+    pub preprocessor: Option<PathBuf>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
+const PREPROCESSOR: &str = "preprocessor_config.json";
 
 /// Where a model comes from.
 enum Source<'a> {
@@ -88,11 +91,19 @@ pub fn resolve(cfg: &ModelConfig) -> Result<ModelFiles, EmbedError> {
                 }
                 Err(e) => return Err(e),
             };
+            let preprocessor = match hub_file(cfg, repo, revision, PREPROCESSOR) {
+                Ok(p) => Some(p),
+                Err(EmbedError::NotOnHub { .. }) => None,
+                // Offline, a checkpoint fetched before may lack it: the defaults are SigLIP's.
+                Err(EmbedError::NotInCache { .. }) => None,
+                Err(e) => return Err(e),
+            };
             Ok(ModelFiles {
                 id: format!("{repo}@{revision}"),
                 config,
                 tokenizer,
                 weights,
+                preprocessor,
             })
         }
     }
@@ -141,6 +152,7 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, EmbedError> {
         config,
         tokenizer,
         weights,
+        preprocessor: Some(dir.join(PREPROCESSOR)).filter(|p| p.is_file()),
     })
 }
 

@@ -55,6 +55,8 @@ pub enum EmbedError {
         path: PathBuf,
         source: config::ConfigJsonError,
     },
+    #[error("image preprocessing configuration {path}: {message}")]
+    Preprocessor { path: PathBuf, message: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("weights {path}: {message} — the checkpoint must have the layout of vidore/colpali-v1.2-merged")]
@@ -76,6 +78,7 @@ pub struct Embedder {
     fell_back_to_cpu: bool,
     batch_size_visual: usize,
     batch_size_text: usize,
+    normalization: preprocess::Normalization,
 }
 
 const _: () = {
@@ -110,6 +113,30 @@ impl Embedder {
         let files = loader::resolve(cfg)?;
         let model_cfg = read_config(&files.config)?;
         let prompts = Prompts::load(&files.tokenizer)?;
+        let normalization = match &files.preprocessor {
+            None => preprocess::Normalization::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Preprocessor {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let (norm, size) = preprocess::Normalization::from_preprocessor_config(&text)
+                    .map_err(|message| EmbedError::Preprocessor {
+                        path: path.clone(),
+                        message,
+                    })?;
+                if let Some(size) = size.filter(|s| *s as usize != model_cfg.vision.image_size) {
+                    return Err(EmbedError::Preprocessor {
+                        path: path.clone(),
+                        message: format!(
+                            "it resizes to {size} but config.json's vision_config.image_size is {}",
+                            model_cfg.vision.image_size
+                        ),
+                    });
+                }
+                norm
+            }
+        };
         let sel = device::select(cfg.device, cfg.dtype)?;
         // SAFETY: the files are memory-mapped read-only; a checkpoint modified while loading
         // is not a case we support (the same contract as every safetensors loader).
@@ -136,6 +163,7 @@ impl Embedder {
             fell_back_to_cpu: sel.fell_back_to_cpu,
             batch_size_visual: cfg.batch_size_visual.max(1),
             batch_size_text: cfg.batch_size_text.max(1),
+            normalization,
         })
     }
 
@@ -181,7 +209,11 @@ impl Embedder {
         for batch in images.chunks(self.batch_size_visual) {
             let mut pixels = Vec::with_capacity(batch.len() * 3 * (size * size) as usize);
             for img in batch {
-                pixels.extend(preprocess::pixel_values(img, size));
+                pixels.extend(preprocess::pixel_values_with(
+                    img,
+                    size,
+                    &self.normalization,
+                ));
             }
             let t = Tensor::from_vec(
                 pixels,
