@@ -75,6 +75,24 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {} (set COLPALI_REF_PYTHON): {e}", python()));
     assert!(status.success(), "writing the random checkpoint failed");
 
+    if std::env::var_os("EMBED_BENCH_CANDLE_ONLY").is_some() {
+        // For profiling the Rust side alone (e.g. under `perf record`).
+        let cfg = ModelConfig {
+            name: dir.path().display().to_string(),
+            device: DeviceChoice::Cpu,
+            batch_size_visual: pages,
+            ..ModelConfig::default()
+        };
+        let embedder = Embedder::load(&cfg).expect("the mid checkpoint loads");
+        let s = embedder.image_size() as usize;
+        let pixels = Tensor::rand(-1f32, 1f32, (pages, 3, s, s), &Device::Cpu).unwrap();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            embedder.embed_pixel_values(&pixels).unwrap();
+            println!("candle pages: {:.3} s/batch", t.elapsed().as_secs_f64());
+        }
+        return;
+    }
     let mut child = Command::new(python())
         .arg(script())
         .arg("serve")

@@ -76,25 +76,54 @@ multiversion!(gelu_mul_slice, |xs: &mut [f32], ys: &[f32]| {
     }
 });
 
+/// Lanes of the independent accumulators below: without fast-math the compiler does not
+/// reorder a float reduction, so a single running max or sum keeps the loop scalar.
+const LANES: usize = 16;
+
 multiversion!(softmax_row, |row: &mut [f32], scale: f32, mask: &[f32]| {
-    let mut max = f32::NEG_INFINITY;
-    if mask.is_empty() {
-        for v in row.iter_mut() {
-            *v *= scale;
-            max = max.max(*v);
-        }
-    } else {
-        for (v, m) in row.iter_mut().zip(mask) {
-            *v = *v * scale + *m;
-            max = max.max(*v);
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let split = row.len() / LANES * LANES;
+    {
+        let (body, tail) = row.split_at_mut(split);
+        if mask.is_empty() {
+            for c in body.chunks_exact_mut(LANES) {
+                for i in 0..LANES {
+                    c[i] *= scale;
+                    maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
+                }
+            }
+            for v in tail.iter_mut() {
+                *v *= scale;
+                maxes[0] = maxes[0].max(*v);
+            }
+        } else {
+            let (mbody, mtail) = mask.split_at(split);
+            for (c, m) in body.chunks_exact_mut(LANES).zip(mbody.chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    c[i] = c[i] * scale + m[i];
+                    maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
+                }
+            }
+            for (v, m) in tail.iter_mut().zip(mtail) {
+                *v = *v * scale + *m;
+                maxes[0] = maxes[0].max(*v);
+            }
         }
     }
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
+    let max = maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sums = [0f32; LANES];
+    let (body, tail) = row.split_at_mut(split);
+    for c in body.chunks_exact_mut(LANES) {
+        for i in 0..LANES {
+            c[i] = exp(c[i] - max);
+            sums[i] += c[i];
+        }
+    }
+    for v in tail.iter_mut() {
         *v = exp(*v - max);
-        sum += *v;
+        sums[0] += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sums.iter().sum::<f32>();
     for v in row.iter_mut() {
         *v *= inv;
     }
