@@ -478,3 +478,33 @@ fn model_fetch_with_the_hub_unreachable_fails_naming_the_repo_and_the_fix() {
     assert!(err.contains("could not download"), "{err}");
     assert!(err.contains("local directory"), "{err}");
 }
+
+#[test]
+fn the_half_precision_path_stays_close_to_the_reference() {
+    // bf16 on the CPU runs the code GPUs run (candle's own kernels, softmax and norms in f32).
+    let r = reference();
+    let cfg = ModelConfig {
+        dtype: docusearch_agent::config::DtypeChoice::Bf16,
+        ..model_config()
+    };
+    let embedder = Embedder::load(&cfg).expect("tiny model loads in bf16");
+    assert_eq!(embedder.dtype_name(), "bf16");
+    let pages = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .expect("forward");
+    let qs = queries(&r);
+    let texts: Vec<&str> = qs.iter().map(String::as_str).collect();
+    let got = embedder.embed_queries(&texts).expect("forward");
+    let mut worst = 0f32;
+    for (i, mv) in pages.iter().enumerate() {
+        worst = worst.max(max_abs_diff(mv, &reference_rows(&r, &format!("image_{i}"))));
+    }
+    for (i, mv) in got.iter().enumerate() {
+        worst = worst.max(max_abs_diff(mv, &reference_rows(&r, &format!("query_{i}"))));
+    }
+    // bf16 keeps 8 bits of mantissa: unit vectors agree to a few hundredths (0.017 measured).
+    assert!(worst < 0.05, "bf16 max |diff| {worst}");
+    let want = r.json["scores"][2][1].as_f64().unwrap() as f32;
+    let s = got[2].maxsim(&pages[1]);
+    assert!((s - want).abs() / want < 0.02, "bf16 score {s} vs {want}");
+}
