@@ -112,6 +112,7 @@ pub fn resolve(cfg: &ModelConfig) -> Result<ModelFiles, EmbedError> {
 /// Only `config.json` (no weights): what extraction needs to know the image size.
 pub fn resolve_config(cfg: &ModelConfig) -> Result<PathBuf, EmbedError> {
     match source(cfg) {
+        Source::Dir(dir) if !dir.is_dir() => Err(EmbedError::LocalDirMissing(dir.to_path_buf())),
         Source::Dir(dir) => local_file(dir, "config.json"),
         Source::Hub { repo, revision } => hub_file(cfg, repo, revision, "config.json"),
     }
@@ -131,10 +132,7 @@ fn local_file(dir: &Path, name: &str) -> Result<PathBuf, EmbedError> {
 
 fn resolve_dir(dir: &Path) -> Result<ModelFiles, EmbedError> {
     if !dir.is_dir() {
-        return Err(EmbedError::LocalFileMissing {
-            dir: dir.to_path_buf(),
-            file: String::new(),
-        });
+        return Err(EmbedError::LocalDirMissing(dir.to_path_buf()));
     }
     let config = local_file(dir, "config.json")?;
     let tokenizer = local_file(dir, "tokenizer.json")?;

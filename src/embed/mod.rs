@@ -28,7 +28,9 @@ pub use prompt::Prompts;
 /// What went wrong loading or running the model; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
-    #[error("model directory {dir} has no {file} — a ColPali checkpoint needs config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json with its shards)", file = if file.is_empty() { "such directory".to_string() } else { file.clone() })]
+    #[error("model directory {0} does not exist — set model.name (MODEL_NAME) to a checkpoint directory or a Hugging Face repo id")]
+    LocalDirMissing(PathBuf),
+    #[error("model directory {dir} has no {file} — a ColPali checkpoint needs config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json with its shards)")]
     LocalFileMissing { dir: PathBuf, file: String },
     #[error("model {repo}@{revision}: {file} is not in the Hugging Face cache ({cache}) and the model is set to offline — run `docusearch-agent model fetch --model {repo}` where the hub is reachable, or set model.name (MODEL_NAME) to a local directory")]
     NotInCache {

@@ -508,3 +508,29 @@ fn the_half_precision_path_stays_close_to_the_reference() {
     let s = got[2].maxsim(&pages[1]);
     assert!((s - want).abs() / want < 0.02, "bf16 score {s} vs {want}");
 }
+
+#[test]
+fn a_missing_local_directory_or_file_is_named() {
+    let missing = ModelConfig {
+        name: "./no-such-model-dir".into(),
+        ..model_config()
+    };
+    let err = Embedder::load(&missing).err().expect("no such directory");
+    assert!(
+        err.to_string().contains("no-such-model-dir") && err.to_string().contains("does not exist"),
+        "{err}"
+    );
+    // A directory without weights: the file is named.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let cfg = ModelConfig {
+        name: dir.path().display().to_string(),
+        ..model_config()
+    };
+    let err = Embedder::load(&cfg).err().expect("no weights");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    // The image size needs only config.json.
+    assert_eq!(model_image_size(&cfg).unwrap(), 56);
+}
