@@ -534,3 +534,46 @@ fn a_missing_local_directory_or_file_is_named() {
     // The image size needs only config.json.
     assert_eq!(model_image_size(&cfg).unwrap(), 56);
 }
+
+#[test]
+fn a_sharded_checkpoint_loads_through_its_index() {
+    let r = reference();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    // Split the tiny weights the way the real checkpoint is split: language model apart.
+    let all = candle_core::safetensors::load(model_dir().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut shards: [HashMap<String, Tensor>; 2] = [HashMap::new(), HashMap::new()];
+    let mut weight_map = serde_json::Map::new();
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    for (name, t) in all {
+        let i = usize::from(!name.starts_with("model.language_model."));
+        weight_map.insert(name.clone(), names[i].into());
+        shards[i].insert(name, t);
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.path().join(names[i])).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let cfg = ModelConfig {
+        name: dir.path().display().to_string(),
+        ..model_config()
+    };
+    let embedder = Embedder::load(&cfg).expect("the sharded checkpoint loads");
+    let got = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .unwrap();
+    let d = max_abs_diff(&got[0], &reference_rows(&r, "image_0"));
+    assert!(d < 1e-4, "sharded: max |diff| {d}");
+}
