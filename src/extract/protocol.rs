@@ -92,8 +92,12 @@ pub(crate) fn write_page(w: &mut impl Write, page: &Page) -> io::Result<()> {
         Some(img) => (img.width(), img.height(), img.as_raw()),
         None => (0, 0, &[]),
     };
-    let text = page.text.as_bytes();
-    let text = &text[..text.len().min(MAX_TEXT_BYTES)];
+    // Cut an absurdly long text at a character boundary, so it stays valid UTF-8.
+    let mut cut = page.text.len().min(MAX_TEXT_BYTES);
+    while !page.text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let text = &page.text.as_bytes()[..cut];
     let mut header = Vec::with_capacity(16);
     for v in [page.number, width, height, text.len() as u32] {
         header.extend_from_slice(&v.to_le_bytes());
