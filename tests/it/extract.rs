@@ -452,6 +452,9 @@ fn office_files_convert_with_libreoffice_or_fall_back_to_their_text() {
         None => {
             // This machine has no LibreOffice: the text-only fallback, and the note that says why.
             assert!(ex.soffice().is_none());
+            assert!(ex
+                .office_note()
+                .is_some_and(|n| n.contains("visual indexing needs LibreOffice")));
             assert!(!got.info.visual);
             assert!(
                 got.info
@@ -489,6 +492,57 @@ fn office_files_convert_with_libreoffice_or_fall_back_to_their_text() {
             );
         }
     }
+}
+
+#[test]
+fn an_office_file_libreoffice_cannot_convert_still_gives_its_text() {
+    // `false` stands in for a LibreOffice that exits without writing a PDF (as a Writer-only
+    // install does with a presentation): the agent says so and keeps the package's text.
+    let failing = ["/usr/bin/false", "/bin/false"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("`false`");
+    let dir = tempfile::tempdir().unwrap();
+    let docx = dir.path().join("memo.docx");
+    patch_package(
+        &common::corpus().join("default.docx"),
+        &docx,
+        "word/document.xml",
+        |xml| {
+            xml.replacen(
+                "<w:body>",
+                "<w:body><w:p><w:r><w:t>Budget memo</w:t></w:r></w:p>",
+                1,
+            )
+        },
+    );
+    let mut opts = options();
+    opts.libreoffice = Some(failing.clone());
+    let ex = Extractor::new(opts).unwrap();
+    assert_eq!(ex.soffice(), Some(failing.as_path()));
+    assert!(ex.office_note().is_none());
+    let got = collect(&ex, &docx).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!got.info.visual);
+    assert!(
+        got.info
+            .notes
+            .iter()
+            .any(|n| n.contains("visual indexing failed") && n.contains("no PDF written")),
+        "{:?}",
+        got.info.notes
+    );
+    assert_eq!(got.pages[0].text.trim(), "Budget memo");
+    // A legacy .doc has no text to fall back on: the conversion failure is the answer.
+    let doc = dir.path().join("old.doc");
+    let mut ole = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+    ole.resize(512, 0);
+    std::fs::write(&doc, ole).unwrap();
+    let err = expect_failure(&ex, &doc);
+    assert!(
+        matches!(err, ExtractError::Conversion { .. }) && err.is_permanent(),
+        "{err}"
+    );
 }
 
 // ---- bad inputs ------------------------------------------------------------------------------
