@@ -179,10 +179,44 @@ fn a_rendered_page_matches_pdfium_rendering_it_directly() {
         .to_rgb8();
     let expected = docusearch_agent::embed::preprocess::resize_for_model(&direct, SIZE, SIZE);
     assert_eq!(got.pages[1].image.as_ref().unwrap(), &expected);
-    assert_eq!(
-        got.pages[1].text,
-        page.text().unwrap().all().replace("\r\n", "\n")
-    );
+}
+
+#[test]
+fn page_text_is_what_pypdfium2_reads() {
+    // DocuSearch read page text with pypdfium2's `get_text_range()`; the records must carry the
+    // same text. Checked on every page of two corpus PDFs against the real pypdfium2.
+    let python = docusearch_agent::runtime_paths::find_setup_python()
+        .unwrap_or_else(|e| panic!("prerequisite missing for this test: {e}"));
+    let ex = extractor();
+    for name in ["R-data.pdf", "asyRefCard.pdf"] {
+        let path = common::corpus().join(name);
+        let script = "import json, sys, pypdfium2 as p
+\
+            d = p.PdfDocument(sys.argv[1])
+\
+            print(json.dumps([d[i].get_textpage().get_text_range() for i in range(len(d))]))";
+        let out = std::process::Command::new(&python)
+            .args(["-c", script])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pypdfium2 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        let got = collect(&ex, &path).unwrap();
+        assert_eq!(got.pages.len(), expected.len());
+        for (p, want) in got.pages.iter().zip(&expected) {
+            assert_eq!(
+                p.text,
+                want.replace("\r\n", "\n"),
+                "{name} page {}",
+                p.number
+            );
+        }
+    }
 }
 
 #[test]
