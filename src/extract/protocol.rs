@@ -125,9 +125,8 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 /// Reads the next frame; `Ok(None)` at a clean end of stream (before any tag byte).
 pub(crate) fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut tag = [0u8; 1];
-    match r.read(&mut tag)? {
-        0 => return Ok(None),
-        _ => {}
+    if r.read(&mut tag)? == 0 {
+        return Ok(None);
     }
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;

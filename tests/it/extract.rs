@@ -831,11 +831,11 @@ fn a_password_protected_pdf_fails_as_such() {
 
 // ---- a renderer that crashes or hangs costs one file ------------------------------------------
 
+/// One file's result and how many pages reached the sink.
+type Outcome = (Result<extract::DocumentInfo, ExtractError>, usize);
+
 /// Runs the files in order as the pipeline would: each gets its outcome, none stops the rest.
-fn run_queue(
-    ex: &Extractor,
-    files: &[PathBuf],
-) -> Vec<(Result<extract::DocumentInfo, ExtractError>, usize)> {
+fn run_queue(ex: &Extractor, files: &[PathBuf]) -> Vec<Outcome> {
     files
         .iter()
         .map(|f| {
@@ -855,10 +855,7 @@ fn queue_with_a_bad_file(
     fault: &str,
     timeout: Duration,
     next: &[&str],
-) -> (
-    tempfile::TempDir,
-    Vec<(Result<extract::DocumentInfo, ExtractError>, usize)>,
-) {
+) -> (tempfile::TempDir, Vec<Outcome>) {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("hostile.pdf");
     std::fs::copy(common::corpus().join("asyRefCard.pdf"), &bad).unwrap();
