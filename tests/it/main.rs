@@ -6,3 +6,6 @@ mod common;
 mod config;
 mod managed_chroma;
 mod pdfium;
+mod state;
+mod watch;
+mod agent;

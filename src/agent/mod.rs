@@ -1,5 +1,7 @@
 //! The long-running agent and the one-shot `index`: watch → state → extract → embed → sync.
 
+pub mod changes;
+
 use std::process::ExitCode;
 
 use crate::cli::{Context, IndexArgs, RunArgs, StatusArgs};
