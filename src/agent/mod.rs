@@ -1,6 +1,8 @@
 //! The long-running agent and the one-shot `index`: watch → state → extract → embed → sync.
 
 pub mod changes;
+pub mod pipeline;
+pub mod stages;
 
 use std::process::ExitCode;
 
