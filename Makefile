@@ -16,7 +16,7 @@ run: setup build
 	./target/release/docusearch-agent run "$(FOLDER)"
 
 test: setup
-	$(CARGO) test --all-targets
+	$(CARGO) test
 
 bench: setup
 	$(CARGO) bench

@@ -53,21 +53,30 @@ impl fmt::Display for NotFound {
 
 impl std::error::Error for NotFound {}
 
-/// Walks candidates in order and returns the first that exists.
+/// Walks candidates in order and returns the first that exists. The first `explicit` candidates
+/// are settings the user made (config key, environment variable): when one is given but
+/// missing, the search stops there rather than quietly using something else.
 pub fn first_existing(
     what: &'static str,
+    explicit: usize,
     candidates: Vec<(String, Option<PathBuf>)>,
 ) -> Result<PathBuf, NotFound> {
     let mut looked = Vec::new();
-    for (why, path) in candidates {
+    for (i, (why, path)) in candidates.into_iter().enumerate() {
         let Some(path) = path else { continue };
         if path.is_file() {
             return Ok(path);
         }
         looked.push((why, path));
+        if i < explicit {
+            break;
+        }
     }
     Err(NotFound { what, looked })
 }
+
+/// How many of the candidate lists' first entries are the user's own settings.
+const EXPLICIT_SETTINGS: usize = 2;
 
 /// The PDFium library's file name on this platform.
 pub fn pdfium_library_name() -> &'static str {
@@ -83,7 +92,7 @@ pub fn pdfium_library_name() -> &'static str {
 /// PDFium: configured path, `PDFIUM_DYNAMIC_LIB_PATH` (a file or its folder), next to the
 /// executable, then where `scripts/setup` put it.
 pub fn find_pdfium(configured: Option<&Path>) -> Result<PathBuf, NotFound> {
-    first_existing("the PDFium library", pdfium_candidates(configured))
+    first_existing("the PDFium library", EXPLICIT_SETTINGS, pdfium_candidates(configured))
 }
 
 /// Where PDFium is looked for, in order, each with why.
@@ -113,6 +122,7 @@ pub fn find_chroma(configured: Option<&Path>) -> Result<PathBuf, NotFound> {
     });
     first_existing(
         "the `chroma` server program",
+        EXPLICIT_SETTINGS,
         vec![
             ("chroma.command in the config".into(), configured.map(Path::to_path_buf)),
             ("CHROMA_BIN".into(), std::env::var_os("CHROMA_BIN").map(PathBuf::from)),
@@ -127,6 +137,7 @@ pub fn find_chroma(configured: Option<&Path>) -> Result<PathBuf, NotFound> {
 pub fn find_setup_python() -> Result<PathBuf, NotFound> {
     first_existing(
         "the Python of scripts/setup's environment",
+        0,
         vec![
             ("recorded by scripts/setup".into(), setup_record().python),
             ("scripts/setup's location in this checkout".into(), Some(checkout_venv().join("bin").join("python"))),

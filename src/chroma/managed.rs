@@ -172,7 +172,7 @@ fn kill_stale(data_dir: &Path) {
     let Ok(text) = std::fs::read_to_string(pid_file(data_dir)) else {
         return;
     };
-    if let Ok(pid) = text.trim().parse::<i32>() {
+    if let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) {
         // Only if it still looks like a chroma server: pids are reused.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let is_chroma = cmdline.is_empty() && cfg!(target_os = "macos")
@@ -186,6 +186,14 @@ fn kill_stale(data_dir: &Path) {
         }
     }
     let _ = std::fs::remove_file(pid_file(data_dir));
+}
+
+/// The URL of a managed server that another process (a running agent) started on `data_dir`
+/// and that answers now.
+pub fn running_server(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(pid_file(data_dir)).ok()?;
+    let port: u16 = text.split_whitespace().nth(1)?.parse().ok()?;
+    heartbeat(port).then(|| format!("http://127.0.0.1:{port}"))
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -234,7 +242,8 @@ fn spawn(spec: &Spec) -> Result<Child, ManagedChromaError> {
         command: spec.command.clone(),
         source,
     })?;
-    let _ = std::fs::write(pid_file(&spec.data_dir), child.id().to_string());
+    // "PID PORT": lets a later agent stop a left-over server, and other commands find a live one.
+    let _ = std::fs::write(pid_file(&spec.data_dir), format!("{} {}", child.id(), spec.port));
     Ok(child)
 }
 

@@ -4,6 +4,7 @@
 mod common;
 
 mod config;
+mod doctor;
 mod managed_chroma;
 mod pdfium;
 mod state;

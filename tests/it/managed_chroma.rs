@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use docusearch_agent::chroma::managed::{heartbeat, ManagedChroma};
+use docusearch_agent::chroma::managed::{heartbeat, running_server, ManagedChroma};
 
 use crate::common;
 
@@ -28,6 +28,7 @@ fn managed_chroma_starts_restarts_and_stops() {
     assert!(heartbeat(port), "answers its heartbeat once started");
     assert_eq!(server.starts(), 1);
     assert!(data.join("chroma-server.pid").is_file(), "records its pid");
+    assert_eq!(running_server(&data), Some(server.url()), "other commands find the live server");
 
     // Kill it behind the supervisor's back: it must come back on the same port.
     let pid = server.pid().expect("a running server has a pid");
@@ -50,6 +51,7 @@ fn managed_chroma_starts_restarts_and_stops() {
         "chroma process {new_pid} still exists after drop"
     );
     assert!(!data.join("chroma-server.pid").exists(), "pid file removed");
+    assert_eq!(running_server(&data), None);
 }
 
 #[test]

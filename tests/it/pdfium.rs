@@ -36,6 +36,7 @@ fn pdfium_missing_lists_every_place_looked() {
     let b = dir.path().join("b/libpdfium.so");
     let err = runtime_paths::first_existing(
         "the PDFium library",
+        0,
         vec![("first".into(), Some(a.clone())), ("second".into(), Some(b.clone()))],
     )
     .expect_err("nothing exists");
@@ -55,4 +56,15 @@ fn a_file_that_is_not_pdfium_fails_to_bind_with_its_path() {
         Err(e) => e.to_string(),
     };
     assert!(msg.contains(&fake.display().to_string()) && msg.contains("scripts/setup"), "{msg}");
+}
+
+#[test]
+fn a_configured_path_that_is_missing_is_an_error_not_a_fallback() {
+    // Even though scripts/setup's library exists on this machine, an explicit setting wins.
+    common::pdfium_path();
+    let bogus = PathBuf::from("/definitely/not/libpdfium.so");
+    let err = runtime_paths::find_pdfium(Some(&bogus)).expect_err("explicit path is missing");
+    let msg = err.to_string();
+    assert!(msg.contains("/definitely/not/libpdfium.so") && msg.contains("extract.pdfium_path"), "{msg}");
+    assert_eq!(err.looked.len(), 1, "{msg}");
 }

@@ -1,0 +1,89 @@
+//! `doctor` tells the truth: each broken prerequisite is a ✘ line with its fix and a non-zero exit.
+
+use std::process::Command;
+
+use crate::common;
+
+struct Run {
+    code: i32,
+    stdout: String,
+}
+
+fn doctor(config: &str, env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let text = format!("state_dir = {:?}\n{config}", dir.path().join("state"));
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_docusearch-agent"));
+    cmd.arg("--config").arg(&path).arg("doctor");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("runs the binary");
+    Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into() }
+}
+
+fn line<'a>(run: &'a Run, check: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find(|l| l.contains(&format!(" {check}:")))
+        .unwrap_or_else(|| panic!("no `{check}` line in:\n{}", run.stdout))
+}
+
+#[test]
+fn doctor_reports_a_working_setup_and_a_reachable_chroma() {
+    let chroma = common::start_chroma();
+    let model = common::fixture("tiny-colpali");
+    let cfg = format!("[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n", chroma.url(), model);
+    let run = doctor(&cfg, &[]);
+    assert!(line(&run, "configuration").starts_with('✔'), "{}", run.stdout);
+    assert!(line(&run, "state directory").starts_with('✔'), "{}", run.stdout);
+    assert!(line(&run, "PDFium").starts_with('✔') && line(&run, "PDFium").contains("PDFium 1"), "{}", run.stdout);
+    assert!(line(&run, "Chroma").starts_with('✔') && line(&run, "Chroma").contains(&chroma.url()), "{}", run.stdout);
+    assert!(line(&run, "device").starts_with('✔'), "{}", run.stdout);
+    let model_ok = line(&run, "model").starts_with('✔');
+    assert_eq!(run.code == 0, model_ok, "exit status follows the checks:\n{}", run.stdout);
+}
+
+#[test]
+fn doctor_names_a_stopped_chroma() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = doctor("", &[("CHROMA_HOST", "127.0.0.1"), ("CHROMA_PORT", &port.to_string())]);
+    let l = line(&run, "Chroma");
+    assert!(l.starts_with('✘') && l.contains(&port.to_string()), "{}", run.stdout);
+    assert!(run.stdout.contains("fix: start the server"), "{}", run.stdout);
+    assert_eq!(run.code, 1);
+}
+
+#[test]
+fn doctor_names_missing_pdfium() {
+    let run = doctor("[extract]\npdfium_path = \"/nowhere/libpdfium.so\"\n", &[]);
+    let l = line(&run, "PDFium");
+    assert!(l.starts_with('✘') && run.stdout.contains("/nowhere/libpdfium.so"), "{}", run.stdout);
+    assert!(run.stdout.contains("scripts/setup"), "{}", run.stdout);
+    assert_eq!(run.code, 1);
+}
+
+#[test]
+fn doctor_names_a_bad_config_key_and_still_checks_the_rest() {
+    let run = doctor("[model]\nbatch_size_visuals = 3\n", &[]);
+    let l = line(&run, "configuration");
+    assert!(l.starts_with('✘'), "{}", run.stdout);
+    assert!(run.stdout.contains("batch_size_visuals"), "{}", run.stdout);
+    assert!(line(&run, "PDFium").starts_with('✔'), "other checks still run:\n{}", run.stdout);
+    assert_eq!(run.code, 1);
+}
+
+#[test]
+fn doctor_refuses_a_gpu_this_build_lacks() {
+    let run = doctor("", &[("DEVICE", "cuda")]);
+    let l = line(&run, "device");
+    // The CPU build (what CI runs) has no CUDA: ✘ with the fix; a CUDA build on a GPU: ✔.
+    if candle_core::utils::cuda_is_available() {
+        assert!(l.starts_with('✔'), "{}", run.stdout);
+    } else {
+        assert!(l.starts_with('✘') && run.stdout.contains("--features cuda"), "{}", run.stdout);
+        assert_eq!(run.code, 1);
+    }
+}
