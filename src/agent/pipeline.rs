@@ -115,15 +115,34 @@ fn bump(a: &AtomicU64) {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    Indexed { path: PathBuf, pages: u32, chunks: u32 },
-    Unchanged { path: PathBuf },
-    Moved { from: PathBuf, to: PathBuf },
-    Deleted { path: PathBuf },
+    Indexed {
+        path: PathBuf,
+        pages: u32,
+        chunks: u32,
+    },
+    Unchanged {
+        path: PathBuf,
+    },
+    Moved {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    Deleted {
+        path: PathBuf,
+    },
     /// Will be tried again later (back-off).
-    Retrying { path: PathBuf, reason: String },
-    Failed { path: PathBuf, reason: String },
+    Retrying {
+        path: PathBuf,
+        reason: String,
+    },
+    Failed {
+        path: PathBuf,
+        reason: String,
+    },
     /// Put back in the queue by a shutdown.
-    Interrupted { path: PathBuf },
+    Interrupted {
+        path: PathBuf,
+    },
 }
 
 /// A document on its way through the stages.
@@ -148,7 +167,10 @@ impl Doc {
         }
     }
     fn failure(&self) -> Option<StageError> {
-        self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -184,7 +206,14 @@ impl<S> Shared<S> {
         DocId::new(&self.settings.agent_id, path)
     }
 
-    fn meta(&self, path: &Path, doc_id: DocId, format: DocFormat, num_pages: u32, hash: ContentHash) -> DocMeta {
+    fn meta(
+        &self,
+        path: &Path,
+        doc_id: DocId,
+        format: DocFormat,
+        num_pages: u32,
+        hash: ContentHash,
+    ) -> DocMeta {
         DocMeta {
             doc_id,
             source_path: path.to_path_buf(),
@@ -204,12 +233,20 @@ impl<S> Shared<S> {
     fn job_failed(&self, job: &Job, path: &Path, e: &StageError) -> Result<(), StoreError> {
         let reason = e.to_string();
         tracing::warn!(path = %path.display(), "{reason}");
-        let state = self.store.fail(job, &reason, e.permanent, self.settings.retry)?;
+        let state = self
+            .store
+            .fail(job, &reason, e.permanent, self.settings.retry)?;
         if state == crate::state::JobState::Failed {
             bump(&self.stats.documents_failed);
-            self.report(Outcome::Failed { path: path.to_path_buf(), reason });
+            self.report(Outcome::Failed {
+                path: path.to_path_buf(),
+                reason,
+            });
         } else {
-            self.report(Outcome::Retrying { path: path.to_path_buf(), reason });
+            self.report(Outcome::Retrying {
+                path: path.to_path_buf(),
+                reason,
+            });
         }
         Ok(())
     }
@@ -393,7 +430,13 @@ async fn dispatch<S: Sink>(
             let rec = shared.store.file(&from)?;
             let from_still_there = FileStamp::of_path(&from).is_some();
             if let (Some(rec), false) = (rec, from_still_there) {
-                let meta = shared.meta(&to, shared.doc_id(&to), rec_format(&to), rec.num_pages, rec.content_hash.clone());
+                let meta = shared.meta(
+                    &to,
+                    shared.doc_id(&to),
+                    rec_format(&to),
+                    rec.num_pages,
+                    rec.content_hash.clone(),
+                );
                 match shared.sink.move_document(&rec.doc_id, &meta).await {
                     Ok(moved) => {
                         shared.store.remove_file(&from)?;
@@ -403,7 +446,10 @@ async fn dispatch<S: Sink>(
                             // The content check below decides whether the bytes changed too.
                             shared.store.put_file(&to, &new)?;
                             bump(&shared.stats.documents_moved);
-                            shared.report(Outcome::Moved { from: from.clone(), to: to.clone() });
+                            shared.report(Outcome::Moved {
+                                from: from.clone(),
+                                to: to.clone(),
+                            });
                         }
                     }
                     Err(e) => {
@@ -422,16 +468,25 @@ fn rec_format(path: &Path) -> DocFormat {
     DocFormat::from_path(path).unwrap_or(DocFormat::Pdf)
 }
 
-async fn delete<S: Sink>(shared: &Arc<Shared<S>>, job: &Job, path: &Path) -> Result<(), StoreError> {
+async fn delete<S: Sink>(
+    shared: &Arc<Shared<S>>,
+    job: &Job,
+    path: &Path,
+) -> Result<(), StoreError> {
     let rec = shared.store.file(path)?;
-    let doc_id = rec.as_ref().map(|r| r.doc_id.clone()).unwrap_or_else(|| shared.doc_id(path));
+    let doc_id = rec
+        .as_ref()
+        .map(|r| r.doc_id.clone())
+        .unwrap_or_else(|| shared.doc_id(path));
     match shared.sink.delete_document(&doc_id).await {
         Ok(()) => {
             shared.store.remove_file(path)?;
             if rec.is_some() {
                 bump(&shared.stats.documents_deleted);
             }
-            shared.report(Outcome::Deleted { path: path.to_path_buf() });
+            shared.report(Outcome::Deleted {
+                path: path.to_path_buf(),
+            });
             shared.job_done(job)
         }
         Err(e) => {
@@ -454,10 +509,13 @@ async fn index<S: Sink>(
     // Stable: the same size and mtime as when last looked at, and not written for the
     // settle period (a file still being copied in keeps changing both).
     let settle = shared.settings.settle;
-    let still = stamp.age(SystemTime::now()) >= settle || stamp.mtime_ns > now_ms() as i128 * 1_000_000;
+    let still =
+        stamp.age(SystemTime::now()) >= settle || stamp.mtime_ns > now_ms() as i128 * 1_000_000;
     if job.seen != Some(stamp) || !still {
         shared.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-        return shared.store.defer(&job, Some(stamp), settle.max(Duration::from_millis(50)));
+        return shared
+            .store
+            .defer(&job, Some(stamp), settle.max(Duration::from_millis(50)));
     }
     let p = path.to_path_buf();
     let hashed = tokio::task::spawn_blocking(move || ContentHash::of_file(&p)).await;
@@ -480,7 +538,9 @@ async fn index<S: Sink>(
             rec.stamp = stamp;
             shared.store.put_file(path, &rec)?;
             bump(&shared.stats.documents_unchanged);
-            shared.report(Outcome::Unchanged { path: path.to_path_buf() });
+            shared.report(Outcome::Unchanged {
+                path: path.to_path_buf(),
+            });
             return shared.job_done(&job);
         }
     }
@@ -490,11 +550,19 @@ async fn index<S: Sink>(
             if old == path || FileStamp::of_path(&old).is_some() {
                 continue;
             }
-            let Some(old_rec) = shared.store.file(&old)? else { continue };
+            let Some(old_rec) = shared.store.file(&old)? else {
+                continue;
+            };
             if old_rec.last_error.is_some() || old_rec.model != shared.model_id {
                 continue;
             }
-            let meta = shared.meta(path, shared.doc_id(path), rec_format(path), old_rec.num_pages, hash.clone());
+            let meta = shared.meta(
+                path,
+                shared.doc_id(path),
+                rec_format(path),
+                old_rec.num_pages,
+                hash.clone(),
+            );
             if let Ok(true) = shared.sink.move_document(&old_rec.doc_id, &meta).await {
                 shared.store.remove_file(&old)?;
                 let mut new = old_rec.clone();
@@ -502,7 +570,10 @@ async fn index<S: Sink>(
                 new.stamp = stamp;
                 shared.store.put_file(path, &new)?;
                 bump(&shared.stats.documents_moved);
-                shared.report(Outcome::Moved { from: old, to: path.to_path_buf() });
+                shared.report(Outcome::Moved {
+                    from: old,
+                    to: path.to_path_buf(),
+                });
                 return shared.job_done(&job);
             }
         }
@@ -521,7 +592,9 @@ async fn index<S: Sink>(
     if let Err(mpsc::error::SendError(doc)) = doc_tx.send(doc).await {
         // The stages are gone (shutdown): back in the queue.
         shared.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-        shared.store.defer(&doc.job, Some(doc.stamp), Duration::ZERO)?;
+        shared
+            .store
+            .defer(&doc.job, Some(doc.stamp), Duration::ZERO)?;
     }
     Ok(())
 }
@@ -537,7 +610,11 @@ fn extract_stage<X: Extract>(
 ) {
     while let Some(doc) = doc_rx.blocking_recv() {
         if stopping.load(Ordering::SeqCst) {
-            let _ = page_tx.send(ExtractMsg::End(doc, Err(StageError::transient("extract", "stopped")), true));
+            let _ = page_tx.send(ExtractMsg::End(
+                doc,
+                Err(StageError::transient("extract", "stopped")),
+                true,
+            ));
             continue;
         }
         let mut interrupted = false;
@@ -571,7 +648,10 @@ fn extract_stage<X: Extract>(
             let _ = doc.info.set(info.clone());
             bump(&stats.documents_extracted);
         }
-        if page_tx.send(ExtractMsg::End(doc, result, interrupted)).is_err() {
+        if page_tx
+            .send(ExtractMsg::End(doc, result, interrupted))
+            .is_err()
+        {
             break;
         }
     }
@@ -635,7 +715,9 @@ fn embed_stage<L: EmbedLoader, S: Sink>(
                     batch.push(Pending::Page(doc, page));
                 }
             }
-            ExtractMsg::End(doc, res, interrupted) => batch.push(Pending::End(doc, res, interrupted)),
+            ExtractMsg::End(doc, res, interrupted) => {
+                batch.push(Pending::End(doc, res, interrupted))
+            }
         }
         if pages_in_batch >= batch_visual {
             flush(&loader, &mut model, &mut batch, &vec_tx, &shared);
@@ -658,7 +740,9 @@ fn flush<L: EmbedLoader, S: Sink>(
         return;
     }
     let mut items: Vec<Pending> = std::mem::take(batch);
-    let needs_model = items.iter().any(|p| matches!(p, Pending::Page(d, _) if d.failure().is_none()));
+    let needs_model = items
+        .iter()
+        .any(|p| matches!(p, Pending::Page(d, _) if d.failure().is_none()));
     let mut page_vecs: HashMap<usize, PageVectors> = HashMap::new();
     let mut chunk_vecs: HashMap<usize, Vec<ChunkVectors>> = HashMap::new();
     if needs_model {
@@ -672,7 +756,9 @@ fn flush<L: EmbedLoader, S: Sink>(
                 }
                 *model = Some(m);
             }
-            let Some(m) = model.as_ref() else { return Ok(()) };
+            let Some(m) = model.as_ref() else {
+                return Ok(());
+            };
             let mut idx = Vec::new();
             let mut images = Vec::new();
             for (i, it) in items.iter_mut().enumerate() {
@@ -690,14 +776,31 @@ fn flush<L: EmbedLoader, S: Sink>(
                 bump(&shared.stats.embed_calls);
                 let vecs = m.embed_images(&images)?;
                 if vecs.len() != images.len() {
-                    return Err(StageError::transient("embed", format!("the model returned {} vectors for {} pages", vecs.len(), images.len())));
+                    return Err(StageError::transient(
+                        "embed",
+                        format!(
+                            "the model returned {} vectors for {} pages",
+                            vecs.len(),
+                            images.len()
+                        ),
+                    ));
                 }
                 for (i, v) in idx.into_iter().zip(vecs) {
                     if let Pending::Page(_, p) = &items[i] {
-                        page_vecs.insert(i, PageVectors { page: p.number, text: p.text.clone(), embedding: v });
+                        page_vecs.insert(
+                            i,
+                            PageVectors {
+                                page: p.number,
+                                text: p.text.clone(),
+                                embedding: v,
+                            },
+                        );
                     }
                 }
-                shared.stats.pages_embedded.fetch_add(images.len() as u64, Ordering::SeqCst);
+                shared
+                    .stats
+                    .pages_embedded
+                    .fetch_add(images.len() as u64, Ordering::SeqCst);
             }
             let mut chunks: Vec<(usize, &super::stages::Chunk)> = Vec::new();
             for (i, it) in items.iter().enumerate() {
@@ -712,12 +815,25 @@ fn flush<L: EmbedLoader, S: Sink>(
                 bump(&shared.stats.embed_calls);
                 let vecs = m.embed_texts(&texts)?;
                 if vecs.len() != texts.len() {
-                    return Err(StageError::transient("embed", format!("the model returned {} vectors for {} chunks", vecs.len(), texts.len())));
+                    return Err(StageError::transient(
+                        "embed",
+                        format!(
+                            "the model returned {} vectors for {} chunks",
+                            vecs.len(),
+                            texts.len()
+                        ),
+                    ));
                 }
                 for ((i, c), v) in group.iter().zip(vecs) {
-                    chunk_vecs.entry(*i).or_default().push(ChunkVectors { chunk: (*c).clone(), embedding: v });
+                    chunk_vecs.entry(*i).or_default().push(ChunkVectors {
+                        chunk: (*c).clone(),
+                        embedding: v,
+                    });
                 }
-                shared.stats.chunks_embedded.fetch_add(texts.len() as u64, Ordering::SeqCst);
+                shared
+                    .stats
+                    .chunks_embedded
+                    .fetch_add(texts.len() as u64, Ordering::SeqCst);
             }
             Ok(())
         })();
@@ -735,7 +851,11 @@ fn flush<L: EmbedLoader, S: Sink>(
                 if d.failure().is_some() {
                     continue;
                 }
-                EmbedMsg::Page(d, page_vecs.remove(&i), chunk_vecs.remove(&i).unwrap_or_default())
+                EmbedMsg::Page(
+                    d,
+                    page_vecs.remove(&i),
+                    chunk_vecs.remove(&i).unwrap_or_default(),
+                )
             }
             Pending::End(d, res, interrupted) => EmbedMsg::End(d, res, interrupted),
         };
@@ -782,7 +902,13 @@ async fn sync_stage<S: Sink>(shared: Arc<Shared<S>>, mut vec_rx: mpsc::Receiver<
 fn doc_meta<S>(shared: &Shared<S>, doc: &Doc) -> DocMeta {
     let num_pages = doc.info.get().map(|i| i.num_pages).unwrap_or(0);
     let format = doc.info.get().map(|i| i.format).unwrap_or(doc.format);
-    shared.meta(&doc.path, doc.doc_id.clone(), format, num_pages, doc.hash.clone())
+    shared.meta(
+        &doc.path,
+        doc.doc_id.clone(),
+        format,
+        num_pages,
+        doc.hash.clone(),
+    )
 }
 
 async fn upsert<S: Sink>(shared: &Shared<S>, doc: &Doc, buf: &mut DocBuffer) {
@@ -815,8 +941,12 @@ async fn finish<S: Sink>(
     if interrupted {
         // Checkpoint: the job runs again at the next start.
         shared.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-        shared.report(Outcome::Interrupted { path: doc.path.clone() });
-        return shared.store.defer(&doc.job, Some(doc.stamp), Duration::ZERO);
+        shared.report(Outcome::Interrupted {
+            path: doc.path.clone(),
+        });
+        return shared
+            .store
+            .defer(&doc.job, Some(doc.stamp), Duration::ZERO);
     }
     if let Err(e) = res {
         doc.fail(e);
@@ -825,7 +955,11 @@ async fn finish<S: Sink>(
     let meta = doc_meta(shared, doc);
     let num_pages = meta.num_pages;
     if doc.failure().is_none() {
-        if let Err(e) = shared.sink.finish_document(&meta, num_pages, buf.num_chunks).await {
+        if let Err(e) = shared
+            .sink
+            .finish_document(&meta, num_pages, buf.num_chunks)
+            .await
+        {
             doc.fail(e);
         }
     }
@@ -861,6 +995,10 @@ async fn finish<S: Sink>(
     shared.store.put_file(&doc.path, &rec)?;
     bump(&shared.stats.documents_indexed);
     tracing::info!(path = %doc.path.display(), pages = num_pages, chunks = buf.num_chunks, seconds = doc.started.elapsed().as_secs_f32(), "indexed");
-    shared.report(Outcome::Indexed { path: doc.path.clone(), pages: num_pages, chunks: buf.num_chunks });
+    shared.report(Outcome::Indexed {
+        path: doc.path.clone(),
+        pages: num_pages,
+        chunks: buf.num_chunks,
+    });
     shared.job_done(&doc.job)
 }

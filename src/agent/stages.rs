@@ -139,7 +139,10 @@ pub trait Sink: Send + Sync + 'static {
         num_pages: u32,
         num_chunks: u32,
     ) -> impl Future<Output = Result<(), StageError>> + Send;
-    fn delete_document(&self, doc_id: &DocId) -> impl Future<Output = Result<(), StageError>> + Send;
+    fn delete_document(
+        &self,
+        doc_id: &DocId,
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
     /// Re-keys `old`'s records as `new` without the model; `false` when there was nothing.
     fn move_document(
         &self,
