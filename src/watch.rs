@@ -178,6 +178,19 @@ impl Filter {
     }
 
     fn accepts(&self, path: &Path, is_dir: bool, check_ignore_files: bool) -> bool {
+        self.accepts_with(path, is_dir, check_ignore_files, &|dir| {
+            self.ignore_file(dir)
+        })
+    }
+
+    /// `ignore_file` finds a folder's parsed ignore file (a scan caches them for its duration).
+    fn accepts_with(
+        &self,
+        path: &Path,
+        is_dir: bool,
+        check_ignore_files: bool,
+        ignore_file: &dyn Fn(&Path) -> Option<Arc<Gitignore>>,
+    ) -> bool {
         let Some(root) = self.root_of(path) else {
             return false;
         };
@@ -198,7 +211,7 @@ impl Filter {
         if !self.accepts_rules(rel, is_dir) {
             return false;
         }
-        if check_ignore_files && self.ignored_by_files(root, path, is_dir) {
+        if check_ignore_files && Self::ignored_by_files(root, path, is_dir, ignore_file) {
             return false;
         }
         true
@@ -223,7 +236,12 @@ impl Filter {
 
     /// Whether a `.docusearchignore` between the watched folder and `path` excludes it (the
     /// deepest file that says something wins, as with git).
-    fn ignored_by_files(&self, root: &Path, path: &Path, is_dir: bool) -> bool {
+    fn ignored_by_files(
+        root: &Path,
+        path: &Path,
+        is_dir: bool,
+        ignore_file: &dyn Fn(&Path) -> Option<Arc<Gitignore>>,
+    ) -> bool {
         let mut dirs: Vec<&Path> = path
             .ancestors()
             .skip(1)
@@ -232,7 +250,7 @@ impl Filter {
         dirs.reverse();
         let mut ignored = false;
         for dir in dirs {
-            if let Some(gi) = self.ignore_file(dir) {
+            if let Some(gi) = ignore_file(dir) {
                 let m = gi.matched_path_or_any_parents(path, is_dir);
                 if m.is_ignore() {
                     ignored = true;
@@ -280,6 +298,8 @@ impl Filter {
             return Vec::new();
         }
         let filter = self.clone();
+        // Each folder's ignore file is looked up once per scan, not once per file.
+        let seen: Mutex<HashMap<PathBuf, Option<Arc<Gitignore>>>> = Mutex::new(HashMap::new());
         let mut builder = ignore::WalkBuilder::new(dir);
         builder
             .standard_filters(false)
@@ -289,13 +309,16 @@ impl Filter {
                 if e.depth() == 0 {
                     return true;
                 }
-                if is_dir {
-                    filter.accepts(e.path(), true, true)
-                } else {
-                    // Ignore files of every folder on the way were consulted for the folders
-                    // already; files still need their own match.
-                    filter.accepts(e.path(), false, true)
-                }
+                let lookup = |d: &Path| {
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(gi) = seen.get(d) {
+                        return gi.clone();
+                    }
+                    let gi = filter.ignore_file(d);
+                    seen.insert(d.to_path_buf(), gi.clone());
+                    gi
+                };
+                filter.accepts_with(e.path(), is_dir, true, &lookup)
             });
         let mut out = Vec::new();
         for entry in builder.build() {
