@@ -9,7 +9,7 @@ use super::changes::{ChangeTracker, ReconcileReport};
 use super::pipeline::{Mode, Outcome, Pipeline, PipelineSettings, PipelineStats};
 use super::stages::{EmbedLoader, Extract, Sink};
 use crate::config::Config;
-use crate::state::{RetryPolicy, Store, StoreError};
+use crate::state::{FileStamp, JobKind, RetryPolicy, Store, StoreError};
 use crate::watch::{Filter, FsWatcher, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +228,14 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
             for d in &dirs {
                 let r = t.reconcile(d)?;
                 total.unchanged += r.unchanged + r.touched;
+            }
+            // Asked for explicitly: failed files are tried again.
+            for (p, _) in t.store.failures()? {
+                let wanted = dirs.iter().any(|d| p.starts_with(d)) || files.contains(&p);
+                if let (true, Some(stamp)) = (wanted, FileStamp::of_path(&p)) {
+                    t.store.enqueue(JobKind::Index { path: p.clone() }, Some(stamp), Duration::ZERO)?;
+                    total.unchanged = total.unchanged.saturating_sub(1);
+                }
             }
             let mut unchanged = 0;
             for f in &files {
