@@ -1,1 +1,463 @@
-//! Writing documents to Chroma: records, batching, upsert-then-prune, moves and deletions. Issue 5.
+//! Writing documents to Chroma: records, batching, upsert-then-prune, moves and deletions.
+//!
+//! A document's records are streamed in (`upsert_pages`, `upsert_chunks`) as they are embedded,
+//! then `finish_document` removes the ids it no longer has. Nothing is ever deleted before its
+//! replacement is written, so a changed document never drops out of search.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::chroma::client::{ChromaClient, ChromaError, Collection, Include, Record};
+use crate::chroma::records::{
+    self, chunk_of_record_id, keys, page_of_record_id, DocumentFields, RecordError,
+};
+use crate::config::MultivectorEncoding;
+use crate::types::{ContentHash, DocFormat, DocId, MultiVector};
+
+/// Records read back per request when re-keying a moved document (~0.7 MB each in f32).
+const MOVE_SLICE: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{what} ({path}): {source}")]
+    Chroma {
+        what: &'static str,
+        /// The document's source path or id, so the log says which file waits.
+        path: String,
+        #[source]
+        source: ChromaError,
+    },
+    #[error("cannot connect to Chroma: {0}")]
+    Connect(#[source] ChromaError),
+    #[error("record {id} in collection `{collection}` cannot be re-keyed: {source}. Fix: re-index the document")]
+    BadRecord {
+        id: String,
+        collection: String,
+        #[source]
+        source: RecordError,
+    },
+    #[error("{path}: embeddings of dimension {found}, but collection `{collection}` holds dimension {expected}. Fix: use other collection names for this model, or delete the collection")]
+    Dimension {
+        path: String,
+        collection: String,
+        expected: usize,
+        found: usize,
+    },
+}
+
+impl SyncError {
+    /// The job should stay queued and be retried later (Chroma down, slow, or failing).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Chroma { source, .. } | SyncError::Connect(source) => source.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// What every record of a document says about the document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocumentMeta {
+    pub doc_id: DocId,
+    pub source_path: PathBuf,
+    pub filename: String,
+    pub format: DocFormat,
+    pub num_pages: u32,
+    pub content_hash: ContentHash,
+    /// The model that produced the embeddings.
+    pub model: String,
+    /// ISO 8601 UTC.
+    pub timestamp: String,
+}
+
+/// One rendered page and its multi-vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageRecord {
+    /// 1-based.
+    pub page: u32,
+    pub text: String,
+    pub embedding: MultiVector,
+}
+
+/// One text chunk and its multi-vector (embedded through the query prompt).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRecord {
+    pub chunk_index: u32,
+    /// The (1-based) page the chunk starts on.
+    pub page: u32,
+    pub text: String,
+    pub word_count: usize,
+    pub embedding: MultiVector,
+}
+
+/// Writes documents into the visual (pages) and text (chunks) collections.
+#[derive(Debug, Clone)]
+pub struct Syncer {
+    client: ChromaClient,
+    visual: Collection,
+    text: Collection,
+    encoding: MultivectorEncoding,
+    agent_id: String,
+}
+
+impl Syncer {
+    /// Connects to `url`, creates the tenant, database and both collections when missing.
+    pub async fn connect(url: &str, cfg: &crate::config::Config) -> Result<Syncer, SyncError> {
+        let client = ChromaClient::new(url, &cfg.chroma).map_err(SyncError::Connect)?;
+        Self::connect_with(client, cfg).await
+    }
+
+    /// As [`Syncer::connect`], with a client set up by the caller (retry policy, request budget).
+    pub async fn connect_with(
+        client: ChromaClient,
+        cfg: &crate::config::Config,
+    ) -> Result<Syncer, SyncError> {
+        client.heartbeat().await.map_err(SyncError::Connect)?;
+        client
+            .ensure_tenant_and_database()
+            .await
+            .map_err(SyncError::Connect)?;
+        let visual = client
+            .get_or_create_collection(&cfg.chroma.visual_collection)
+            .await
+            .map_err(SyncError::Connect)?;
+        let text = client
+            .get_or_create_collection(&cfg.chroma.text_collection)
+            .await
+            .map_err(SyncError::Connect)?;
+        Ok(Syncer {
+            client,
+            visual,
+            text,
+            encoding: cfg.chroma.multivector_encoding,
+            agent_id: cfg.agent_id.clone(),
+        })
+    }
+
+    pub fn client(&self) -> &ChromaClient {
+        &self.client
+    }
+
+    pub fn visual_collection(&self) -> &Collection {
+        &self.visual
+    }
+
+    pub fn text_collection(&self) -> &Collection {
+        &self.text
+    }
+
+    pub fn encoding(&self) -> MultivectorEncoding {
+        self.encoding
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// Refuses embeddings whose size differs from what the collections already hold (the agent
+    /// calls this once its model is loaded, so a wrong model is caught before any work).
+    pub fn check_dimension(&self, dim: usize) -> Result<(), SyncError> {
+        self.check_dim_for("(model)", dim)
+    }
+
+    fn check_dim_for(&self, path: &str, dim: usize) -> Result<(), SyncError> {
+        for c in [&self.visual, &self.text] {
+            if let Some(expected) = c.dimension.filter(|d| *d != dim) {
+                return Err(SyncError::Dimension {
+                    path: path.to_string(),
+                    collection: c.name.clone(),
+                    expected,
+                    found: dim,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn fields<'a>(&'a self, doc: &'a DocumentMeta, source_path: &'a str) -> DocumentFields<'a> {
+        DocumentFields {
+            doc_id: &doc.doc_id,
+            filename: &doc.filename,
+            source_path,
+            format: doc.format.as_str(),
+            num_pages: doc.num_pages,
+            timestamp: &doc.timestamp,
+            content_hash: &doc.content_hash.0,
+            agent_id: &self.agent_id,
+            model: &doc.model,
+        }
+    }
+
+    /// Writes (or overwrites) some of a document's page records.
+    pub async fn upsert_pages(
+        &self,
+        doc: &DocumentMeta,
+        pages: &[PageRecord],
+    ) -> Result<(), SyncError> {
+        let path = doc.source_path.to_string_lossy();
+        for p in pages {
+            self.check_dim_for(&path, p.embedding.dim)?;
+        }
+        let fields = self.fields(doc, &path);
+        // Encoding (gzip, base64) is CPU work: spread it over the cores.
+        let records: Vec<Record> = pages
+            .par_iter()
+            .map(|p| Record {
+                id: doc.doc_id.page_record_id(p.page),
+                embedding: p.embedding.mean_normalized(),
+                document: Some(p.text.clone()),
+                metadata: records::page_metadata(&fields, p.page, &p.embedding, self.encoding),
+            })
+            .collect();
+        let requests = self
+            .visual
+            .upsert(&records)
+            .await
+            .map_err(|source| chroma_err("writing page records", &path, source))?;
+        tracing::debug!(path = %path, pages = pages.len(), requests, "page records written");
+        Ok(())
+    }
+
+    /// Writes (or overwrites) some of a document's text-chunk records.
+    pub async fn upsert_chunks(
+        &self,
+        doc: &DocumentMeta,
+        chunks: &[ChunkRecord],
+    ) -> Result<(), SyncError> {
+        let path = doc.source_path.to_string_lossy();
+        for c in chunks {
+            self.check_dim_for(&path, c.embedding.dim)?;
+        }
+        let fields = self.fields(doc, &path);
+        let records: Vec<Record> = chunks
+            .par_iter()
+            .map(|c| Record {
+                id: doc.doc_id.chunk_record_id(c.chunk_index),
+                embedding: c.embedding.mean_normalized(),
+                document: Some(c.text.clone()),
+                metadata: records::chunk_metadata(
+                    &fields,
+                    c.chunk_index,
+                    c.page,
+                    &c.text,
+                    c.word_count,
+                    &c.embedding,
+                    self.encoding,
+                ),
+            })
+            .collect();
+        let requests = self
+            .text
+            .upsert(&records)
+            .await
+            .map_err(|source| chroma_err("writing text records", &path, source))?;
+        tracing::debug!(path = %path, chunks = chunks.len(), requests, "text records written");
+        Ok(())
+    }
+
+    /// Deletes this document's records beyond the final counts: pages `num_pages+1..` and chunks
+    /// `num_chunks..` (chunk indices start at 0). Called after all records were upserted.
+    pub async fn finish_document(
+        &self,
+        doc: &DocumentMeta,
+        num_pages: u32,
+        num_chunks: u32,
+    ) -> Result<(), SyncError> {
+        let path = doc.source_path.to_string_lossy();
+        let keep_pages: HashSet<String> = (1..=num_pages)
+            .map(|p| doc.doc_id.page_record_id(p))
+            .collect();
+        let keep_chunks: HashSet<String> = (0..num_chunks)
+            .map(|c| doc.doc_id.chunk_record_id(c))
+            .collect();
+        let pruned_pages = prune(&self.visual, &doc.doc_id, &keep_pages)
+            .await
+            .map_err(|source| chroma_err("removing stale page records", &path, source))?;
+        let pruned_chunks = prune(&self.text, &doc.doc_id, &keep_chunks)
+            .await
+            .map_err(|source| chroma_err("removing stale text records", &path, source))?;
+        tracing::debug!(path = %path, pruned_pages, pruned_chunks, "document synced");
+        Ok(())
+    }
+
+    /// Removes every record of a document from both collections.
+    pub async fn delete_document(&self, doc_id: &DocId) -> Result<(), SyncError> {
+        let filter = doc_filter(doc_id);
+        for c in [&self.visual, &self.text] {
+            c.delete_where(filter.clone()).await.map_err(|source| {
+                chroma_err("deleting a document's records", doc_id.as_str(), source)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Re-keys a moved or renamed document from what Chroma already holds (no model): reads its
+    /// records back, writes them under the new doc id and metadata, then deletes the old ones.
+    /// Returns false when Chroma holds nothing for `old`.
+    pub async fn move_document(&self, old: &DocId, new: &DocumentMeta) -> Result<bool, SyncError> {
+        let path = new.source_path.to_string_lossy();
+        let mut found = false;
+        for (collection, is_pages) in [(&self.visual, true), (&self.text, false)] {
+            let old_ids = list_ids(collection, old).await.map_err(|source| {
+                chroma_err("listing a moved document's records", &path, source)
+            })?;
+            if old_ids.is_empty() {
+                continue;
+            }
+            found = true;
+            let mut new_ids = HashSet::new();
+            for slice in old_ids.chunks(MOVE_SLICE) {
+                let got = collection
+                    .get_ids(
+                        slice,
+                        &[Include::Embeddings, Include::Documents, Include::Metadatas],
+                    )
+                    .await
+                    .map_err(|source| {
+                        chroma_err("reading a moved document's records", &path, source)
+                    })?;
+                let moved = self.rekey(collection, old, new, &path, got, is_pages)?;
+                new_ids.extend(moved.iter().map(|r| r.id.clone()));
+                collection.upsert(&moved).await.map_err(|source| {
+                    chroma_err("writing a moved document's records", &path, source)
+                })?;
+            }
+            if old != &new.doc_id {
+                collection.delete_ids(&old_ids).await.map_err(|source| {
+                    chroma_err("removing a moved document's old records", &path, source)
+                })?;
+            }
+            // The new path may have held another file's records: only the moved ones stay.
+            prune(collection, &new.doc_id, &new_ids)
+                .await
+                .map_err(|source| {
+                    chroma_err("removing stale records at the new path", &path, source)
+                })?;
+        }
+        Ok(found)
+    }
+
+    /// Builds the new records of one slice of a moved document.
+    fn rekey(
+        &self,
+        collection: &Collection,
+        old: &DocId,
+        new: &DocumentMeta,
+        path: &str,
+        got: crate::chroma::client::GetResult,
+        is_pages: bool,
+    ) -> Result<Vec<Record>, SyncError> {
+        let bad = |id: &str, source: RecordError| SyncError::BadRecord {
+            id: id.to_string(),
+            collection: collection.name.clone(),
+            source,
+        };
+        let n = got.ids.len();
+        let embeddings = got.embeddings.unwrap_or_default();
+        let documents = got.documents.unwrap_or_default();
+        let metadatas = got.metadatas.unwrap_or_default();
+        let fields = self.fields(new, path);
+        let mut out = Vec::with_capacity(n);
+        for (i, id) in got.ids.into_iter().enumerate() {
+            let embedding = embeddings
+                .get(i)
+                .cloned()
+                .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?;
+            let mut metadata = metadatas
+                .get(i)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "metadata" }))?;
+            let number = if is_pages {
+                page_of_record_id(old, &id).or_else(|| {
+                    records::int_key(&metadata, keys::PAGE)
+                        .ok()
+                        .map(|p| p as u32)
+                })
+            } else {
+                chunk_of_record_id(old, &id).or_else(|| {
+                    records::int_key(&metadata, keys::CHUNK_ID)
+                        .ok()
+                        .map(|c| c as u32)
+                })
+            }
+            .ok_or_else(|| {
+                bad(
+                    &id,
+                    RecordError::MissingKey {
+                        key: if is_pages { keys::PAGE } else { keys::CHUNK_ID },
+                    },
+                )
+            })?;
+            // The embeddings are unchanged, so the model that made them stays on the record.
+            let model = metadata.get(keys::MODEL).cloned();
+            fields.write_into(&mut metadata);
+            if let Some(model) = model {
+                metadata.insert(keys::MODEL.into(), model);
+            }
+            out.push(Record {
+                id: if is_pages {
+                    new.doc_id.page_record_id(number)
+                } else {
+                    new.doc_id.chunk_record_id(number)
+                },
+                embedding,
+                document: documents.get(i).cloned().flatten(),
+                metadata,
+            });
+        }
+        Ok(out)
+    }
+
+    /// (page records, text records) Chroma holds for a document.
+    pub async fn count_document(&self, doc_id: &DocId) -> Result<(usize, usize), SyncError> {
+        let count = |c: &Collection| {
+            let c = c.clone();
+            async move {
+                list_ids(&c, doc_id)
+                    .await
+                    .map(|ids| ids.len())
+                    .map_err(|source| {
+                        chroma_err("counting a document's records", doc_id.as_str(), source)
+                    })
+            }
+        };
+        Ok((count(&self.visual).await?, count(&self.text).await?))
+    }
+}
+
+fn chroma_err(what: &'static str, path: &str, source: ChromaError) -> SyncError {
+    SyncError::Chroma {
+        what,
+        path: path.to_string(),
+        source,
+    }
+}
+
+fn doc_filter(doc_id: &DocId) -> Value {
+    json!({ keys::DOC_ID: doc_id.as_str() })
+}
+
+async fn list_ids(collection: &Collection, doc_id: &DocId) -> Result<Vec<String>, ChromaError> {
+    Ok(collection.get_where(doc_filter(doc_id), &[]).await?.ids)
+}
+
+/// Deletes the document's ids that are not in `keep`; returns how many went.
+async fn prune(
+    collection: &Collection,
+    doc_id: &DocId,
+    keep: &HashSet<String>,
+) -> Result<usize, ChromaError> {
+    let stale: Vec<String> = list_ids(collection, doc_id)
+        .await?
+        .into_iter()
+        .filter(|id| !keep.contains(id))
+        .collect();
+    if !stale.is_empty() {
+        collection.delete_ids(&stale).await?;
+    }
+    Ok(stale.len())
+}

@@ -2,16 +2,104 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Context, EmbedArgs};
+use anyhow::Context as _;
+use serde_json::json;
 
-pub fn embed_command(_ctx: &Context, _args: EmbedArgs) -> anyhow::Result<ExitCode> {
-    crate::cli::not_implemented("embed", 3)
+use crate::cli::{Context, EmbedArgs};
+use crate::types::MultiVector;
+
+use super::{loader, Embedder};
+
+fn rows_json(mv: &MultiVector) -> Vec<&[f32]> {
+    (0..mv.rows).map(|r| mv.row(r)).collect()
+}
+
+pub fn embed_command(ctx: &Context, args: EmbedArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = ctx.config.model.clone();
+    if let Some(m) = args.model {
+        cfg.name = m;
+    }
+    let mut images = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        let img = image::open(path).with_context(|| {
+            format!(
+                "cannot read image {} (PNG, JPEG, TIFF, WebP, BMP or GIF)",
+                path.display()
+            )
+        })?;
+        images.push(img.to_rgb8());
+    }
+    let embedder = Embedder::load(&cfg)?;
+    let image_vecs = embedder.embed_images(&images)?;
+    let texts: Vec<&str> = args.queries.iter().map(String::as_str).collect();
+    let query_vecs = embedder.embed_queries(&texts)?;
+    let scores: Vec<Vec<f32>> = query_vecs
+        .iter()
+        .map(|q| image_vecs.iter().map(|d| q.maxsim(d)).collect())
+        .collect();
+
+    if args.json {
+        let out = json!({
+            "model": embedder.model_id(),
+            "device": embedder.device_name(),
+            "dtype": embedder.dtype_name(),
+            "images": args.images.iter().zip(&image_vecs).map(|(p, v)| json!({
+                "path": p.display().to_string(),
+                "shape": [v.rows, v.dim],
+                "embedding": rows_json(v),
+            })).collect::<Vec<_>>(),
+            "queries": args.queries.iter().zip(&query_vecs).map(|(t, v)| json!({
+                "text": t,
+                "shape": [v.rows, v.dim],
+                "embedding": rows_json(v),
+            })).collect::<Vec<_>>(),
+            "scores": scores,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "model {} on {} ({})",
+            embedder.model_id(),
+            embedder.device_name(),
+            embedder.dtype_name()
+        );
+        for (p, v) in args.images.iter().zip(&image_vecs) {
+            println!("image {}: {} x {}", p.display(), v.rows, v.dim);
+        }
+        for (q, (t, v)) in args.queries.iter().zip(&query_vecs).enumerate() {
+            let s: Vec<String> = scores[q].iter().map(|x| format!("{x:.4}")).collect();
+            println!(
+                "query {t:?}: {} x {}; MaxSim per image: [{}]",
+                v.rows,
+                v.dim,
+                s.join(", ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn fetch_command(
-    _ctx: &Context,
-    _model: Option<String>,
-    _revision: Option<String>,
+    ctx: &Context,
+    model: Option<String>,
+    revision: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    crate::cli::not_implemented("model fetch", 3)
+    let mut cfg = ctx.config.model.clone();
+    if let Some(m) = model {
+        cfg.name = m;
+    }
+    if let Some(r) = revision {
+        cfg.revision = r;
+    }
+    // Fetching means downloading, whatever `offline` says for the agent's own runs.
+    cfg.offline = false;
+    let files = loader::resolve(&cfg)?;
+    println!("model {} ready:", files.id);
+    for f in std::iter::once(&files.config)
+        .chain(std::iter::once(&files.tokenizer))
+        .chain(files.weights.iter())
+    {
+        println!("  {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,249 @@
 //! ColPali on candle: loading, preprocessing, the forward pass, batching. Issue 3.
+//!
+//! [`Embedder`] is what the rest of the agent uses: one loaded model on one device, turning page
+//! images and queries (or text chunks) into multi-vectors equal to colpali-engine's.
 
 pub mod cli;
+pub mod config;
+pub mod device;
+pub mod loader;
+pub mod model;
+mod ops;
 pub mod preprocess;
+pub mod prompt;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+use crate::config::ModelConfig;
+use crate::types::MultiVector;
+
+pub use config::ColPaliConfig;
+pub use model::ColPaliModel;
+pub use prompt::Prompts;
+
+/// What went wrong loading or running the model; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("model directory {dir} has no {file} — a ColPali checkpoint needs config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json with its shards)", file = if file.is_empty() { "such directory".to_string() } else { file.clone() })]
+    LocalFileMissing { dir: PathBuf, file: String },
+    #[error("model {repo}@{revision}: {file} is not in the Hugging Face cache ({cache}) and the model is set to offline — run `docusearch-agent model fetch --model {repo}` where the hub is reachable, or set model.name (MODEL_NAME) to a local directory")]
+    NotInCache {
+        repo: String,
+        revision: String,
+        file: String,
+        cache: PathBuf,
+    },
+    #[error("model {repo}@{revision} has no file {file} on the Hugging Face hub — check the repo id and revision (model.name / MODEL_NAME, model.revision)")]
+    NotOnHub {
+        repo: String,
+        revision: String,
+        file: String,
+    },
+    #[error("could not download {file} of model {repo}@{revision} from the Hugging Face hub: {message} — check the network (HF_ENDPOINT, HF_TOKEN), run `docusearch-agent model fetch --model {repo}` once the hub is reachable, or set model.name (MODEL_NAME) to a local directory with the checkpoint")]
+    Download {
+        repo: String,
+        revision: String,
+        file: String,
+        message: String,
+    },
+    #[error("model configuration {path}: {source}")]
+    Config {
+        path: PathBuf,
+        source: config::ConfigJsonError,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("weights {path}: {message} — the checkpoint must have the layout of vidore/colpali-v1.2-merged")]
+    Weights { path: PathBuf, message: String },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("ColPali forward pass failed on {device}: {source}")]
+    Forward {
+        device: String,
+        source: candle_core::Error,
+    },
+}
+
+/// One loaded ColPali model on one device. `Send + Sync`: the forward pass keeps no state.
+pub struct Embedder {
+    model: ColPaliModel,
+    prompts: Prompts,
+    model_id: String,
+    fell_back_to_cpu: bool,
+    batch_size_visual: usize,
+    batch_size_text: usize,
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Embedder>();
+};
+
+fn read_config(path: &std::path::Path) -> Result<ColPaliConfig, EmbedError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Config {
+        path: path.to_path_buf(),
+        source: config::ConfigJsonError::Bad {
+            key: "(file)".into(),
+            found: e.to_string(),
+            expected: "a readable config.json".into(),
+        },
+    })?;
+    ColPaliConfig::from_json(&text).map_err(|source| EmbedError::Config {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads only config.json (no weights): the square image size, for extraction to resize pages to.
+pub fn model_image_size(cfg: &ModelConfig) -> Result<u32, EmbedError> {
+    let path = loader::resolve_config(cfg)?;
+    Ok(read_config(&path)?.vision.image_size as u32)
+}
+
+impl Embedder {
+    /// Loads from a local directory or a hub repo id (shared HF cache; offline when `cfg.offline`).
+    pub fn load(cfg: &ModelConfig) -> Result<Embedder, EmbedError> {
+        let files = loader::resolve(cfg)?;
+        let model_cfg = read_config(&files.config)?;
+        let prompts = Prompts::load(&files.tokenizer)?;
+        let sel = device::select(cfg.device, cfg.dtype)?;
+        // SAFETY: the files are memory-mapped read-only; a checkpoint modified while loading
+        // is not a case we support (the same contract as every safetensors loader).
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, sel.dtype, &sel.device) }
+                .map_err(|e| EmbedError::Weights {
+                    path: files.weights.first().cloned().unwrap_or_default(),
+                    message: e.to_string(),
+                })?;
+        let model = ColPaliModel::new(&model_cfg, vb).map_err(|e| EmbedError::Weights {
+            path: files.weights.first().cloned().unwrap_or_default(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(
+            model = %files.id,
+            device = %device::device_name(&sel.device),
+            dtype = %device::dtype_name(sel.dtype),
+            "ColPali loaded"
+        );
+        Ok(Embedder {
+            model,
+            prompts,
+            model_id: files.id,
+            fell_back_to_cpu: sel.fell_back_to_cpu,
+            batch_size_visual: cfg.batch_size_visual.max(1),
+            batch_size_text: cfg.batch_size_text.max(1),
+        })
+    }
+
+    /// The model's square input size (448 for the real model).
+    pub fn image_size(&self) -> u32 {
+        self.model.config().vision.image_size as u32
+    }
+    /// "cpu", "cuda:0", "metal".
+    pub fn device_name(&self) -> String {
+        device::device_name(self.model.device())
+    }
+    /// "f32", "bf16", "f16".
+    pub fn dtype_name(&self) -> String {
+        device::dtype_name(self.model.dtype())
+    }
+    /// `repo@revision` or the local directory; stored in Chroma metadata `model`.
+    pub fn model_id(&self) -> String {
+        self.model_id.clone()
+    }
+    /// Whether `device = auto` found no GPU and runs on the CPU.
+    pub fn fell_back_to_cpu(&self) -> bool {
+        self.fell_back_to_cpu
+    }
+    pub fn config(&self) -> &ColPaliConfig {
+        self.model.config()
+    }
+    pub fn prompts(&self) -> &Prompts {
+        &self.prompts
+    }
+
+    fn forward_error(&self, source: candle_core::Error) -> EmbedError {
+        EmbedError::Forward {
+            device: self.device_name(),
+            source,
+        }
+    }
+
+    /// Page images (any size; resized with `preprocess::resize_for_model`), batched by
+    /// `batch_size_visual`.
+    pub fn embed_images(&self, images: &[RgbImage]) -> Result<Vec<MultiVector>, EmbedError> {
+        let size = self.image_size();
+        let mut out = Vec::with_capacity(images.len());
+        for batch in images.chunks(self.batch_size_visual) {
+            let mut pixels = Vec::with_capacity(batch.len() * 3 * (size * size) as usize);
+            for img in batch {
+                pixels.extend(preprocess::pixel_values(img, size));
+            }
+            let t = Tensor::from_vec(
+                pixels,
+                (batch.len(), 3, size as usize, size as usize),
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| self.forward_error(e))?;
+            out.extend(self.embed_pixel_values(&t)?);
+        }
+        Ok(out)
+    }
+
+    /// Already preprocessed pages (B, 3, S, S) f32: what the reference's processor produces.
+    pub fn embed_pixel_values(&self, pixels: &Tensor) -> Result<Vec<MultiVector>, EmbedError> {
+        let rows = self
+            .model
+            .forward_images(pixels, self.prompts.document_suffix())
+            .map_err(|e| self.forward_error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| to_multivector(r, self.model.config().embedding_dim))
+            .collect())
+    }
+
+    /// Queries, and text chunks (DocuSearch embeds chunks through the query prompt), batched by
+    /// `batch_size_text`.
+    pub fn embed_queries(&self, texts: &[&str]) -> Result<Vec<MultiVector>, EmbedError> {
+        let max_len = self.model.config().text.max_position_embeddings;
+        let mut out = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(self.batch_size_text) {
+            let mut ids = Vec::with_capacity(batch.len());
+            for t in batch {
+                let mut seq = self.prompts.query_ids(t)?;
+                if seq.len() > max_len {
+                    tracing::warn!(
+                        tokens = seq.len(),
+                        max_len,
+                        "text longer than the model's positions: truncated"
+                    );
+                    seq.truncate(max_len);
+                }
+                ids.push(seq);
+            }
+            let rows = self
+                .model
+                .forward_texts(&ids)
+                .map_err(|e| self.forward_error(e))?;
+            out.extend(
+                rows.into_iter()
+                    .map(|r| to_multivector(r, self.model.config().embedding_dim)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.model.dtype()
+    }
+}
+
+fn to_multivector(rows: Vec<Vec<f32>>, dim: usize) -> MultiVector {
+    let n = rows.len();
+    MultiVector::new(n, dim, rows.into_iter().flatten().collect())
+}

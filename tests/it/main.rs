@@ -5,6 +5,8 @@ mod common;
 
 mod config;
 mod doctor;
+mod embed;
+mod extract;
 mod managed_chroma;
 mod pdfium;
 mod state;

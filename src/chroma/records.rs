@@ -1,0 +1,446 @@
+//! The record format DocuSearch reads: record ids, metadata keys, and the `full_embeddings`
+//! encodings (`f32-gzip-b64`, `f16-b64`) with their decoders. docs/record-format.md describes
+//! the same thing for other clients.
+
+use std::io::{Read, Write};
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::config::MultivectorEncoding;
+use crate::types::{DocId, MultiVector, SCHEMA_VERSION};
+
+/// Metadata keys. The first group is DocuSearch's, the second ours.
+pub mod keys {
+    pub const DOC_ID: &str = "doc_id";
+    pub const TYPE: &str = "type";
+    pub const FILENAME: &str = "filename";
+    pub const SOURCE_PATH: &str = "source_path";
+    pub const PAGE: &str = "page";
+    pub const NUM_PAGES: &str = "num_pages";
+    pub const FORMAT: &str = "format";
+    pub const TIMESTAMP: &str = "timestamp";
+    pub const FULL_EMBEDDINGS: &str = "full_embeddings";
+    pub const EMBEDDING_SHAPE: &str = "embedding_shape";
+    pub const SEQ_LENGTH: &str = "seq_length";
+    pub const CHUNK_ID: &str = "chunk_id";
+    pub const FULL_TEXT: &str = "full_text";
+    pub const TEXT_PREVIEW: &str = "text_preview";
+    pub const WORD_COUNT: &str = "word_count";
+
+    pub const CONTENT_HASH: &str = "content_hash";
+    pub const AGENT_ID: &str = "agent_id";
+    pub const MODEL: &str = "model";
+    pub const MULTIVECTOR_ENCODING: &str = "multivector_encoding";
+    pub const SCHEMA_VERSION: &str = "schema_version";
+}
+
+/// String metadata that nobody filters on and that is large: Chroma's string inverted index is
+/// switched off for them when we create a collection (it would store each blob a second time).
+pub const UNINDEXED_STRING_KEYS: [&str; 2] = [keys::FULL_EMBEDDINGS, keys::FULL_TEXT];
+
+/// `type` of a page record.
+pub const TYPE_VISUAL: &str = "visual";
+/// `type` of a text-chunk record.
+pub const TYPE_TEXT: &str = "text";
+/// Characters of a chunk kept in `text_preview`.
+pub const TEXT_PREVIEW_CHARS: usize = 200;
+
+/// Why a stored record could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record metadata has no `{key}` (not a record this agent or DocuSearch wrote)")]
+    MissingKey { key: &'static str },
+    #[error("record metadata `{key}` = {value} is not {expected}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("unknown `multivector_encoding` {0:?}: expected f32-gzip-b64 or f16-b64 (written by a newer agent?)")]
+    UnknownEncoding(String),
+    #[error("`full_embeddings` is not valid base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("`full_embeddings` is not valid gzip: {0}")]
+    Gzip(std::io::Error),
+    #[error("`full_embeddings` holds {bytes} bytes, but `embedding_shape` ({rows}, {dim}) in {encoding} needs {expected}")]
+    ShapeMismatch {
+        bytes: usize,
+        rows: usize,
+        dim: usize,
+        encoding: &'static str,
+        expected: usize,
+    },
+}
+
+/// Encodes a multi-vector for the `full_embeddings` key.
+pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match encoding {
+        MultivectorEncoding::F32GzipB64 => {
+            let mut raw = Vec::with_capacity(mv.data.len() * 4);
+            for v in &mv.data {
+                raw.extend_from_slice(&v.to_le_bytes());
+            }
+            // Fast level: these floats barely compress (~7%), higher levels cost time for nothing.
+            let mut gz = flate2::write::GzEncoder::new(
+                Vec::with_capacity(raw.len()),
+                flate2::Compression::fast(),
+            );
+            // Writing into a Vec cannot fail.
+            gz.write_all(&raw).expect("gzip into memory");
+            b64.encode(gz.finish().expect("gzip into memory"))
+        }
+        MultivectorEncoding::F16B64 => {
+            let mut raw = Vec::with_capacity(mv.data.len() * 2);
+            for v in &mv.data {
+                raw.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+            b64.encode(raw)
+        }
+    }
+}
+
+/// Decodes `full_embeddings` given its encoding and shape (`rows` vectors of `dim`).
+pub fn decode_multivector(
+    encoded: &str,
+    encoding: MultivectorEncoding,
+    rows: usize,
+    dim: usize,
+) -> Result<MultiVector, RecordError> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.as_bytes())?;
+    let values = rows * dim;
+    let data = match encoding {
+        MultivectorEncoding::F32GzipB64 => {
+            let mut raw = Vec::with_capacity(values * 4);
+            flate2::read::GzDecoder::new(bytes.as_slice())
+                .read_to_end(&mut raw)
+                .map_err(RecordError::Gzip)?;
+            check_len(raw.len(), values * 4, rows, dim, encoding)?;
+            raw.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        }
+        MultivectorEncoding::F16B64 => {
+            check_len(bytes.len(), values * 2, rows, dim, encoding)?;
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect()
+        }
+    };
+    Ok(MultiVector::new(rows, dim, data))
+}
+
+fn check_len(
+    bytes: usize,
+    expected: usize,
+    rows: usize,
+    dim: usize,
+    encoding: MultivectorEncoding,
+) -> Result<(), RecordError> {
+    if bytes != expected {
+        return Err(RecordError::ShapeMismatch {
+            bytes,
+            rows,
+            dim,
+            encoding: encoding.as_str(),
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// `"(rows, dim)"`, the way Python prints a numpy shape (DocuSearch parses it back).
+pub fn embedding_shape(rows: usize, dim: usize) -> String {
+    format!("({rows}, {dim})")
+}
+
+/// Parses `"(rows, dim)"`; also accepts `"[rows, dim]"` and missing spaces.
+pub fn parse_embedding_shape(s: &str) -> Option<(usize, usize)> {
+    let inner = s
+        .trim()
+        .trim_start_matches(['(', '['])
+        .trim_end_matches([')', ']']);
+    let mut parts = inner.split(',').map(str::trim).filter(|p| !p.is_empty());
+    let rows = parts.next()?.parse().ok()?;
+    let dim = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((rows, dim))
+}
+
+/// Decodes a record's `full_embeddings` from its metadata, reading `embedding_shape` and
+/// `multivector_encoding` (absent in records DocuSearch itself wrote: `f32-gzip-b64`).
+pub fn decode_full_embeddings(metadata: &Map<String, Value>) -> Result<MultiVector, RecordError> {
+    let encoded = str_key(metadata, keys::FULL_EMBEDDINGS)?;
+    let shape = str_key(metadata, keys::EMBEDDING_SHAPE)?;
+    let (rows, dim) = parse_embedding_shape(shape).ok_or_else(|| RecordError::BadValue {
+        key: keys::EMBEDDING_SHAPE,
+        value: shape.to_string(),
+        expected: "a shape such as \"(1030, 128)\"",
+    })?;
+    let encoding = match metadata.get(keys::MULTIVECTOR_ENCODING) {
+        None | Some(Value::Null) => MultivectorEncoding::F32GzipB64,
+        Some(Value::String(s)) => {
+            MultivectorEncoding::parse(s).ok_or_else(|| RecordError::UnknownEncoding(s.clone()))?
+        }
+        Some(other) => return Err(RecordError::UnknownEncoding(other.to_string())),
+    };
+    decode_multivector(encoded, encoding, rows, dim)
+}
+
+fn str_key<'a>(
+    metadata: &'a Map<String, Value>,
+    key: &'static str,
+) -> Result<&'a str, RecordError> {
+    match metadata.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        None | Some(Value::Null) => Err(RecordError::MissingKey { key }),
+        Some(other) => Err(RecordError::BadValue {
+            key,
+            value: other.to_string(),
+            expected: "a string",
+        }),
+    }
+}
+
+/// Reads an integer metadata value.
+pub fn int_key(metadata: &Map<String, Value>, key: &'static str) -> Result<i64, RecordError> {
+    match metadata.get(key) {
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| RecordError::BadValue {
+            key,
+            value: n.to_string(),
+            expected: "an integer",
+        }),
+        None | Some(Value::Null) => Err(RecordError::MissingKey { key }),
+        Some(other) => Err(RecordError::BadValue {
+            key,
+            value: other.to_string(),
+            expected: "an integer",
+        }),
+    }
+}
+
+/// What every record of one document shares.
+#[derive(Debug, Clone)]
+pub struct DocumentFields<'a> {
+    pub doc_id: &'a DocId,
+    pub filename: &'a str,
+    pub source_path: &'a str,
+    pub format: &'a str,
+    pub num_pages: u32,
+    pub timestamp: &'a str,
+    pub content_hash: &'a str,
+    pub agent_id: &'a str,
+    pub model: &'a str,
+}
+
+impl DocumentFields<'_> {
+    /// Writes the shared keys into `m` (used for new records and when re-keying moved ones).
+    pub fn write_into(&self, m: &mut Map<String, Value>) {
+        m.insert(keys::DOC_ID.into(), self.doc_id.as_str().into());
+        m.insert(keys::FILENAME.into(), self.filename.into());
+        m.insert(keys::SOURCE_PATH.into(), self.source_path.into());
+        m.insert(keys::NUM_PAGES.into(), self.num_pages.into());
+        m.insert(keys::FORMAT.into(), self.format.into());
+        m.insert(keys::TIMESTAMP.into(), self.timestamp.into());
+        m.insert(keys::CONTENT_HASH.into(), self.content_hash.into());
+        m.insert(keys::AGENT_ID.into(), self.agent_id.into());
+        m.insert(keys::MODEL.into(), self.model.into());
+        m.insert(keys::SCHEMA_VERSION.into(), SCHEMA_VERSION.into());
+    }
+}
+
+fn embedding_keys(m: &mut Map<String, Value>, mv: &MultiVector, encoding: MultivectorEncoding) {
+    m.insert(
+        keys::FULL_EMBEDDINGS.into(),
+        encode_multivector(mv, encoding).into(),
+    );
+    m.insert(
+        keys::EMBEDDING_SHAPE.into(),
+        embedding_shape(mv.rows, mv.dim).into(),
+    );
+    m.insert(keys::SEQ_LENGTH.into(), mv.rows.into());
+    m.insert(keys::MULTIVECTOR_ENCODING.into(), encoding.as_str().into());
+}
+
+/// Metadata of a page record (`type` = `visual`); `page` is 1-based.
+pub fn page_metadata(
+    doc: &DocumentFields<'_>,
+    page: u32,
+    mv: &MultiVector,
+    encoding: MultivectorEncoding,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    doc.write_into(&mut m);
+    m.insert(keys::TYPE.into(), TYPE_VISUAL.into());
+    m.insert(keys::PAGE.into(), page.into());
+    embedding_keys(&mut m, mv, encoding);
+    m
+}
+
+/// Metadata of a text-chunk record (`type` = `text`).
+pub fn chunk_metadata(
+    doc: &DocumentFields<'_>,
+    chunk_index: u32,
+    page: u32,
+    text: &str,
+    word_count: usize,
+    mv: &MultiVector,
+    encoding: MultivectorEncoding,
+) -> Map<String, Value> {
+    let mut m = Map::new();
+    doc.write_into(&mut m);
+    m.insert(keys::TYPE.into(), TYPE_TEXT.into());
+    m.insert(keys::PAGE.into(), page.into());
+    m.insert(keys::CHUNK_ID.into(), chunk_index.into());
+    m.insert(keys::FULL_TEXT.into(), text.into());
+    m.insert(
+        keys::TEXT_PREVIEW.into(),
+        text.chars()
+            .take(TEXT_PREVIEW_CHARS)
+            .collect::<String>()
+            .into(),
+    );
+    m.insert(keys::WORD_COUNT.into(), word_count.into());
+    embedding_keys(&mut m, mv, encoding);
+    m
+}
+
+/// The page number in a page record id (`{doc_id}-pageNNN`), or `None` for another id.
+pub fn page_of_record_id(doc_id: &DocId, id: &str) -> Option<u32> {
+    id.strip_prefix(doc_id.as_str())?
+        .strip_prefix("-page")?
+        .parse()
+        .ok()
+}
+
+/// The chunk index in a chunk record id (`{doc_id}-chunkNNNN`), or `None` for another id.
+pub fn chunk_of_record_id(doc_id: &DocId, id: &str) -> Option<u32> {
+    id.strip_prefix(doc_id.as_str())?
+        .strip_prefix("-chunk")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rows: usize, dim: usize) -> MultiVector {
+        // Values spanning many exponents, negative zero and subnormals: bit-exactness matters.
+        let mut data: Vec<f32> = (0..rows * dim)
+            .map(|i| (i as f32 * 0.618).sin() * 10f32.powi((i % 9) as i32 - 4))
+            .collect();
+        data[0] = -0.0;
+        data[1] = f32::MIN_POSITIVE / 4.0;
+        MultiVector::new(rows, dim, data)
+    }
+
+    #[test]
+    fn f32_gzip_round_trip_is_bit_exact() {
+        let mv = sample(37, 128);
+        let s = encode_multivector(&mv, MultivectorEncoding::F32GzipB64);
+        let back = decode_multivector(&s, MultivectorEncoding::F32GzipB64, 37, 128).unwrap();
+        let bits = |m: &MultiVector| m.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&mv));
+    }
+
+    #[test]
+    fn f16_round_trip_equals_f16_rounding() {
+        let mv = sample(5, 128);
+        let s = encode_multivector(&mv, MultivectorEncoding::F16B64);
+        assert_eq!(
+            s.len(),
+            (5 * 128 * 2usize).div_ceil(3) * 4,
+            "no compression in f16-b64"
+        );
+        let back = decode_multivector(&s, MultivectorEncoding::F16B64, 5, 128).unwrap();
+        for (a, b) in back.data.iter().zip(&mv.data) {
+            assert_eq!(a.to_bits(), half::f16::from_f32(*b).to_f32().to_bits());
+        }
+    }
+
+    #[test]
+    fn wrong_shape_is_reported() {
+        let mv = sample(4, 8);
+        let s = encode_multivector(&mv, MultivectorEncoding::F32GzipB64);
+        let err = decode_multivector(&s, MultivectorEncoding::F32GzipB64, 5, 8).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RecordError::ShapeMismatch {
+                    bytes: 128,
+                    expected: 160,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shapes_parse_the_python_way() {
+        assert_eq!(embedding_shape(1030, 128), "(1030, 128)");
+        assert_eq!(parse_embedding_shape("(1030, 128)"), Some((1030, 128)));
+        assert_eq!(parse_embedding_shape("[3,128]"), Some((3, 128)));
+        assert_eq!(parse_embedding_shape("(3,)"), None);
+        assert_eq!(parse_embedding_shape("(3, 128, 2)"), None);
+    }
+
+    #[test]
+    fn record_ids_round_trip() {
+        let d = DocId::from_string("0123456789abcdef0123456789abcdef");
+        assert_eq!(page_of_record_id(&d, &d.page_record_id(7)), Some(7));
+        assert_eq!(page_of_record_id(&d, &d.page_record_id(1234)), Some(1234));
+        assert_eq!(chunk_of_record_id(&d, &d.chunk_record_id(0)), Some(0));
+        assert_eq!(page_of_record_id(&d, &d.chunk_record_id(3)), None);
+        let other = DocId::from_string("ffff");
+        assert_eq!(page_of_record_id(&other, &d.page_record_id(1)), None);
+    }
+
+    #[test]
+    fn metadata_carries_every_key() {
+        let d = DocId::from_string("abc");
+        let doc = DocumentFields {
+            doc_id: &d,
+            filename: "a.pdf",
+            source_path: "/x/a.pdf",
+            format: "pdf",
+            num_pages: 3,
+            timestamp: "2026-01-01T00:00:00Z",
+            content_hash: "h",
+            agent_id: "agent",
+            model: "m",
+        };
+        let mv = sample(3, 4);
+        let long = "é".repeat(300);
+        let m = chunk_metadata(&doc, 2, 1, &long, 1, &mv, MultivectorEncoding::F16B64);
+        for k in [
+            keys::DOC_ID,
+            keys::TYPE,
+            keys::FILENAME,
+            keys::SOURCE_PATH,
+            keys::PAGE,
+            keys::NUM_PAGES,
+            keys::FORMAT,
+            keys::TIMESTAMP,
+            keys::FULL_EMBEDDINGS,
+            keys::EMBEDDING_SHAPE,
+            keys::SEQ_LENGTH,
+            keys::CHUNK_ID,
+            keys::FULL_TEXT,
+            keys::TEXT_PREVIEW,
+            keys::WORD_COUNT,
+            keys::CONTENT_HASH,
+            keys::AGENT_ID,
+            keys::MODEL,
+            keys::MULTIVECTOR_ENCODING,
+            keys::SCHEMA_VERSION,
+        ] {
+            assert!(m.contains_key(k), "missing {k}");
+        }
+        assert_eq!(m[keys::TEXT_PREVIEW].as_str().unwrap().chars().count(), 200);
+        let back = decode_full_embeddings(&m).unwrap();
+        assert_eq!((back.rows, back.dim), (3, 4));
+    }
+}

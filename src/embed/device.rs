@@ -1,0 +1,94 @@
+//! The one place where the device and the dtype are chosen.
+
+use candle_core::{DType, Device};
+
+use crate::config::{DeviceChoice, DtypeChoice};
+
+use super::EmbedError;
+
+/// Where the model runs, in which precision, and whether `auto` had to settle for the CPU.
+#[derive(Debug, Clone)]
+pub struct DeviceSelection {
+    pub device: Device,
+    pub dtype: DType,
+    pub fell_back_to_cpu: bool,
+}
+
+/// `auto`: Metal, else CUDA, else the CPU with a warning. A forced GPU that is not there (or not
+/// compiled in) is an error that says how to get it.
+pub fn select(device: DeviceChoice, dtype: DtypeChoice) -> Result<DeviceSelection, EmbedError> {
+    let (device, fell_back_to_cpu) = match device {
+        DeviceChoice::Cpu => (Device::Cpu, false),
+        DeviceChoice::Metal => (metal()?, false),
+        DeviceChoice::Cuda => (cuda()?, false),
+        DeviceChoice::Auto => {
+            if let Ok(d) = metal() {
+                (d, false)
+            } else if let Ok(d) = cuda() {
+                (d, false)
+            } else {
+                tracing::warn!(
+                    "no Metal or CUDA device available (or not compiled in): ColPali runs on the CPU, \
+                     much more slowly; build with `--features metal` or `--features cuda` for a GPU"
+                );
+                (Device::Cpu, true)
+            }
+        }
+    };
+    let dtype = match (dtype, &device) {
+        (DtypeChoice::F32, _) => DType::F32,
+        (DtypeChoice::F16, _) => DType::F16,
+        (DtypeChoice::Bf16, _) => DType::BF16,
+        (DtypeChoice::Auto, Device::Cpu) => DType::F32,
+        (DtypeChoice::Auto, _) => DType::BF16,
+    };
+    Ok(DeviceSelection {
+        device,
+        dtype,
+        fell_back_to_cpu,
+    })
+}
+
+#[cfg(feature = "metal")]
+fn metal() -> Result<Device, EmbedError> {
+    Device::new_metal(0).map_err(|e| EmbedError::Device(format!("no usable Metal device: {e}")))
+}
+
+#[cfg(not(feature = "metal"))]
+fn metal() -> Result<Device, EmbedError> {
+    Err(EmbedError::Device(
+        "this build has no Metal support: rebuild with `cargo build --release --features metal`"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<Device, EmbedError> {
+    Device::new_cuda(0).map_err(|e| EmbedError::Device(format!("no usable CUDA device: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Device, EmbedError> {
+    Err(EmbedError::Device(
+        "this build has no CUDA support: rebuild with `cargo build --release --features cuda`"
+            .into(),
+    ))
+}
+
+/// "cpu", "cuda:0", "metal".
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda:0".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => "f32".into(),
+        DType::BF16 => "bf16".into(),
+        DType::F16 => "f16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

@@ -1,0 +1,465 @@
+//! ColPali's forward pass (SigLIP vision tower → projector → Gemma, bidirectional → final norm →
+//! `custom_text_proj` → L2 norm), written to equal colpali-engine on the same weights.
+//!
+//! Owned rather than wrapped from candle-transformers because its `colpali`/`gemma` differ from
+//! the reference: Gemma there is causal with no padding mask, skips the final norm on this path,
+//! builds RoPE tables in the weight dtype (bf16 rounds positions above 256) and scales image
+//! features differently. The tensor names asked of the `VarBuilder` are the merged checkpoint's.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::config::{ColPaliConfig, TextConfig, VisionConfig};
+use super::ops;
+
+type Result<T> = candle_core::Result<T>;
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let w = vb.get(dim, "weight")?;
+    let b = vb.get(dim, "bias")?;
+    Ok(LayerNorm::new(w, b, eps))
+}
+
+/// softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H a multiple of
+/// Hkv (grouped-query attention without copying k and v), mask additive (B, 1, 1, Lk).
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let groups = h / hkv;
+    // Heads of one group share k and v: stack their queries along the sequence axis.
+    let q = q.reshape((b, hkv, groups * lq, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.reshape((b, h, lq, ()))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = if scores.dtype() == DType::F32 {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    } else {
+        // The reference takes the softmax in f32 for half-precision weights.
+        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+    };
+    let probs = probs.reshape((b, hkv, groups * lq, ()))?;
+    probs.matmul(v)?.reshape((b, h, lq, d))
+}
+
+struct VisionLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl VisionLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let att = vb.pp("self_attn");
+        Ok(VisionLayer {
+            layer_norm1: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: linear(h, h, true, att.pp("q_proj"))?,
+            k_proj: linear(h, h, true, att.pp("k_proj"))?,
+            v_proj: linear(h, h, true, att.pp("v_proj"))?,
+            out_proj: linear(h, h, true, att.pp("out_proj"))?,
+            layer_norm2: layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(h, cfg.intermediate_size, true, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, h, true, vb.pp("mlp").pp("fc2"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        let x = self.layer_norm1.forward(xs)?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, l, self.num_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(&x)?)?;
+        let k = heads(self.k_proj.forward(&x)?)?;
+        let v = heads(self.v_proj.forward(&x)?)?;
+        let a = attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5), None)?;
+        let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
+        let xs = (xs + self.out_proj.forward(&a)?)?;
+        let x = self.layer_norm2.forward(&xs)?;
+        let x = ops::gelu_tanh(&self.fc1.forward(&x)?)?;
+        xs + self.fc2.forward(&x)?
+    }
+}
+
+/// SigLIP vision tower without its pooling head, plus PaliGemma's multi-modal projector.
+struct VisionTower {
+    /// The patch convolution as a matrix (hidden, channels·patch·patch): stride = kernel, so a
+    /// convolution is one matmul over the unfolded patches.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<VisionLayer>,
+    post_layernorm: LayerNorm,
+    projector: Linear,
+    cfg: VisionConfig,
+}
+
+impl VisionTower {
+    fn new(
+        cfg: &VisionConfig,
+        projection_dim: usize,
+        vb: VarBuilder,
+        vb_proj: VarBuilder,
+    ) -> Result<Self> {
+        let emb = vb.pp("embeddings");
+        let p = cfg.patch_size;
+        let patch_weight = emb
+            .pp("patch_embedding")
+            .get((cfg.hidden_size, cfg.num_channels, p, p), "weight")?;
+        let patch_bias = emb.pp("patch_embedding").get(cfg.hidden_size, "bias")?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((cfg.num_patches(), cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VisionLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            patch_weight,
+            patch_bias,
+            position_embedding,
+            layers,
+            post_layernorm: layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("post_layernorm"),
+            )?,
+            projector: linear(cfg.hidden_size, projection_dim, true, vb_proj.pp("linear"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// (B, C, H, W) normalised pixels → (B, patches, projection_dim) image features.
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let p = self.cfg.patch_size;
+        let (nh, nw) = (h / p, w / p);
+        let patches = pixels
+            .reshape((b, c, nh, p, nw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, nh * nw, c * p * p))?;
+        let weight = self
+            .patch_weight
+            .reshape((self.cfg.hidden_size, c * p * p))?;
+        let mut xs = Linear::new(weight, Some(self.patch_bias.clone())).forward(&patches)?;
+        xs = xs.broadcast_add(&self.position_embedding)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs)?;
+        }
+        let xs = self.post_layernorm.forward(&xs)?;
+        self.projector.forward(&xs)
+    }
+}
+
+/// Gemma's RMSNorm: x / rms(x) · (1 + w), computed in f32.
+struct RmsNorm {
+    /// 1 + w, precomputed in the compute dtype.
+    scale: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get(dim, "weight")?;
+        Ok(RmsNorm {
+            scale: (w + 1.0)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        let scale = self.scale.to_dtype(DType::F32)?;
+        normed.broadcast_mul(&scale)?.to_dtype(dtype)
+    }
+}
+
+struct TextLayer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl TextLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let d = cfg.head_dim;
+        let att = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(TextLayer {
+            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            q_proj: linear(h, cfg.num_attention_heads * d, false, att.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * d, false, att.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * d, false, att.pp("v_proj"))?,
+            o_proj: linear(cfg.num_attention_heads * d, h, false, att.pp("o_proj"))?,
+            post_attention_layernorm: RmsNorm::new(
+                h,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            gate_proj: linear(h, cfg.intermediate_size, false, mlp.pp("gate_proj"))?,
+            up_proj: linear(h, cfg.intermediate_size, false, mlp.pp("up_proj"))?,
+            down_proj: linear(cfg.intermediate_size, h, false, mlp.pp("down_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        let x = self.input_layernorm.forward(xs)?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, l, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(&x)?, self.num_heads)?;
+        let k = split(self.k_proj.forward(&x)?, self.num_kv_heads)?;
+        let v = split(self.v_proj.forward(&x)?, self.num_kv_heads)?;
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let a = attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5), Some(mask))?;
+        let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
+        let xs = (xs + self.o_proj.forward(&a)?)?;
+        let x = self.post_attention_layernorm.forward(&xs)?;
+        let gate = ops::gelu_tanh(&self.gate_proj.forward(&x)?)?;
+        let x = (gate * self.up_proj.forward(&x)?)?;
+        xs + self.down_proj.forward(&x)?
+    }
+}
+
+/// Rotary tables computed in f32 for every position (then cast), as transformers does; PaliGemma
+/// numbers positions from 1.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64) as f32))
+            .collect();
+        let n = cfg.max_position_embeddings + 1;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for pos in 0..n {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// x (B, H, L, D) at positions 1..=L.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let l = x.dim(2)?;
+        let cos = self.cos.narrow(0, 1, l)?;
+        let sin = self.sin.narrow(0, 1, l)?;
+        candle_nn::rotary_emb::rope(x, &cos, &sin)
+    }
+}
+
+/// Gemma run as an encoder: bidirectional attention with padding masked, final norm applied.
+struct TextModel {
+    embed_tokens: Tensor,
+    layers: Vec<TextLayer>,
+    norm: RmsNorm,
+    rope: Rope,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let embed_tokens = vb
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| TextLayer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TextModel {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
+            rope: Rope::new(cfg, vb.dtype(), vb.device())?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings scaled by √hidden, as Gemma does for text tokens (not for image features).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        flat.reshape((b, l, self.cfg.hidden_size))? * (self.cfg.hidden_size as f64).sqrt()
+    }
+
+    fn forward(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut xs = embeds.clone();
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &self.rope, mask)?;
+        }
+        self.norm.forward(&xs)
+    }
+}
+
+/// The whole ColPali model on one device, in one dtype.
+pub struct ColPaliModel {
+    vision: VisionTower,
+    text: TextModel,
+    custom_text_proj: Linear,
+    cfg: ColPaliConfig,
+    device: Device,
+    dtype: DType,
+}
+
+/// One forward's output: per sequence, its L2-normalised vectors, padding rows removed.
+pub type Rows = Vec<Vec<f32>>;
+
+impl ColPaliModel {
+    /// Builds the model from a `VarBuilder` over the merged layout's names
+    /// (`model.vision_tower.vision_model.*`, `model.multi_modal_projector.*`,
+    /// `model.language_model.model.*`, `custom_text_proj.*`). Only asks for tensors; it does not
+    /// copy or transform them, so a recording `VarBuilder` sees exactly what is read.
+    pub fn new(cfg: &ColPaliConfig, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("model");
+        let vision = VisionTower::new(
+            &cfg.vision,
+            cfg.projection_dim,
+            m.pp("vision_tower").pp("vision_model"),
+            m.pp("multi_modal_projector"),
+        )?;
+        let text = TextModel::new(&cfg.text, m.pp("language_model").pp("model"))?;
+        let custom_text_proj = linear(
+            cfg.text.hidden_size,
+            cfg.embedding_dim,
+            true,
+            vb.pp("custom_text_proj"),
+        )?;
+        Ok(ColPaliModel {
+            vision,
+            text,
+            custom_text_proj,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &ColPaliConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Pages: `pixels` (B, C, S, S) normalised, `prompt_ids` the token ids after the image tokens
+    /// (`<bos>`, prompt, `\n`), the same for every page. Returns B multi-vectors of
+    /// (patches + prompt length) rows.
+    pub fn forward_images(&self, pixels: &Tensor, prompt_ids: &[u32]) -> Result<Vec<Rows>> {
+        let b = pixels.dim(0)?;
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let image = self.vision.forward(&pixels)?;
+        let ids = Tensor::from_vec(prompt_ids.repeat(b), (b, prompt_ids.len()), &self.device)?;
+        let prompt = self.text.embed(&ids)?;
+        let embeds = Tensor::cat(&[&image, &prompt], 1)?;
+        let l = embeds.dim(1)?;
+        self.encode(&embeds, &vec![l; b])
+    }
+
+    /// Queries (or text chunks): each sequence's full token ids; padded to the longest here.
+    pub fn forward_texts(&self, ids: &[Vec<u32>]) -> Result<Vec<Rows>> {
+        let b = ids.len();
+        let l = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(b * l);
+        for seq in ids {
+            flat.extend_from_slice(seq);
+            // Right padding with id 0 (<pad>): masked below, its rows dropped.
+            flat.extend(std::iter::repeat_n(0u32, l - seq.len()));
+        }
+        let ids_t = Tensor::from_vec(flat, (b, l), &self.device)?;
+        let embeds = self.text.embed(&ids_t)?;
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        self.encode(&embeds, &lens)
+    }
+
+    fn encode(&self, embeds: &Tensor, lens: &[usize]) -> Result<Vec<Rows>> {
+        let (b, l, _) = embeds.dims3()?;
+        // Additive key mask: 0 where a token is real, the dtype's lowest value on padding.
+        let neg = match self.dtype {
+            DType::F32 => f32::MIN as f64,
+            _ => -65504.0,
+        };
+        let mut mask = Vec::with_capacity(b * l);
+        for &n in lens {
+            mask.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
+        let hidden = self.text.forward(embeds, &mask)?;
+        let proj = self
+            .custom_text_proj
+            .forward(&hidden)?
+            .to_dtype(DType::F32)?;
+        let norm = proj.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+        let out = proj
+            .broadcast_div(&norm)?
+            .to_device(&Device::Cpu)?
+            .to_vec3::<f32>()?;
+        Ok(out
+            .into_iter()
+            .zip(lens)
+            .map(|(rows, &n)| rows.into_iter().take(n).collect())
+            .collect())
+    }
+}

@@ -1,0 +1,135 @@
+//! PDF pages through PDFium (inside the worker): rendered at the configured DPI, resized for the
+//! model, and their text.
+
+use std::path::Path;
+
+use image::RgbImage;
+use pdfium_render::prelude::*;
+
+use super::protocol::{Emit, WorkerFailure};
+use super::{DocumentInfo, Page};
+use crate::embed::preprocess::resize_for_model;
+use crate::types::DocFormat;
+
+/// Longest side of a rendered page, in pixels (a US Letter page at 150 DPI is 1650).
+const MAX_RENDER_SIDE: f32 = 8000.0;
+
+/// What the PDF stage needs to know.
+pub(crate) struct PdfJob<'a> {
+    pub path: &'a Path,
+    pub format: DocFormat,
+    pub render_dpi: u32,
+    pub image_size: u32,
+    pub max_pages: u32,
+    pub notes: Vec<String>,
+}
+
+/// Renders every page in order, handing each to `out` as soon as it is ready.
+pub(crate) fn extract(
+    pdfium: &Pdfium,
+    job: PdfJob<'_>,
+    out: &mut dyn Emit,
+) -> Result<(), WorkerFailure> {
+    let doc = pdfium
+        .load_pdf_from_file(job.path, None)
+        .map_err(load_failure)?;
+    let pages = doc.pages();
+    let num_pages = pages.len().max(0) as u32;
+    if num_pages > job.max_pages {
+        return Err(WorkerFailure::TooManyPages { pages: num_pages });
+    }
+    let title = doc
+        .metadata()
+        .get(PdfDocumentMetadataTagType::Title)
+        .map(|t| t.value().trim().to_string())
+        .filter(|t| !t.is_empty());
+    let info = DocumentInfo {
+        format: job.format,
+        num_pages,
+        title,
+        visual: true,
+        notes: job.notes,
+    };
+    out.info(&info)?;
+
+    let dpi_scale = job.render_dpi as f32 / 72.0;
+    for (i, page) in pages.iter().enumerate() {
+        let number = i as u32 + 1;
+        // Posters and CAD sheets would need gigabytes at full DPI, and the model sees
+        // `image_size` pixels anyway: such pages are rendered smaller.
+        let longest = page.width().value.max(page.height().value).max(1.0);
+        let scale = dpi_scale.min(MAX_RENDER_SIDE / longest);
+        // RGB straight from PDFium (what pypdfium2 asks for too): no alpha to strip, no swizzle.
+        let config = PdfRenderConfig::new()
+            .scale_page_by_factor(scale)
+            .set_format(PdfBitmapFormat::BGR)
+            .set_reverse_byte_order(true);
+        let corrupt = |what: &str, e: PdfiumError| WorkerFailure::Corrupt {
+            format: "PDF".into(),
+            detail: format!("page {number}: {what}: {e}"),
+        };
+        let bitmap = page
+            .render_with_config(&config)
+            .map_err(|e| corrupt("render", e))?;
+        let rendered = bitmap_to_rgb(&bitmap).ok_or_else(|| WorkerFailure::Corrupt {
+            format: "PDF".into(),
+            detail: format!("page {number}: PDFium returned an unexpected bitmap"),
+        })?;
+        let image = resize_for_model(&rendered, job.image_size, job.image_size);
+        drop(rendered);
+        let text = page
+            .text()
+            .map(|t| t.all())
+            .map_err(|e| corrupt("text", e))?;
+        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        out.page(&Page {
+            number,
+            image: Some(image),
+            text,
+        })?;
+    }
+    Ok(())
+}
+
+/// Copies PDFium's padded rows (stride ≥ width×3) into a tight RGB image.
+fn bitmap_to_rgb(bitmap: &PdfBitmap) -> Option<RgbImage> {
+    let (w, h) = (bitmap.width() as usize, bitmap.height() as usize);
+    let raw = bitmap.as_raw_bytes();
+    if w == 0 || h == 0 || raw.len() < w * h * 3 {
+        return None;
+    }
+    let stride = raw.len() / h;
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for row in raw.chunks_exact(stride).take(h) {
+        rgb.extend_from_slice(&row[..w * 3]);
+    }
+    RgbImage::from_raw(w as u32, h as u32, rgb)
+}
+
+fn load_failure(e: PdfiumError) -> WorkerFailure {
+    match e {
+        PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::PasswordError) => {
+            WorkerFailure::Encrypted
+        }
+        PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::FileError) => {
+            WorkerFailure::Unreadable {
+                detail: "PDFium could not open the file".into(),
+            }
+        }
+        PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::SecurityError) => {
+            WorkerFailure::Unsupported {
+                detail: "unsupported PDF security handler".into(),
+            }
+        }
+        PdfiumError::PdfiumLibraryInternalError(PdfiumInternalError::FormatError) => {
+            WorkerFailure::Corrupt {
+                format: "PDF".into(),
+                detail: "PDFium cannot parse it (damaged structure)".into(),
+            }
+        }
+        other => WorkerFailure::Corrupt {
+            format: "PDF".into(),
+            detail: other.to_string(),
+        },
+    }
+}

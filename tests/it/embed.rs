@@ -1,0 +1,480 @@
+//! ColPali on candle against the reference (colpali-engine on the same tiny random weights;
+//! `scripts/make_tiny_colpali.py` wrote the checkpoint and the expected outputs).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use docusearch_agent::config::{DeviceChoice, ModelConfig};
+use docusearch_agent::embed::{model_image_size, ColPaliConfig, ColPaliModel, Embedder, Prompts};
+use docusearch_agent::types::MultiVector;
+
+use crate::common;
+
+fn model_dir() -> PathBuf {
+    common::fixture("tiny-colpali")
+}
+
+fn model_config() -> ModelConfig {
+    ModelConfig {
+        name: model_dir().display().to_string(),
+        device: DeviceChoice::Cpu,
+        ..ModelConfig::default()
+    }
+}
+
+struct Reference {
+    json: serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference() -> Reference {
+    let dir = common::fixture("colpali-reference");
+    let text =
+        std::fs::read_to_string(dir.join("reference.json")).expect("reference.json is committed");
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .expect("reference.safetensors is committed");
+    Reference {
+        json: serde_json::from_str(&text).expect("reference.json is JSON"),
+        tensors,
+    }
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an id list")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+fn reference_rows(r: &Reference, name: &str) -> MultiVector {
+    let t = &r.tensors[name];
+    let (rows, dim) = t.dims2().expect("2-D");
+    MultiVector::new(
+        rows,
+        dim,
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    )
+}
+
+fn max_abs_diff(a: &MultiVector, b: &MultiVector) -> f32 {
+    assert_eq!((a.rows, a.dim), (b.rows, b.dim), "shapes differ");
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn reference_image_paths(r: &Reference) -> Vec<PathBuf> {
+    r.json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let rel = i["path"].as_str().unwrap();
+            match i["where"].as_str().unwrap() {
+                "corpus" => common::corpus().join(rel),
+                _ => common::fixture(rel),
+            }
+        })
+        .collect()
+}
+
+fn queries(r: &Reference) -> Vec<String> {
+    r.json["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn token_ids_equal_the_reference_processor() {
+    let r = reference();
+    let prompts = Prompts::load(&model_dir().join("tokenizer.json")).expect("tokenizer loads");
+    let cfg = ColPaliConfig::from_json(
+        &std::fs::read_to_string(model_dir().join("config.json")).unwrap(),
+    )
+    .expect("tiny config parses");
+    assert_eq!(
+        prompts.document_ids(cfg.image_token_index, cfg.vision.num_patches()),
+        ids(&r.json["image_input_ids"])
+    );
+    for (q, expected) in queries(&r)
+        .iter()
+        .zip(r.json["query_input_ids"].as_array().unwrap())
+    {
+        assert_eq!(prompts.query_ids(q).unwrap(), ids(expected), "query {q:?}");
+    }
+}
+
+#[test]
+fn page_embeddings_from_reference_pixels_match_within_1e4() {
+    let r = reference();
+    let embedder = Embedder::load(&model_config()).expect("tiny model loads");
+    assert_eq!(
+        (embedder.device_name(), embedder.dtype_name()),
+        ("cpu".into(), "f32".into())
+    );
+    assert!(
+        !embedder.fell_back_to_cpu(),
+        "cpu was asked for, not fallen back to"
+    );
+    let got = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .expect("forward");
+    assert_eq!(got.len(), 3);
+    for (i, mv) in got.iter().enumerate() {
+        let want = reference_rows(&r, &format!("image_{i}"));
+        let d = max_abs_diff(mv, &want);
+        assert!(d < 1e-4, "image {i}: max |diff| {d}");
+    }
+}
+
+#[test]
+fn query_embeddings_and_scores_match_the_reference() {
+    let r = reference();
+    let embedder = Embedder::load(&model_config()).expect("tiny model loads");
+    let qs = queries(&r);
+    let texts: Vec<&str> = qs.iter().map(String::as_str).collect();
+    let got = embedder.embed_queries(&texts).expect("forward");
+    for (i, mv) in got.iter().enumerate() {
+        let want = reference_rows(&r, &format!("query_{i}"));
+        let d = max_abs_diff(mv, &want);
+        assert!(d < 1e-4, "query {i}: max |diff| {d}");
+    }
+    let pages = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .unwrap();
+    let want = r.json["scores"].as_array().unwrap();
+    for (qi, q) in got.iter().enumerate() {
+        for (pi, p) in pages.iter().enumerate() {
+            let w = want[qi][pi].as_f64().unwrap() as f32;
+            let s = q.maxsim(p);
+            assert!((s - w).abs() < 1e-3, "score[{qi}][{pi}] {s} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn page_embeddings_from_image_files_match_within_1e3() {
+    let r = reference();
+    let embedder = Embedder::load(&model_config()).expect("tiny model loads");
+    let images: Vec<image::RgbImage> = reference_image_paths(&r)
+        .iter()
+        .map(|p| {
+            image::open(p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .to_rgb8()
+        })
+        .collect();
+    // The resize alone: our pixel values against the reference processor's (PIL bicubic).
+    let size = embedder.image_size();
+    assert_eq!(size, r.json["image_size"].as_u64().unwrap() as u32);
+    let ref_px = r.tensors["pixel_values"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let plane = 3 * (size * size) as usize;
+    for (i, img) in images.iter().enumerate() {
+        let ours = docusearch_agent::embed::preprocess::pixel_values(img, size);
+        let d = ours
+            .iter()
+            .zip(&ref_px[i * plane..(i + 1) * plane])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // The resize is a port of Pillow's: the same bytes, so the same floats.
+        assert!(
+            d < 1e-6,
+            "image {i}: pixel values differ from Pillow's by up to {d}"
+        );
+    }
+    let got = embedder.embed_images(&images).expect("forward");
+    for (i, mv) in got.iter().enumerate() {
+        let want = reference_rows(&r, &format!("image_{i}"));
+        let d = max_abs_diff(mv, &want);
+        assert!(d < 1e-3, "image {i} end to end: max |diff| {d}");
+    }
+}
+
+#[test]
+fn a_padded_batch_gives_the_same_rows_as_single_inputs() {
+    let r = reference();
+    let mut cfg = model_config();
+    cfg.batch_size_text = 8;
+    cfg.batch_size_visual = 4;
+    let batched = Embedder::load(&cfg).unwrap();
+    cfg.batch_size_text = 1;
+    cfg.batch_size_visual = 1;
+    let single = Embedder::load(&cfg).unwrap();
+    let qs = queries(&r);
+    let texts: Vec<&str> = qs.iter().map(String::as_str).collect();
+    let a = batched.embed_queries(&texts).unwrap();
+    let b = single.embed_queries(&texts).unwrap();
+    // Different lengths, so the batch really was padded.
+    assert!(a[0].rows < a[2].rows);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(max_abs_diff(x, y) < 1e-5, "padding changed a query's rows");
+    }
+    let images: Vec<image::RgbImage> = reference_image_paths(&r)
+        .iter()
+        .map(|p| image::open(p).unwrap().to_rgb8())
+        .collect();
+    let a = batched.embed_images(&images).unwrap();
+    let b = single.embed_images(&images).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert!(max_abs_diff(x, y) < 1e-5, "batching changed a page's rows");
+    }
+}
+
+fn real_config() -> ColPaliConfig {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/colpali-v1.2-merged/config.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "the real checkpoint's config is missing at {}: {e}",
+            path.display()
+        )
+    });
+    ColPaliConfig::from_json(&text).expect("the real config parses")
+}
+
+#[test]
+fn the_real_config_parses_to_paligemma_3b_448_sizes() {
+    let c = real_config();
+    assert_eq!(
+        (
+            c.vision.hidden_size,
+            c.vision.intermediate_size,
+            c.vision.num_hidden_layers
+        ),
+        (1152, 4304, 27)
+    );
+    assert_eq!(
+        (
+            c.vision.num_attention_heads,
+            c.vision.patch_size,
+            c.vision.image_size
+        ),
+        (16, 14, 448)
+    );
+    assert_eq!(c.vision.num_patches(), 1024);
+    assert_eq!(
+        (
+            c.text.hidden_size,
+            c.text.intermediate_size,
+            c.text.num_hidden_layers
+        ),
+        (2048, 16384, 18)
+    );
+    assert_eq!(
+        (
+            c.text.num_attention_heads,
+            c.text.num_key_value_heads,
+            c.text.head_dim
+        ),
+        (8, 1, 256)
+    );
+    // `_vocab_size` (257152) at the top loses to text_config.vocab_size.
+    assert_eq!(c.text.vocab_size, 257_216);
+    assert_eq!(
+        (c.text.rope_theta, c.text.max_position_embeddings),
+        (10_000.0, 8192)
+    );
+    assert_eq!(
+        (c.projection_dim, c.image_token_index, c.embedding_dim),
+        (2048, 257_152, 128)
+    );
+}
+
+/// A `VarBuilder` backend that records every tensor asked for and hands back a zero-sized
+/// broadcast (no memory), so the real-size model can be "built" here.
+struct Recorder(Mutex<Vec<(String, Vec<usize>)>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the model must give a shape for {name}")
+    }
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn the_model_asks_for_exactly_the_merged_checkpoint_tensors() {
+    let cfg = real_config();
+    let recorder = std::sync::Arc::new(Recorder(Mutex::new(Vec::new())));
+    struct Shared(std::sync::Arc<Recorder>);
+    impl SimpleBackend for Shared {
+        fn get(
+            &self,
+            s: Shape,
+            n: &str,
+            h: candle_nn::Init,
+            d: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.get(s, n, h, d, dev)
+        }
+        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.get_unchecked(n, d, dev)
+        }
+        fn contains_tensor(&self, n: &str) -> bool {
+            self.0.contains_tensor(n)
+        }
+    }
+    let vb = VarBuilder::from_backend(Box::new(Shared(recorder.clone())), DType::F32, Device::Cpu);
+    ColPaliModel::new(&cfg, vb).expect("the model builds at PaliGemma-3B-448 sizes");
+    let asked = recorder.0.lock().unwrap().clone();
+    let names: HashSet<&str> = asked.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), asked.len(), "a tensor was asked for twice");
+
+    // The layout transformers' own model has at the real config (written by the generator).
+    let layout_path = common::fixture("colpali-reference/real_layout.json");
+    let layout: HashMap<String, Vec<usize>> =
+        serde_json::from_str(&std::fs::read_to_string(layout_path).unwrap()).unwrap();
+    let missing: Vec<&String> = layout
+        .keys()
+        .filter(|k| !names.contains(k.as_str()))
+        .collect();
+    let extra: Vec<&&str> = names.iter().filter(|n| !layout.contains_key(**n)).collect();
+    assert!(missing.is_empty(), "never asked for: {missing:?}");
+    assert!(extra.is_empty(), "not in the checkpoint: {extra:?}");
+    for (name, shape) in &asked {
+        assert_eq!(&layout[name], shape, "shape of {name}");
+    }
+    assert_eq!(asked.len(), layout.len());
+}
+
+#[test]
+fn model_image_size_reads_only_the_config() {
+    assert_eq!(model_image_size(&model_config()).unwrap(), 56);
+}
+
+fn agent_command(home: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_docusearch-agent"));
+    // A config file that does not exist would be an error; an empty one gives the defaults.
+    let config = home.join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    cmd.arg("--config").arg(&config);
+    cmd.env("HF_HOME", home.join("hf"));
+    cmd.env_remove("MODEL_NAME");
+    cmd.env("DEVICE", "cpu");
+    cmd
+}
+
+#[test]
+fn embed_json_prints_the_documented_object() {
+    let r = reference();
+    let home = tempfile::tempdir().unwrap();
+    let synthetic = common::fixture("colpali-reference/synthetic.png");
+    let out = agent_command(home.path())
+        .args(["embed", "--json", "--model"])
+        .arg(model_dir())
+        .arg("--image")
+        .arg(&synthetic)
+        .args([
+            "--query",
+            "What is R?",
+            "--query",
+            "How do I read a CSV file into a data frame?",
+        ])
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "embed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert!(
+        v["model"].as_str().unwrap().ends_with("tiny-colpali"),
+        "{}",
+        v["model"]
+    );
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["dtype"], "f32");
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["path"], synthetic.display().to_string());
+    assert_eq!(images[0]["shape"], serde_json::json!([16 + 4, 128]));
+    let emb = images[0]["embedding"].as_array().unwrap();
+    assert_eq!(emb.len(), 20);
+    assert_eq!(emb[0].as_array().unwrap().len(), 128);
+    // The synthetic image is reference image 2: its first value, end to end.
+    let want = reference_rows(&r, "image_2");
+    assert!((emb[0][0].as_f64().unwrap() as f32 - want.data[0]).abs() < 1e-3);
+    let queries = v["queries"].as_array().unwrap();
+    assert_eq!(queries.len(), 2);
+    assert_eq!(queries[0]["text"], "What is R?");
+    assert_eq!(queries[0]["shape"], serde_json::json!([16, 128]));
+    let scores = v["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0].as_array().unwrap().len(), 1);
+    let want_score = r.json["scores"][0][2].as_f64().unwrap();
+    assert!(
+        (scores[0][0].as_f64().unwrap() - want_score).abs() < 1e-3,
+        "{} vs {want_score}",
+        scores[0][0]
+    );
+}
+
+#[test]
+fn an_uncached_model_offline_fails_naming_the_repo_and_the_fix() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = "vidore/colpali-v1.2-merged";
+    // HF_HOME is process-wide: the child process gets an empty cache of its own.
+    let config = home.path().join("offline.toml");
+    std::fs::write(&config, "[model]\noffline = true\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
+        .arg("--config")
+        .arg(&config)
+        .env("HF_HOME", home.path().join("hf"))
+        .env_remove("MODEL_NAME")
+        .args(["embed", "--query", "x", "--model", repo])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vidore/colpali-v1.2-merged"), "{err}");
+    assert!(err.contains("offline"), "{err}");
+    assert!(err.contains("model fetch"), "{err}");
+}
+
+#[test]
+fn model_fetch_with_the_hub_unreachable_fails_naming_the_repo_and_the_fix() {
+    let home = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 of loopback: the connection is refused at once.
+    let out = agent_command(home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["model", "fetch", "--model", "vidore/colpali-v1.2-merged"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vidore/colpali-v1.2-merged"), "{err}");
+    assert!(err.contains("could not download"), "{err}");
+    assert!(err.contains("local directory"), "{err}");
+}
