@@ -1,7 +1,9 @@
 //! The long-running agent and the one-shot `index`: watch → state → extract → embed → sync.
 
 pub mod changes;
+mod commands;
 pub mod pipeline;
+pub mod real;
 pub mod runtime;
 pub mod stages;
 pub mod status;
@@ -10,12 +12,12 @@ use std::process::ExitCode;
 
 use crate::cli::{Context, IndexArgs, RunArgs, StatusArgs};
 
-pub fn run_command(_ctx: &Context, _args: RunArgs) -> anyhow::Result<ExitCode> {
-    crate::cli::not_implemented("run", 6)
+pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
+    commands::run_command(ctx, args)
 }
 
-pub fn index_command(_ctx: &Context, _args: IndexArgs) -> anyhow::Result<ExitCode> {
-    crate::cli::not_implemented("index", 6)
+pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode> {
+    commands::index_command(ctx, args)
 }
 
 pub fn status_command(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {

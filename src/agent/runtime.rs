@@ -233,7 +233,11 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
             for (p, _) in t.store.failures()? {
                 let wanted = dirs.iter().any(|d| p.starts_with(d)) || files.contains(&p);
                 if let (true, Some(stamp)) = (wanted, FileStamp::of_path(&p)) {
-                    t.store.enqueue(JobKind::Index { path: p.clone() }, Some(stamp), Duration::ZERO)?;
+                    t.store.enqueue(
+                        JobKind::Index { path: p.clone() },
+                        Some(stamp),
+                        Duration::ZERO,
+                    )?;
                     total.unchanged = total.unchanged.saturating_sub(1);
                 }
             }

@@ -262,3 +262,4 @@ async fn live_events_become_jobs() {
     )
     .await;
 }
+mod pipeline;
