@@ -602,3 +602,36 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
         "the pid file is removed on exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
+    let mut rig = rig(200);
+    rig.cfg.model.idle_unload_s = 1;
+    let s = rig.syncer().await;
+    let agent = rig.start().await;
+    quiet(&agent).await;
+    assert_eq!(
+        agent.stats.model_loads.load(Ordering::SeqCst),
+        0,
+        "no work, no model"
+    );
+
+    write(&rig.root.join("a.pdf"), &pdf_pages("first", 0, 0));
+    let a = rig.doc_id("a.pdf");
+    until("a.pdf indexed", || async { counts(&s, &a).await.0 == 1 }).await;
+    assert_eq!(agent.stats.model_loads.load(Ordering::SeqCst), 1);
+    until("the model unloaded after the idle period", || async {
+        !agent.stats.model_loaded.load(Ordering::SeqCst)
+    })
+    .await;
+
+    write(&rig.root.join("b.pdf"), &pdf_pages("second", 0, 0));
+    let b = rig.doc_id("b.pdf");
+    until("b.pdf indexed", || async { counts(&s, &b).await.0 == 1 }).await;
+    assert_eq!(
+        agent.stats.model_loads.load(Ordering::SeqCst),
+        2,
+        "loaded again for new work"
+    );
+    agent.shutdown().await.expect("shutdown");
+}
