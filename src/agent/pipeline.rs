@@ -61,6 +61,10 @@ pub struct PipelineStats {
     pub chunks_embedded: AtomicU64,
     /// Calls into the model (image batches and text batches).
     pub embed_calls: AtomicU64,
+    /// Image batches (each may hold pages of several documents).
+    pub image_batches: AtomicU64,
+    /// Documents handed to extraction and not finished there yet.
+    pub extracting: AtomicU64,
     pub model_loads: AtomicU64,
     pub model_loaded: AtomicBool,
     /// Jobs taken and not yet finished.
@@ -80,6 +84,7 @@ pub struct StatsSnapshot {
     pub pages_embedded: u64,
     pub chunks_embedded: u64,
     pub embed_calls: u64,
+    pub image_batches: u64,
     pub model_loads: u64,
     pub model_loaded: bool,
     pub in_flight: u64,
@@ -99,6 +104,7 @@ impl PipelineStats {
             pages_embedded: g(&self.pages_embedded),
             chunks_embedded: g(&self.chunks_embedded),
             embed_calls: g(&self.embed_calls),
+            image_batches: g(&self.image_batches),
             model_loads: g(&self.model_loads),
             model_loaded: self.model_loaded.load(Ordering::SeqCst),
             in_flight: g(&self.in_flight),
@@ -589,7 +595,9 @@ async fn index<S: Sink>(
         failed: Mutex::new(None),
         started: std::time::Instant::now(),
     });
+    bump(&shared.stats.extracting);
     if let Err(mpsc::error::SendError(doc)) = doc_tx.send(doc).await {
+        shared.stats.extracting.fetch_sub(1, Ordering::SeqCst);
         // The stages are gone (shutdown): back in the queue.
         shared.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
         shared
@@ -610,6 +618,7 @@ fn extract_stage<X: Extract>(
 ) {
     while let Some(doc) = doc_rx.blocking_recv() {
         if stopping.load(Ordering::SeqCst) {
+            stats.extracting.fetch_sub(1, Ordering::SeqCst);
             let _ = page_tx.send(ExtractMsg::End(
                 doc,
                 Err(StageError::transient("extract", "stopped")),
@@ -648,6 +657,8 @@ fn extract_stage<X: Extract>(
             let _ = doc.info.set(info.clone());
             bump(&stats.documents_extracted);
         }
+        // Before the end is sent, so the model thread never waits for a document that is done.
+        stats.extracting.fetch_sub(1, Ordering::SeqCst);
         if page_tx
             .send(ExtractMsg::End(doc, result, interrupted))
             .is_err()
@@ -664,6 +675,9 @@ enum Pending {
     End(Arc<Doc>, Result<DocInfo, StageError>, bool),
 }
 
+/// Longest a part-filled batch waits for pages that extraction is still rendering.
+const MAX_BATCH_WAIT: Duration = Duration::from_secs(2);
+
 fn embed_stage<L: EmbedLoader, S: Sink>(
     loader: L,
     page_rx: smpsc::Receiver<ExtractMsg>,
@@ -679,11 +693,25 @@ fn embed_stage<L: EmbedLoader, S: Sink>(
         let msg = if !batch.is_empty() {
             match page_rx.try_recv() {
                 Ok(m) => Some(m),
-                // Nothing more ready right now: embed what we have rather than wait.
+                // Nothing more ready right now. While extraction has documents in hand, their
+                // pages join this batch (pages of several documents share a model call);
+                // otherwise embed what we have rather than wait.
                 Err(smpsc::TryRecvError::Empty) => {
-                    flush(&loader, &mut model, &mut batch, &vec_tx, &shared);
-                    pages_in_batch = 0;
-                    continue;
+                    let more_coming =
+                        pages_in_batch > 0 && shared.stats.extracting.load(Ordering::SeqCst) > 0;
+                    let next = if more_coming {
+                        page_rx.recv_timeout(MAX_BATCH_WAIT).ok()
+                    } else {
+                        None
+                    };
+                    match next {
+                        Some(m) => Some(m),
+                        None => {
+                            flush(&loader, &mut model, &mut batch, &vec_tx, &shared);
+                            pages_in_batch = 0;
+                            continue;
+                        }
+                    }
                 }
                 Err(smpsc::TryRecvError::Disconnected) => None,
             }
@@ -774,6 +802,7 @@ fn flush<L: EmbedLoader, S: Sink>(
             }
             if !images.is_empty() {
                 bump(&shared.stats.embed_calls);
+                bump(&shared.stats.image_batches);
                 let vecs = m.embed_images(&images)?;
                 if vecs.len() != images.len() {
                     return Err(StageError::transient(

@@ -403,11 +403,15 @@ async fn two_hundred_files_at_once_with_bounded_memory() {
     quiet(&agent).await;
     assert_eq!(agent.store().file_counts().expect("counts").indexed, 200);
     // Pages from several documents share a model batch.
-    let calls = agent.stats.embed_calls.load(Ordering::SeqCst);
+    let batches = agent.stats.image_batches.load(Ordering::SeqCst);
     let pages = agent.stats.pages_embedded.load(Ordering::SeqCst);
     assert_eq!(pages, 200);
+    assert!(
+        batches < pages,
+        "one-page documents must share model batches ({batches} batches for {pages} pages)"
+    );
     let peak = peak_rss_mb();
-    println!("200 files: {calls} model calls, peak RSS {peak} MiB");
+    println!("200 files: {batches} image batches for {pages} pages, peak RSS {peak} MiB");
     assert!(peak < 2048, "peak RSS {peak} MiB: memory is not bounded");
     agent.shutdown().await.expect("shutdown");
 }
