@@ -639,3 +639,33 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     );
     agent.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_while_being_processed_ends_with_its_last_content() {
+    let rig = rig(200);
+    let s = rig.syncer().await;
+    let agent = rig.start().await;
+    let path = rig.root.join("manual.pdf");
+    std::fs::copy(common::corpus().join("R-intro.pdf"), &path).expect("copy");
+    let id = rig.doc_id("manual.pdf");
+    until("the first pages written", || async {
+        counts(&s, &id).await.0 > 0
+    })
+    .await;
+    // Replaced while its 113 pages are still being processed.
+    write(&path, &pdf_pages("replacement", 0, 1));
+    until("the replacement indexed", || async {
+        agent.store().file(&path).ok().flatten().is_some_and(|r| {
+            r.content_hash == docusearch_agent::types::ContentHash::of_file(&path).expect("hash")
+        })
+    })
+    .await;
+    quiet(&agent).await;
+    assert_eq!(
+        counts(&s, &id).await.0,
+        2,
+        "no page of the old content is left"
+    );
+    assert!(agent.stats.documents_extracted.load(Ordering::SeqCst) >= 1);
+    agent.shutdown().await.expect("shutdown");
+}
