@@ -78,7 +78,7 @@ fn reconcile_bench(n: usize) {
         }
         store.flush().expect("flush");
     }
-    let filter = Filter::new(&[root.clone()], &[], &[]).expect("filter");
+    let filter = Filter::new(std::slice::from_ref(&root), &[], &[]).expect("filter");
     let runs = 3;
     let (walk, walked) = time(runs, || bare_walk(&root));
     assert_eq!(walked, n);
@@ -192,7 +192,7 @@ mod live {
             };
             Agent::start(
                 &self.cfg,
-                &[self.root.clone()],
+                std::slice::from_ref(&self.root),
                 store,
                 extract,
                 loader,

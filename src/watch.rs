@@ -56,6 +56,9 @@ pub enum FsEvent {
     Rescan(PathBuf),
 }
 
+/// A folder's ignore file as last read: its mtime (`None`: no file) and its rules.
+type ParsedIgnoreFile = (Option<SystemTime>, Option<Arc<Gitignore>>);
+
 /// Which paths are indexed: fixed rules for hidden, temporary and partial files, `.noindex`
 /// folders, `.docusearchignore` files, the configured globs and the supported formats.
 #[derive(Clone)]
@@ -69,7 +72,7 @@ struct FilterInner {
     include: Option<GlobSet>,
     exclude: GlobSet,
     /// Parsed ignore files by folder, with the mtime they were parsed at.
-    ignore_files: Mutex<HashMap<PathBuf, (Option<SystemTime>, Option<Arc<Gitignore>>)>>,
+    ignore_files: Mutex<HashMap<PathBuf, ParsedIgnoreFile>>,
 }
 
 fn glob_set(key: &'static str, globs: &[String]) -> Result<GlobSet, WatchError> {

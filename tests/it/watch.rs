@@ -108,7 +108,8 @@ fn scan_applies_every_rule_and_stays_inside() {
     std::os::unix::fs::symlink(outside.join("secret.pdf"), root.join("secret-link.pdf"))
         .expect("symlink");
 
-    let filter = Filter::new(&[root.clone()], &[], &["drafts/**".to_string()]).expect("filter");
+    let filter =
+        Filter::new(std::slice::from_ref(&root), &[], &["drafts/**".to_string()]).expect("filter");
     let mut got: Vec<PathBuf> = filter
         .scan(&root)
         .into_iter()
@@ -132,7 +133,8 @@ fn scan_applies_every_rule_and_stays_inside() {
     assert!(!filter.accepts_file(&outside.join("secret.pdf")));
 
     // Include globs narrow the set.
-    let only_pdf = Filter::new(&[root.clone()], &["**/*.pdf".to_string()], &[]).expect("filter");
+    let only_pdf =
+        Filter::new(std::slice::from_ref(&root), &["**/*.pdf".to_string()], &[]).expect("filter");
     let got: Vec<PathBuf> = only_pdf.scan(&root).into_iter().map(|(p, _)| p).collect();
     assert!(got.contains(&root.join("a.pdf")));
     assert!(!got.contains(&root.join("notes.md")));

@@ -75,7 +75,7 @@ impl Rig {
         let sink = RealSink(self.syncer().await);
         Agent::start(
             &self.cfg,
-            &[self.root.clone()],
+            std::slice::from_ref(&self.root),
             store,
             extract,
             loader,
@@ -448,7 +448,7 @@ async fn index_command_driver_indexes_reports_and_fails_cleanly() {
         let mut seen = 0;
         let summary = index_paths(
             &rig.cfg,
-            &[rig.root.clone()],
+            std::slice::from_ref(&rig.root),
             store,
             extract,
             loader,
