@@ -1,1 +1,492 @@
-//! The local status API (`/health`, `/status`, `/metrics`, `/rescan`) on 127.0.0.1. Issue 7.
+//! The local status API: `GET /health`, `GET /status`, `GET /metrics`, `POST /rescan`, on
+//! 127.0.0.1 by default.
+//!
+//! The agent builds one [`ApiState`], keeps a clone, and updates it as it works: the status
+//! snapshot through [`ApiState::update`] / [`ApiState::record_document`], counters through
+//! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`].
+//! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
+//! [`ApiClient`] is the other end, for commands that talk to a running agent.
+//!
+//! ```no_run
+//! # async fn agent(config: docusearch_agent::config::Config) -> anyhow::Result<()> {
+//! use docusearch_agent::api::{self, ApiState, ChromaProbe, Stage};
+//! let state = ApiState::new(api::initial_status(&config), ChromaProbe::from_config(&config.chroma)?);
+//! let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn({
+//!     let (cfg, state) = (config.api.clone(), state.clone());
+//!     async move { api::serve(&cfg, state, async { let _ = stop_rx.await; }).await }
+//! });
+//! // The managed Chroma is up: health checks can reach it.
+//! state.update(|s| s.chroma.url = "http://127.0.0.1:8123".into());
+//! // Stages count what they do.
+//! state.metrics().pages_embedded.inc_by(4);
+//! state.metrics().embed_latency.observe(1.7);
+//! state.metrics().failures.inc(Stage::Extract);
+//! // The reconcile loop also wakes up on `POST /rescan`.
+//! tokio::select! {
+//!     _ = state.rescan_requested() => { /* reconcile every watched folder */ }
+//!     _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+//! }
+//! let _ = stop_tx.send(());
+//! server.await??;
+//! # Ok(()) }
+//! ```
+
+mod metrics;
+mod status;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::Notify;
+
+pub use metrics::{
+    render_prometheus, Counter, Gauge, Histogram, HistogramSnapshot, Metrics, RateCounter, Stage,
+    StageCounters, LATENCY_BUCKETS_S, PROMETHEUS_CONTENT_TYPE, RATE_WINDOW_S,
+};
+pub use status::{
+    AgentStatus, ChromaStatus, DocState, FailedDocument, Health, HealthState, IndexedCounts,
+    ModelState, ModelStatus, QueueCounts, RecentDocument, StoreStatus, LISTED_FAILURES,
+    RECENT_DOCUMENTS,
+};
+
+use crate::config::ApiConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("api.bind = {0:?} is not an IP address — use 127.0.0.1 (or ::1)")]
+    BadBind(String),
+    #[error("refusing to serve the status API on {0}: not a loopback address. It has no authentication; set api.allow_non_loopback = true only if the network is yours")]
+    NonLoopback(IpAddr),
+    #[error("cannot listen on {addr} for the status API: {source}. Another agent may be running (check `docusearch-agent status`), or change api.port")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the status API on {addr} stopped: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build an HTTP client: {0}")]
+    Client(reqwest::Error),
+    #[error("request to the agent's status API {url} failed: {source}")]
+    Request { url: String, source: reqwest::Error },
+    #[error("the agent's status API {url} answered {status}: {body}")]
+    Response {
+        url: String,
+        status: u16,
+        body: String,
+    },
+}
+
+/// How long a `/health` or `/status` request waits for Chroma's heartbeat.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Checks Chroma with a real heartbeat (`GET {url}/api/v2/heartbeat`), with the auth token.
+#[derive(Clone)]
+pub struct ChromaProbe {
+    client: reqwest::Client,
+    auth_token: Option<String>,
+}
+
+impl std::fmt::Debug for ChromaProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ChromaProbe")
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ChromaProbe {
+    pub fn new(auth_token: Option<String>, timeout: Duration) -> Result<ChromaProbe, ApiError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(ApiError::Client)?;
+        Ok(ChromaProbe { client, auth_token })
+    }
+
+    /// With the configured token and the default heartbeat timeout.
+    pub fn from_config(chroma: &crate::config::ChromaConfig) -> Result<ChromaProbe, ApiError> {
+        Self::new(chroma.auth_token.clone(), DEFAULT_HEARTBEAT_TIMEOUT)
+    }
+
+    /// `Ok` when the server answers 200; otherwise what went wrong, for a person to read.
+    pub async fn heartbeat(&self, base_url: &str) -> Result<(), String> {
+        let url = format!("{}/api/v2/heartbeat", base_url.trim_end_matches('/'));
+        let mut req = self.client.get(&url);
+        if let Some(token) = &self.auth_token {
+            req = req
+                .bearer_auth(token)
+                .header("X-Chroma-Token", token.as_str());
+        }
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) => Err(format!("heartbeat answered HTTP {}", resp.status())),
+            Err(e) if e.is_timeout() => Err("no answer to the heartbeat in time".to_string()),
+            Err(e) if e.is_connect() => Err("connection refused or unreachable".to_string()),
+            Err(e) => Err(format!("heartbeat failed: {e}")),
+        }
+    }
+}
+
+/// What the HTTP handlers read and the agent writes. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct ApiState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    status: Mutex<AgentStatus>,
+    metrics: Arc<Metrics>,
+    probe: ChromaProbe,
+    rescan: Notify,
+    started: Instant,
+}
+
+impl ApiState {
+    /// `initial` is the agent's first snapshot (agent id, version, Chroma URL, model name...);
+    /// `pid`, `started_at` and `version` are filled in when left empty.
+    pub fn new(mut initial: AgentStatus, probe: ChromaProbe) -> ApiState {
+        if initial.pid == 0 {
+            initial.pid = std::process::id();
+        }
+        if initial.started_at.is_empty() {
+            initial.started_at = now_iso();
+        }
+        if initial.version.is_empty() {
+            initial.version = env!("CARGO_PKG_VERSION").to_string();
+        }
+        ApiState {
+            inner: Arc::new(Inner {
+                status: Mutex::new(initial),
+                metrics: Arc::new(Metrics::default()),
+                probe,
+                rescan: Notify::new(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The counters the pipeline stages update.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentStatus> {
+        self.inner.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the snapshot in place (`state.update(|s| s.queue = counts)`). Keep `f` short: the
+    /// handlers wait for it.
+    pub fn update(&self, f: impl FnOnce(&mut AgentStatus)) {
+        f(&mut self.lock());
+    }
+
+    /// Puts a document at the top of the recent list (replacing its older entry), keeping at
+    /// most [`RECENT_DOCUMENTS`].
+    pub fn record_document(&self, doc: RecentDocument) {
+        let mut s = self.lock();
+        s.recent.retain(|d| d.path != doc.path);
+        s.recent.insert(0, doc);
+        s.recent.truncate(RECENT_DOCUMENTS);
+    }
+
+    /// Records a failed document at the top of the failure list (replacing its older entry).
+    pub fn record_failure(&self, failure: FailedDocument) {
+        let mut s = self.lock();
+        s.failures.retain(|d| d.path != failure.path);
+        s.failures.insert(0, failure);
+        s.failures.truncate(LISTED_FAILURES);
+    }
+
+    /// Removes a document from the failure list (it was indexed or removed since).
+    pub fn clear_failure(&self, path: &std::path::Path) {
+        self.lock().failures.retain(|d| d.path != path);
+    }
+
+    /// A copy of the snapshot, with its uptime brought up to date.
+    pub fn snapshot(&self) -> AgentStatus {
+        let mut s = self.lock().clone();
+        s.uptime_s = self.inner.started.elapsed().as_secs();
+        s
+    }
+
+    /// Asks the agent for a reconcile. Requests made before the agent gets to them coalesce
+    /// into one.
+    pub fn request_rescan(&self) {
+        self.lock().rescan_pending = true;
+        self.inner.metrics.rescans_requested.inc();
+        self.inner.rescan.notify_one();
+    }
+
+    /// Resolves when a reconcile was asked for (also one asked for before this call). Clears the
+    /// `rescan_pending` flag: the agent is expected to start the reconcile now.
+    pub async fn rescan_requested(&self) {
+        self.inner.rescan.notified().await;
+        self.lock().rescan_pending = false;
+    }
+
+    /// Checks Chroma now (recording the answer in the snapshot) and combines it with what the
+    /// pipeline reported.
+    pub async fn check_health(&self) -> Health {
+        let url = self.lock().chroma.url.clone();
+        let chroma = if url.is_empty() {
+            Err("the managed Chroma server has not started yet".to_string())
+        } else {
+            self.inner.probe.heartbeat(&url).await
+        };
+        let mut s = self.lock();
+        s.chroma.last_checked = Some(now_iso());
+        s.chroma.reachable = Some(chroma.is_ok());
+        s.chroma.error = chroma.as_ref().err().cloned();
+        let mut reasons = Vec::new();
+        match chroma {
+            Err(e) if url.is_empty() => reasons.push(format!("chroma unreachable: {e}")),
+            Err(e) => reasons.push(format!("chroma unreachable at {url}: {e}")),
+            Ok(()) => {}
+        }
+        reasons.extend(s.degraded_reasons());
+        Health::from_reasons(reasons)
+    }
+}
+
+/// The first snapshot for a configuration: identity, folders, model, Chroma (its URL stays
+/// empty for a managed server until it has started), store.
+pub fn initial_status(config: &crate::config::Config) -> AgentStatus {
+    let (url, managed) = match config.chroma_target() {
+        crate::config::ChromaTarget::Remote { url } => (url, false),
+        crate::config::ChromaTarget::Managed => (String::new(), true),
+    };
+    AgentStatus {
+        agent_id: config.agent_id.clone(),
+        watched_folders: config.watch.folders.clone(),
+        model: ModelStatus {
+            name: config.model.name.clone(),
+            ..Default::default()
+        },
+        chroma: ChromaStatus {
+            url,
+            managed,
+            visual_collection: config.chroma.visual_collection.clone(),
+            text_collection: config.chroma.text_collection.clone(),
+            ..Default::default()
+        },
+        store: StoreStatus {
+            path: config.store_dir(),
+            error: None,
+        },
+        ..Default::default()
+    }
+}
+
+/// Now, as ISO 8601 UTC with seconds (`2026-01-02T03:04:05Z`).
+pub fn now_iso() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// The address to listen on: loopback unless non-loopback was asked for explicitly.
+pub fn bind_addr(cfg: &ApiConfig) -> Result<SocketAddr, ApiError> {
+    let ip: IpAddr = cfg
+        .bind
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::BadBind(cfg.bind.clone()))?;
+    if !ip.is_loopback() && !cfg.allow_non_loopback {
+        return Err(ApiError::NonLoopback(ip));
+    }
+    Ok(SocketAddr::new(ip, cfg.port))
+}
+
+/// A listening status API, not yet answering. Lets the caller learn the port (port 0 picks a
+/// free one) before serving.
+pub struct ApiServer {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl ApiServer {
+    /// Refuses a non-loopback address unless `cfg.allow_non_loopback`, whatever validated
+    /// the configuration before.
+    pub async fn bind(cfg: &ApiConfig) -> Result<ApiServer, ApiError> {
+        let want = bind_addr(cfg)?;
+        let listener = tokio::net::TcpListener::bind(want)
+            .await
+            .map_err(|source| ApiError::Bind { addr: want, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ApiError::Bind { addr: want, source })?;
+        Ok(ApiServer { listener, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Answers requests until `shutdown` resolves, then lets requests in flight finish.
+    pub async fn run(
+        self,
+        state: ApiState,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ApiError> {
+        tracing::info!(addr = %self.addr, "status API listening");
+        let addr = self.addr;
+        axum::serve(self.listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ApiError::Serve { addr, source })
+    }
+}
+
+/// Binds `cfg.bind:cfg.port` and serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: &ApiConfig,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    ApiServer::bind(cfg).await?.run(state, shutdown).await
+}
+
+/// The routes, for embedding in another server or testing.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/rescan", post(rescan))
+        .with_state(state)
+}
+
+async fn health(State(state): State<ApiState>) -> Response {
+    let health = state.check_health().await;
+    let code = if health.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(health)).into_response()
+}
+
+async fn status(State(state): State<ApiState>) -> Json<AgentStatus> {
+    // Refreshes the Chroma fields with a live heartbeat.
+    state.check_health().await;
+    Json(state.snapshot())
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let body = render_prometheus(state.metrics(), &state.snapshot());
+    ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], body).into_response()
+}
+
+async fn rescan(State(state): State<ApiState>) -> Response {
+    state.request_rescan();
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "accepted"})),
+    )
+        .into_response()
+}
+
+/// Talks to a running agent's status API (for `status`, `service status`, `index` while the
+/// agent runs).
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl ApiClient {
+    /// Reaches the API configured in `cfg`; a wildcard bind address is reached on loopback.
+    pub fn new(cfg: &ApiConfig, timeout: Duration) -> Result<ApiClient, ApiError> {
+        let ip: IpAddr = cfg
+            .bind
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::BadBind(cfg.bind.clone()))?;
+        let ip = match ip {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            other => other,
+        };
+        Self::at(SocketAddr::new(ip, cfg.port), timeout)
+    }
+
+    pub fn at(addr: SocketAddr, timeout: Duration) -> Result<ApiClient, ApiError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(ApiError::Client)?;
+        Ok(ApiClient {
+            base: format!("http://{addr}"),
+            client,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// `None` when no agent listens there (connection refused).
+    pub async fn status(&self) -> Result<Option<AgentStatus>, ApiError> {
+        let url = format!("{}/status", self.base);
+        match self.client.get(&url).send().await {
+            Err(e) if e.is_connect() => Ok(None),
+            Err(source) => Err(ApiError::Request { url, source }),
+            Ok(resp) => {
+                let resp = ok_or_error(&url, resp).await?;
+                resp.json()
+                    .await
+                    .map(Some)
+                    .map_err(|source| ApiError::Request { url, source })
+            }
+        }
+    }
+
+    /// `None` when no agent listens there. A degraded agent (503) is an answer, not an error.
+    pub async fn health(&self) -> Result<Option<Health>, ApiError> {
+        let url = format!("{}/health", self.base);
+        match self.client.get(&url).send().await {
+            Err(e) if e.is_connect() => Ok(None),
+            Err(source) => Err(ApiError::Request { url, source }),
+            Ok(resp) => resp
+                .json()
+                .await
+                .map(Some)
+                .map_err(|source| ApiError::Request { url, source }),
+        }
+    }
+
+    /// Asks the running agent for a reconcile. `false` when no agent listens.
+    pub async fn rescan(&self) -> Result<bool, ApiError> {
+        let url = format!("{}/rescan", self.base);
+        match self.client.post(&url).send().await {
+            Err(e) if e.is_connect() => Ok(false),
+            Err(source) => Err(ApiError::Request { url, source }),
+            Ok(resp) => ok_or_error(&url, resp).await.map(|_| true),
+        }
+    }
+}
+
+async fn ok_or_error(url: &str, resp: reqwest::Response) -> Result<reqwest::Response, ApiError> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    Err(ApiError::Response {
+        url: url.to_string(),
+        status,
+        body,
+    })
+}

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use crate::cli::Context;
 use crate::config::{ChromaTarget, Config, ConfigError, DeviceChoice};
@@ -145,7 +144,7 @@ fn pdfium_version(lib: &Path) -> String {
 fn check_chroma(config: &Config) -> Check {
     const NAME: &str = "Chroma";
     match config.chroma_target() {
-        ChromaTarget::Remote { url } => match chroma_version(&url, config.chroma.auth_token.as_deref()) {
+        ChromaTarget::Remote { url } => match chroma_version(&url, &config.chroma) {
             Ok(v) => Check::pass(NAME, format!("{url} answers (Chroma API {v})")),
             Err(e) => Check::fail(
                 NAME,
@@ -171,7 +170,7 @@ fn check_chroma(config: &Config) -> Check {
             };
             let result = crate::chroma::managed::ManagedChroma::start(&command, &scratch)
                 .map_err(|e| e.to_string())
-                .and_then(|server| chroma_version(&server.url(), None));
+                .and_then(|server| chroma_version(&server.url(), &config.chroma));
             let _ = std::fs::remove_dir_all(&scratch);
             match result {
                 Ok(v) => Check::pass(
@@ -194,28 +193,17 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// `GET /api/v2/version`.
-fn chroma_version(url: &str, token: Option<&str>) -> Result<String, String> {
+/// Asks the server for its version once, without retries (doctor reports, it does not wait).
+fn chroma_version(url: &str, config: &crate::config::ChromaConfig) -> Result<String, String> {
+    use crate::chroma::client::{ChromaClient, RetryPolicy};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut req = client.get(format!("{url}/api/v2/version"));
-        if let Some(t) = token {
-            req = req.bearer_auth(t).header("X-Chroma-Token", t);
-        }
-        let resp = req.send().await.map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
-        }
-        let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
-        Ok(v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
-    })
+    let client = ChromaClient::new(url, config)
+        .map_err(|e| e.to_string())?
+        .with_retry(RetryPolicy::no_retry());
+    rt.block_on(client.version()).map_err(|e| e.to_string())
 }
 
 /// Files a checkpoint needs, whether in a local directory or the Hugging Face cache.

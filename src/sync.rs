@@ -39,6 +39,8 @@ pub enum SyncError {
         #[source]
         source: RecordError,
     },
+    #[error("{path}: the embedding of {record} holds NaN or infinite values (a model or device fault); it was not written")]
+    NonFinite { path: String, record: String },
     #[error("{path}: embeddings of dimension {found}, but collection `{collection}` holds dimension {expected}. Fix: use other collection names for this model, or delete the collection")]
     Dimension {
         path: String,
@@ -177,6 +179,18 @@ impl Syncer {
         Ok(())
     }
 
+    fn check_embedding(&self, path: &str, record: &str, mv: &MultiVector) -> Result<(), SyncError> {
+        self.check_dim_for(path, mv.dim)?;
+        // JSON has no NaN: it would reach Chroma as null and be refused with a puzzling message.
+        if !mv.data.iter().all(|v| v.is_finite()) {
+            return Err(SyncError::NonFinite {
+                path: path.to_string(),
+                record: record.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn fields<'a>(&'a self, doc: &'a DocumentMeta, source_path: &'a str) -> DocumentFields<'a> {
         DocumentFields {
             doc_id: &doc.doc_id,
@@ -199,7 +213,7 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let path = doc.source_path.to_string_lossy();
         for p in pages {
-            self.check_dim_for(&path, p.embedding.dim)?;
+            self.check_embedding(&path, &doc.doc_id.page_record_id(p.page), &p.embedding)?;
         }
         let fields = self.fields(doc, &path);
         // Encoding (gzip, base64) is CPU work: spread it over the cores.
@@ -229,7 +243,11 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let path = doc.source_path.to_string_lossy();
         for c in chunks {
-            self.check_dim_for(&path, c.embedding.dim)?;
+            self.check_embedding(
+                &path,
+                &doc.doc_id.chunk_record_id(c.chunk_index),
+                &c.embedding,
+            )?;
         }
         let fields = self.fields(doc, &path);
         let records: Vec<Record> = chunks
@@ -362,15 +380,27 @@ impl Syncer {
         let fields = self.fields(new, path);
         let mut out = Vec::with_capacity(n);
         for (i, id) in got.ids.into_iter().enumerate() {
-            let embedding = embeddings
-                .get(i)
-                .cloned()
-                .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?;
             let mut metadata = metadatas
                 .get(i)
                 .cloned()
                 .flatten()
                 .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "metadata" }))?;
+            // Chroma re-normalises vectors in cosine space, so what it returns can differ from
+            // what was written in the last bit. From an f32 multi-vector the original is
+            // recomputed exactly; from f16 only the stored vector is left.
+            let lossless = metadata
+                .get(keys::MULTIVECTOR_ENCODING)
+                .and_then(Value::as_str)
+                == Some(MultivectorEncoding::F32GzipB64.as_str());
+            let embedding = match lossless {
+                true => records::decode_full_embeddings(&metadata)
+                    .map_err(|e| bad(&id, e))?
+                    .mean_normalized(),
+                false => embeddings
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?,
+            };
             let number = if is_pages {
                 page_of_record_id(old, &id).or_else(|| {
                     records::int_key(&metadata, keys::PAGE)

@@ -135,6 +135,7 @@ pub struct ChromaClient {
     request_budget: usize,
     max_batch: Arc<tokio::sync::OnceCell<usize>>,
     write_requests: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ChromaClient {
@@ -197,6 +198,7 @@ impl ChromaClient {
             request_budget: DEFAULT_REQUEST_BUDGET,
             max_batch: Arc::new(tokio::sync::OnceCell::new()),
             write_requests: Arc::new(AtomicU64::new(0)),
+            retries: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -224,6 +226,11 @@ impl ChromaClient {
     /// included: how a caller sees that a big batch went out in several requests.
     pub fn write_requests(&self) -> u64 {
         self.write_requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests retried after a transient failure so far (this client and its clones).
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -268,6 +275,7 @@ impl ChromaClient {
                     );
                     tokio::time::sleep(wait).await;
                     retry += 1;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => return Err(e),
             }
@@ -887,6 +895,21 @@ fn snippet(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_errors_and_overload_are_transient_refusals_are_not() {
+        let status = |status| ChromaError::Status {
+            what: "x".into(),
+            status,
+            message: "m".into(),
+        };
+        for s in [500, 502, 503, 504, 429, 408] {
+            assert!(status(s).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(!status(s).is_transient(), "{s}");
+        }
+    }
 
     #[test]
     fn retry_delays_grow_and_stay_bounded() {

@@ -1,5 +1,5 @@
 //! The record format DocuSearch reads: record ids, metadata keys, and the `full_embeddings`
-//! encodings (`f32-gzip-b64`, `f16-b64`) with their decoders. docs/record-format.md describes
+//! encodings (`f32-gzip-b64`, `f16-b64`) with their decoders. README.md ("The Chroma record format") describes
 //! the same thing for other clients.
 
 use std::io::{Read, Write};

@@ -3,12 +3,16 @@
 
 mod common;
 
+mod api;
+mod chroma_client;
 mod config;
 mod doctor;
 mod embed;
 mod extract;
 mod managed_chroma;
 mod pdfium;
+mod service;
+mod sync;
 mod state;
 mod watch;
 mod agent;

@@ -1,0 +1,192 @@
+//! What `GET /status` returns: a snapshot of the agent the pipeline keeps up to date. The same
+//! types are read back by `docusearch-agent status` when an agent is running.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::DocId;
+
+/// How many recent documents `/status` lists.
+pub const RECENT_DOCUMENTS: usize = 50;
+/// How many failures `/status` lists (the newest).
+pub const LISTED_FAILURES: usize = 100;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub agent_id: String,
+    pub version: String,
+    pub pid: u32,
+    /// ISO 8601 UTC.
+    pub started_at: String,
+    pub uptime_s: u64,
+    pub watched_folders: Vec<PathBuf>,
+    pub queue: QueueCounts,
+    pub indexed: IndexedCounts,
+    /// Newest first.
+    pub recent: Vec<RecentDocument>,
+    /// Documents marked failed, with why. Newest first.
+    pub failures: Vec<FailedDocument>,
+    pub model: ModelStatus,
+    pub chroma: ChromaStatus,
+    pub store: StoreStatus,
+    /// When the last full reconcile finished (ISO 8601 UTC).
+    pub last_reconcile: Option<String>,
+    /// A reconcile was asked for (`POST /rescan`) and has not started yet.
+    pub rescan_pending: bool,
+}
+
+/// Jobs in the durable queue, by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounts {
+    pub queued: u64,
+    pub in_progress: u64,
+    /// Documents marked failed (retried when they change or on `repair`).
+    pub failed: u64,
+}
+
+/// What the index holds for this agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedCounts {
+    pub files: u64,
+    pub pages: u64,
+    pub chunks: u64,
+}
+
+/// Where a document is in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocState {
+    Queued,
+    Extracting,
+    Embedding,
+    Syncing,
+    Indexed,
+    Unchanged,
+    Moved,
+    Removed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentDocument {
+    pub path: PathBuf,
+    pub doc_id: Option<DocId>,
+    pub state: DocState,
+    pub pages: Option<u32>,
+    pub chunks: Option<u32>,
+    /// When it reached this state (ISO 8601 UTC).
+    pub at: String,
+    /// Why it failed, for `DocState::Failed`.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedDocument {
+    pub path: PathBuf,
+    pub reason: String,
+    pub attempts: u32,
+    /// When it last failed (ISO 8601 UTC).
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    /// Not loaded yet (it loads on the first job).
+    #[default]
+    NotLoaded,
+    Loading,
+    Loaded,
+    /// Unloaded after the idle period; loads again on the next job.
+    Unloaded,
+    /// Loading failed; `ModelStatus::error` says why. Makes `/health` degraded.
+    Failed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub state: ModelState,
+    /// `cpu`, `cuda:0`, `metal`: where it runs (or will).
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    /// A GPU was asked for (or `auto` found none) and the CPU is used instead.
+    pub fell_back_to_cpu: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChromaStatus {
+    /// Base URL; empty until the managed server has started.
+    pub url: String,
+    /// The agent runs this server itself.
+    pub managed: bool,
+    pub visual_collection: String,
+    pub text_collection: String,
+    /// The last heartbeat's answer; `None` before the first one.
+    pub reachable: Option<bool>,
+    pub error: Option<String>,
+    /// When the last heartbeat was sent (ISO 8601 UTC).
+    pub last_checked: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub path: PathBuf,
+    /// The last store error, until the store works again. Makes `/health` degraded.
+    pub error: Option<String>,
+}
+
+/// `GET /health`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `healthy` or `degraded`.
+    pub status: HealthState,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Healthy,
+    Degraded,
+}
+
+impl Health {
+    pub fn from_reasons(reasons: Vec<String>) -> Health {
+        let status = if reasons.is_empty() {
+            HealthState::Healthy
+        } else {
+            HealthState::Degraded
+        };
+        Health { status, reasons }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.status == HealthState::Healthy
+    }
+}
+
+impl AgentStatus {
+    /// Why the agent is degraded, from what the pipeline reported (Chroma's own check is live,
+    /// see `ApiState::check_health`).
+    pub fn degraded_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.model.state == ModelState::Failed {
+            reasons.push(format!(
+                "model {} failed to load: {}",
+                self.model.name,
+                self.model.error.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        if let Some(e) = &self.store.error {
+            reasons.push(format!(
+                "state store {} error: {e}",
+                self.store.path.display()
+            ));
+        }
+        reasons
+    }
+}
