@@ -9,8 +9,10 @@ use anyhow::{bail, Context as _};
 
 use super::pipeline::Outcome;
 use super::real::{RealExtract, RealModelLoader, RealSink};
+use super::report::report_loop;
 use super::runtime::{index_paths, Agent};
 use super::status::{running_agent, PidFile};
+use crate::api::{self, ApiState, ChromaProbe};
 use crate::chroma::managed::ManagedChroma;
 use crate::cli::{Context, IndexArgs, RunArgs};
 use crate::config::{ChromaTarget, Config};
@@ -104,12 +106,46 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };
         let folders = cfg.watch.folders.clone();
-        let agent = Agent::start(&cfg, &folders, store, extract, loader, RealSink(syncer)).await?;
+        // The status API answers from the start (a failure to listen is reported, not fatal:
+        // indexing matters more than its dashboard).
+        let api_state = ApiState::new(api::initial_status(&cfg), ChromaProbe::from_config(&cfg.chroma)?);
+        api_state.update(|s| {
+            s.chroma.url = url.clone();
+            s.watched_folders = folders.clone();
+        });
+        let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let api_task = cfg.api.enabled.then(|| {
+            let (api_cfg, st) = (cfg.api.clone(), api_state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = api::serve(&api_cfg, st, async {
+                    let _ = api_stop_rx.await;
+                })
+                .await
+                {
+                    tracing::warn!("status API not available: {e}");
+                }
+            })
+        });
+        let (otx, orx) = tokio::sync::mpsc::unbounded_channel();
+        let agent = Agent::start_reporting(&cfg, &folders, store, extract, loader, RealSink(syncer), Some(otx)).await?;
+        api_state.update(|s| s.last_reconcile = Some(api::now_iso()));
+        let reporter = tokio::spawn(report_loop(
+            api_state.clone(),
+            agent.tracker.clone(),
+            agent.stats.clone(),
+            cfg.agent_id.clone(),
+            orx,
+        ));
         tracing::info!(folders = ?folders, chroma = %url, "agent running");
         wait_for_signal().await;
         // Leave time within the 10 s service managers allow to stop Chroma and exit.
         if tokio::time::timeout(Duration::from_secs(7), agent.shutdown()).await.is_err() {
             tracing::warn!("the batch in flight did not finish in time; its jobs are re-queued at the next start");
+        }
+        reporter.abort();
+        let _ = api_stop.send(());
+        if let Some(t) = api_task {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
         }
         Ok(())
     });

@@ -4,6 +4,7 @@ pub mod changes;
 mod commands;
 pub mod pipeline;
 pub mod real;
+mod report;
 pub mod runtime;
 pub mod stages;
 pub mod status;

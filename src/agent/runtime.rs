@@ -67,6 +67,19 @@ impl Agent {
         loader: L,
         sink: S,
     ) -> Result<Agent, AgentError> {
+        Self::start_reporting(cfg, folders, store, extractor, loader, sink, None).await
+    }
+
+    /// [`Agent::start`], sending every job's outcome to `outcomes` (for the status API).
+    pub async fn start_reporting<X: Extract, L: EmbedLoader, S: Sink>(
+        cfg: &Config,
+        folders: &[PathBuf],
+        store: Store,
+        extractor: X,
+        loader: L,
+        sink: S,
+        outcomes: Option<tokio::sync::mpsc::UnboundedSender<Outcome>>,
+    ) -> Result<Agent, AgentError> {
         let filter = Filter::new(folders, &cfg.watch.include, &cfg.watch.exclude)?;
         let settings = pipeline_settings(cfg);
         let tracker = ChangeTracker {
@@ -137,7 +150,7 @@ impl Agent {
             sink,
             settings,
             Mode::Forever,
-            None,
+            outcomes,
         );
         Ok(Agent {
             stats: pipeline.stats.clone(),

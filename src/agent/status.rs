@@ -109,6 +109,12 @@ async fn chroma_status(cfg: &Config) -> ChromaStatus {
     }
 }
 
+/// The running agent's own snapshot, through its status API.
+async fn live_status(cfg: &Config) -> Option<crate::api::AgentStatus> {
+    let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(3)).ok()?;
+    client.status().await.ok().flatten()
+}
+
 /// Gathers the status. `store_dir` is normally `cfg.store_dir()`.
 pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError> {
     let chroma = chroma_status(cfg).await;
@@ -149,11 +155,40 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
         Err(StoreError::Locked { .. }) => {
             status.agent_running = true;
             status.agent_pid = running_agent(cfg);
-            status.notes.push(format!(
-                "the agent is running{} and holds the state store; its live counts come from its status API on 127.0.0.1:{} (issue 7)",
-                status.agent_pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-                cfg.api.port
-            ));
+            match live_status(cfg).await {
+                Some(live) => {
+                    status.agent_pid = Some(live.pid);
+                    status.files = Some(FileCounts {
+                        indexed: live.indexed.files as usize,
+                        pages: live.indexed.pages,
+                        chunks: live.indexed.chunks,
+                        with_error: live.queue.failed as usize,
+                    });
+                    status.queue = Some(QueueCounts {
+                        queued: live.queue.queued as usize,
+                        in_progress: live.queue.in_progress as usize,
+                        failed: live.queue.failed as usize,
+                    });
+                    status.failures = live
+                        .failures
+                        .iter()
+                        .map(|f| Failure { path: f.path.clone(), reason: f.reason.clone() })
+                        .collect();
+                    status.model.loaded = live.model.state == crate::api::ModelState::Loaded;
+                    status.model.device = live.model.device.clone();
+                    if !live.chroma.url.is_empty() {
+                        status.chroma.url = Some(live.chroma.url.clone());
+                    }
+                    if let Some(r) = live.chroma.reachable {
+                        status.chroma.reachable = r;
+                    }
+                }
+                None => status.notes.push(format!(
+                    "the agent is running{} and holds the state store, but its status API on port {} does not answer (api.enabled = false?), so its counts cannot be shown",
+                    status.agent_pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    cfg.api.port
+                )),
+            }
         }
         Err(e) => return Err(e),
     }

@@ -531,9 +531,14 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let rig = rig(200);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let s = rt.block_on(rig.syncer());
+    let mut cfg = rig.cfg.clone();
+    // The status API on a free port, so that `status` can ask the running agent.
+    cfg.api.port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     let config = rig.cfg.state_dir.join("config.toml");
-    std::fs::write(&config, toml::to_string(&rig.cfg).expect("config as TOML"))
-        .expect("write config");
+    std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML")).expect("write config");
     let log = rig.cfg.state_dir.join("agent.log");
 
     let mut expected: Vec<(String, usize)> = vec![("big.pdf".into(), 113)];
@@ -594,6 +599,31 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
         visual.count().await.unwrap_or(0) == total
     }));
     assert_eq!(rt.block_on(counts(&s, &rig.doc_id(&gone.0))), (0, 0));
+
+    // `status` while the agent runs (and holds the store): answered through its API.
+    let mut live = serde_json::Value::Null;
+    for _ in 0..100 {
+        let out = std::process::Command::new(worker_exe())
+            .arg("--config")
+            .arg(&config)
+            .args(["status", "--json"])
+            .output()
+            .expect("status runs");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        live = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+        if live["files"]["indexed"] == expected.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(live["agent_running"], true, "{live}");
+    assert_eq!(live["files"]["indexed"], expected.len(), "{live}");
+    assert_eq!(live["files"]["pages"], total, "{live}");
+
     agent.signal(libc::SIGTERM);
     let st = agent.wait();
     assert!(
