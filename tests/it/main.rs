@@ -13,3 +13,6 @@ mod managed_chroma;
 mod pdfium;
 mod service;
 mod sync;
+mod state;
+mod watch;
+mod agent;
