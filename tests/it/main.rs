@@ -3,6 +3,7 @@
 
 mod common;
 
+mod agent;
 mod api;
 mod chroma_client;
 mod config;
@@ -12,7 +13,6 @@ mod extract;
 mod managed_chroma;
 mod pdfium;
 mod service;
-mod sync;
 mod state;
+mod sync;
 mod watch;
-mod agent;
