@@ -1,1 +1,815 @@
-//! The sled store: what we know about each file, and the durable job queue. Issue 6.
+//! The sled store: what we know about each file, and the durable job queue.
+//!
+//! Three trees: `files` (path → [`FileRecord`]), `hashes` (content hash ‖ NUL ‖ path → ∅, to
+//! recognise a moved file by its content) and `jobs` (path → [`Job`]: at most one job per path,
+//! the latest event wins). The order in which queued jobs become due is kept in memory and
+//! rebuilt from `jobs` at open, so the tree is the only durable truth.
+//!
+//! One process owns the store (sled locks it); inside that process every mutation goes through
+//! one mutex, so a job and its in-memory index never disagree.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{ContentHash, DocId, SCHEMA_VERSION};
+
+/// Why the store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state store at {path} is in use by another docusearch-agent process (sled holds its lock) — stop that agent, or ask it through `status`")]
+    Locked { path: PathBuf },
+    #[error("cannot open the state store at {path}: {source} — check the permissions of state_dir, or delete the folder to rebuild the state from the watched folders")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("the state store at {path} has schema version {found}, newer than this program's {supported} — upgrade docusearch-agent, or delete the folder to rebuild it")]
+    Newer {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("the state store failed while {doing}: {source} — the disk may be full or the folder removed")]
+    Io { doing: String, source: sled::Error },
+    #[error("the state store holds an unreadable {what} record for {key}: {message} — delete state_dir's state.sled to rebuild it")]
+    Corrupt {
+        what: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{path} cannot be tracked: its name is not valid UTF-8 (Chroma metadata needs text) — rename the file")]
+    NotUtf8 { path: PathBuf },
+}
+
+fn io(doing: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
+    let doing = doing.into();
+    move |source| StoreError::Io { doing, source }
+}
+
+/// Size and modification time: what tells us, without reading a file, that it is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    /// Nanoseconds since the Unix epoch (negative before it).
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of_metadata(md: &std::fs::Metadata) -> FileStamp {
+        let mtime_ns = match md.modified() {
+            Ok(t) => match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => d.as_nanos() as i128,
+                Err(e) => -(e.duration().as_nanos() as i128),
+            },
+            Err(_) => 0,
+        };
+        FileStamp {
+            size: md.len(),
+            mtime_ns,
+        }
+    }
+
+    /// `None` when the path is missing or not a regular file (symlinks are not followed).
+    pub fn of_path(path: &Path) -> Option<FileStamp> {
+        let md = std::fs::symlink_metadata(path).ok()?;
+        md.is_file().then(|| FileStamp::of_metadata(&md))
+    }
+
+    /// How long ago the file was last written, as seen at `now`.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let now_ns = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let diff = now_ns - self.mtime_ns;
+        if diff <= 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(diff.min(u64::MAX as i128) as u64)
+        }
+    }
+}
+
+/// What the store remembers about one file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub stamp: FileStamp,
+    pub content_hash: ContentHash,
+    pub doc_id: DocId,
+    pub num_pages: u32,
+    pub num_chunks: u32,
+    /// The model that embedded it (a model change means a re-index).
+    pub model: String,
+    pub schema_version: u32,
+    /// ISO 8601 UTC time of the last successful index.
+    pub indexed_at: Option<String>,
+    /// Why the last attempt failed; `None` when the records in Chroma match this file.
+    pub last_error: Option<String>,
+}
+
+/// What a job does. The path a job is filed under is [`JobKind::path`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum JobKind {
+    /// (Re-)index the file if its content is not what is indexed.
+    Index { path: PathBuf },
+    /// Remove the file's records.
+    Delete { path: PathBuf },
+    /// Re-key the records of `from` under `to` without the model, then index `to` if its
+    /// content differs.
+    Move { from: PathBuf, to: PathBuf },
+}
+
+impl JobKind {
+    pub fn path(&self) -> &Path {
+        match self {
+            JobKind::Index { path } | JobKind::Delete { path } => path,
+            JobKind::Move { to, .. } => to,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    InProgress,
+    /// Out of attempts, or permanently broken; kept with its reason until the file changes
+    /// or `repair` retries it.
+    Failed,
+}
+
+/// A durable job. Done jobs are removed: the file record is what remains of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Unique and increasing, across restarts.
+    pub seq: u64,
+    pub kind: JobKind,
+    pub state: JobState,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Not to be started before this time (ms since the epoch): settle period or back-off.
+    pub due_ms: u64,
+    /// Size and mtime when the job was filed or last looked at: a file is processed only once
+    /// it has stopped changing.
+    pub seen: Option<FileStamp>,
+    /// An event that arrived while the job was in progress; it runs next.
+    pub pending: Option<JobKind>,
+    pub last_error: Option<String>,
+}
+
+/// Queue sizes, for `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueCounts {
+    pub queued: usize,
+    pub in_progress: usize,
+    pub failed: usize,
+}
+
+/// File counts, for `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FileCounts {
+    /// Files whose records are in Chroma.
+    pub indexed: usize,
+    pub pages: u64,
+    pub chunks: u64,
+    /// Files whose last attempt failed.
+    pub with_error: usize,
+}
+
+/// How a failure is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+}
+
+impl RetryPolicy {
+    /// Exponential back-off: base, 2×base, 4×base, ... capped at a day.
+    pub fn delay(&self, attempts: u32) -> Duration {
+        let factor = 1u64 << attempts.saturating_sub(1).min(20);
+        (self.base.saturating_mul(factor as u32)).min(Duration::from_secs(86_400))
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const META_SCHEMA: &[u8] = b"schema_version";
+
+struct Inner {
+    /// Queued jobs by (due, seq): the dispatcher takes the first one that is due.
+    due: BTreeMap<(u64, u64), PathBuf>,
+}
+
+/// The store. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    files: sled::Tree,
+    hashes: sled::Tree,
+    jobs: sled::Tree,
+    inner: Arc<Mutex<Inner>>,
+    /// Woken whenever a job is queued, so the dispatcher never polls.
+    queued: Arc<tokio::sync::Notify>,
+    path: PathBuf,
+}
+
+fn key(path: &Path) -> Result<Vec<u8>, StoreError> {
+    path.to_str()
+        .map(|s| s.as_bytes().to_vec())
+        .ok_or_else(|| StoreError::NotUtf8 {
+            path: path.to_path_buf(),
+        })
+}
+
+fn path_of_key(k: &[u8]) -> PathBuf {
+    PathBuf::from(String::from_utf8_lossy(k).into_owned())
+}
+
+/// Keys of everything strictly under `dir`.
+fn dir_prefix(dir: &Path) -> Result<Vec<u8>, StoreError> {
+    let mut k = key(dir)?;
+    if !k.ends_with(std::path::MAIN_SEPARATOR_STR.as_bytes()) {
+        k.extend_from_slice(std::path::MAIN_SEPARATOR_STR.as_bytes());
+    }
+    Ok(k)
+}
+
+fn hash_key(hash: &ContentHash, path: &Path) -> Result<Vec<u8>, StoreError> {
+    let mut k = hash.0.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&key(path)?);
+    Ok(k)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    k: &[u8],
+    v: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        what,
+        key: String::from_utf8_lossy(k).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our own plain structs: serialisation cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. An older store is rebuilt (its state is derived
+    /// from the folders and Chroma ids are stable, so nothing is lost but time); jobs that were
+    /// in progress when the last process died are queued again.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(|source| {
+            let locked = matches!(&source, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                || source.to_string().contains("could not acquire lock");
+            if locked {
+                StoreError::Locked {
+                    path: dir.to_path_buf(),
+                }
+            } else {
+                StoreError::Open {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(io(format!("opening tree {name}")))
+        };
+        let files = tree("files")?;
+        let hashes = tree("hashes")?;
+        let jobs = tree("jobs")?;
+        let found = db
+            .get(META_SCHEMA)
+            .map_err(io("reading the schema version"))?
+            .map(|v| {
+                let mut b = [0u8; 4];
+                if v.len() == 4 {
+                    b.copy_from_slice(&v);
+                }
+                u32::from_be_bytes(b)
+            });
+        match found {
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StoreError::Newer {
+                    path: dir.to_path_buf(),
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                })
+            }
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(v) => {
+                // Versioned migrations go here when a format changes; until one exists the
+                // older state is dropped and rebuilt by the start-up reconcile.
+                tracing::warn!(
+                    found = v,
+                    now = SCHEMA_VERSION,
+                    "state store is older: rebuilding it from the watched folders"
+                );
+                for t in [&files, &hashes, &jobs] {
+                    t.clear().map_err(io("clearing an old store"))?;
+                }
+            }
+            None => {}
+        }
+        db.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())
+            .map_err(io("writing the schema version"))?;
+
+        let store = Store {
+            db,
+            files,
+            hashes,
+            jobs,
+            inner: Arc::new(Mutex::new(Inner {
+                due: BTreeMap::new(),
+            })),
+            queued: Arc::new(tokio::sync::Notify::new()),
+            path: dir.to_path_buf(),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every write is one insert).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-queues jobs left in progress and rebuilds the due-order index.
+    fn recover(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.due.clear();
+        for item in self.jobs.iter() {
+            let (k, v) = item.map_err(io("reading jobs"))?;
+            let mut job: Job = decode("job", &k, &v)?;
+            if job.state == JobState::InProgress {
+                if let Some(next) = job.pending.take() {
+                    job.kind = next;
+                    job.attempts = 0;
+                }
+                job.state = JobState::Queued;
+                self.jobs
+                    .insert(&k, encode(&job))
+                    .map_err(io("re-queueing a job"))?;
+            }
+            if job.state == JobState::Queued {
+                inner.due.insert((job.due_ms, job.seq), path_of_key(&k));
+            }
+        }
+        Ok(())
+    }
+
+    /// Woken whenever a job becomes queued.
+    pub fn queued_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.queued.clone()
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(io("flushing"))?;
+        Ok(())
+    }
+
+    // ---- files ----
+
+    pub fn file(&self, path: &Path) -> Result<Option<FileRecord>, StoreError> {
+        let k = key(path)?;
+        match self.files.get(&k).map_err(io("reading a file record"))? {
+            Some(v) => Ok(Some(decode("file", &k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_file(&self, path: &Path, rec: &FileRecord) -> Result<(), StoreError> {
+        let k = key(path)?;
+        let old = self
+            .files
+            .insert(&k, encode(rec))
+            .map_err(io("writing a file record"))?;
+        if let Some(old) = old {
+            let old: FileRecord = decode("file", &k, &old)?;
+            if old.content_hash != rec.content_hash {
+                self.hashes
+                    .remove(hash_key(&old.content_hash, path)?)
+                    .map_err(io("updating the hash index"))?;
+            }
+        }
+        self.hashes
+            .insert(hash_key(&rec.content_hash, path)?, &[])
+            .map_err(io("updating the hash index"))?;
+        Ok(())
+    }
+
+    pub fn remove_file(&self, path: &Path) -> Result<Option<FileRecord>, StoreError> {
+        let k = key(path)?;
+        let Some(old) = self
+            .files
+            .remove(&k)
+            .map_err(io("removing a file record"))?
+        else {
+            return Ok(None);
+        };
+        let old: FileRecord = decode("file", &k, &old)?;
+        self.hashes
+            .remove(hash_key(&old.content_hash, path)?)
+            .map_err(io("updating the hash index"))?;
+        Ok(Some(old))
+    }
+
+    /// Known files strictly under `dir` (every file when `dir` is a filesystem root).
+    pub fn files_under(&self, dir: &Path) -> Result<Vec<(PathBuf, FileRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.files.scan_prefix(dir_prefix(dir)?) {
+            let (k, v) = item.map_err(io("listing file records"))?;
+            out.push((path_of_key(&k), decode("file", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Paths of known files with this content.
+    pub fn paths_with_hash(&self, hash: &ContentHash) -> Result<Vec<PathBuf>, StoreError> {
+        let mut prefix = hash.0.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.hashes.scan_prefix(&prefix) {
+            let (k, _) = item.map_err(io("reading the hash index"))?;
+            out.push(path_of_key(&k[prefix.len()..]));
+        }
+        Ok(out)
+    }
+
+    pub fn file_counts(&self) -> Result<FileCounts, StoreError> {
+        let mut c = FileCounts::default();
+        for item in self.files.iter() {
+            let (k, v) = item.map_err(io("counting files"))?;
+            let rec: FileRecord = decode("file", &k, &v)?;
+            if rec.last_error.is_some() {
+                c.with_error += 1;
+            } else {
+                c.indexed += 1;
+                c.pages += rec.num_pages as u64;
+                c.chunks += rec.num_chunks as u64;
+            }
+        }
+        Ok(c)
+    }
+
+    // ---- jobs ----
+
+    pub fn job(&self, path: &Path) -> Result<Option<Job>, StoreError> {
+        let k = key(path)?;
+        match self.jobs.get(&k).map_err(io("reading a job"))? {
+            Some(v) => Ok(Some(decode("job", &k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn write_job(&self, inner: &mut Inner, old: Option<&Job>, job: &Job) -> Result<(), StoreError> {
+        let path = job.kind.path().to_path_buf();
+        if let Some(old) = old {
+            inner.due.remove(&(old.due_ms, old.seq));
+        }
+        self.jobs
+            .insert(key(&path)?, encode(job))
+            .map_err(io("writing a job"))?;
+        if job.state == JobState::Queued {
+            inner.due.insert((job.due_ms, job.seq), path);
+            self.queued.notify_one();
+        }
+        Ok(())
+    }
+
+    fn drop_job(&self, inner: &mut Inner, job: &Job) -> Result<(), StoreError> {
+        inner.due.remove(&(job.due_ms, job.seq));
+        self.jobs
+            .remove(key(job.kind.path())?)
+            .map_err(io("removing a job"))?;
+        Ok(())
+    }
+
+    fn new_seq(&self) -> Result<u64, StoreError> {
+        self.db.generate_id().map_err(io("numbering a job"))
+    }
+
+    /// Files a job; the latest event for a path wins. `delay` is how long the file must stay
+    /// still first (the settle period); `seen` its size and mtime now, if known.
+    pub fn enqueue(
+        &self,
+        kind: JobKind,
+        seen: Option<FileStamp>,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        self.enqueue_locked(&mut inner, kind, seen, delay)
+    }
+
+    fn enqueue_locked(
+        &self,
+        inner: &mut Inner,
+        kind: JobKind,
+        seen: Option<FileStamp>,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let due_ms = now_ms() + delay.as_millis() as u64;
+        let path = kind.path().to_path_buf();
+        // A move takes over the job of the file it moves.
+        if let JobKind::Move { from, .. } = &kind {
+            if let Some(old) = self.job(from)? {
+                match old.state {
+                    JobState::InProgress => {
+                        // It finishes first; its records are then deleted (the move re-indexes
+                        // if there is nothing left to re-key).
+                        let mut old2 = old.clone();
+                        old2.pending = Some(JobKind::Delete { path: from.clone() });
+                        self.write_job(inner, Some(&old), &old2)?;
+                    }
+                    JobState::Queued | JobState::Failed => self.drop_job(inner, &old)?,
+                }
+            }
+        }
+        let existing = self.job(&path)?;
+        let fresh = |kind: JobKind, seq: u64| Job {
+            seq,
+            kind,
+            state: JobState::Queued,
+            attempts: 0,
+            due_ms,
+            seen,
+            pending: None,
+            last_error: None,
+        };
+        let Some(old) = existing else {
+            let job = fresh(kind, self.new_seq()?);
+            return self.write_job(inner, None, &job);
+        };
+        match old.state {
+            JobState::InProgress => {
+                let mut job = old.clone();
+                job.pending = Some(merge(old.pending.clone(), kind));
+                self.write_job(inner, Some(&old), &job)
+            }
+            JobState::Failed => {
+                let job = fresh(kind, self.new_seq()?);
+                self.write_job(inner, Some(&old), &job)
+            }
+            JobState::Queued => {
+                // Deleting a file whose move is queued: the records still live under the old
+                // path, so that is what must be deleted.
+                if let (JobKind::Move { from, .. }, JobKind::Delete { .. }) = (&old.kind, &kind) {
+                    let from = from.clone();
+                    let job = fresh(kind, self.new_seq()?);
+                    self.write_job(inner, Some(&old), &job)?;
+                    return self.enqueue_locked(inner, JobKind::Delete { path: from }, None, delay);
+                }
+                let merged = merge(Some(old.kind.clone()), kind);
+                let mut job = old.clone();
+                job.kind = merged;
+                job.seen = seen.or(old.seen);
+                job.due_ms = old.due_ms.max(due_ms);
+                job.seq = self.new_seq()?;
+                self.write_job(inner, Some(&old), &job)
+            }
+        }
+    }
+
+    /// Takes the first queued job that is due at `now_ms`, marking it in progress.
+    pub fn take_due(&self, now: u64) -> Result<Option<Job>, StoreError> {
+        let mut inner = self.lock();
+        let Some((&(due, seq), path)) = inner.due.iter().next() else {
+            return Ok(None);
+        };
+        if due > now {
+            return Ok(None);
+        }
+        let path = path.clone();
+        inner.due.remove(&(due, seq));
+        let Some(mut job) = self.job(&path)? else {
+            return Ok(None);
+        };
+        job.state = JobState::InProgress;
+        self.jobs
+            .insert(key(&path)?, encode(&job))
+            .map_err(io("starting a job"))?;
+        Ok(Some(job))
+    }
+
+    /// When the next queued job becomes due (ms since the epoch), if any is queued.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.lock().due.keys().next().map(|(d, _)| *d)
+    }
+
+    /// The job finished; a job filed meanwhile for the same path runs next.
+    pub fn complete(&self, job: &Job) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Some(cur) = self.job(job.kind.path())? else {
+            return Ok(());
+        };
+        if cur.seq != job.seq {
+            return Ok(());
+        }
+        match cur.pending.clone() {
+            Some(next) => {
+                let mut j = cur.clone();
+                j.kind = next;
+                j.pending = None;
+                j.state = JobState::Queued;
+                j.attempts = 0;
+                j.last_error = None;
+                j.seq = self.new_seq()?;
+                j.due_ms = now_ms();
+                self.write_job(&mut inner, Some(&cur), &j)
+            }
+            None => self.drop_job(&mut inner, &cur),
+        }
+    }
+
+    /// The file is not ready yet (still being written): look again after `delay`, without
+    /// counting an attempt.
+    pub fn defer(
+        &self,
+        job: &Job,
+        seen: Option<FileStamp>,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let Some(cur) = self.job(job.kind.path())? else {
+            return Ok(());
+        };
+        if cur.seq != job.seq {
+            return Ok(());
+        }
+        let mut j = cur.clone();
+        if let Some(next) = j.pending.take() {
+            j.kind = next;
+        }
+        j.state = JobState::Queued;
+        j.seen = seen;
+        j.due_ms = now_ms() + delay.as_millis() as u64;
+        self.write_job(&mut inner, Some(&cur), &j)
+    }
+
+    /// The job failed. A transient failure is retried with back-off until the attempts run
+    /// out; a permanent one fails at once. A job filed meanwhile replaces it (the file changed).
+    /// Returns the job's new state.
+    pub fn fail(
+        &self,
+        job: &Job,
+        reason: &str,
+        permanent: bool,
+        policy: RetryPolicy,
+    ) -> Result<JobState, StoreError> {
+        let mut inner = self.lock();
+        let Some(cur) = self.job(job.kind.path())? else {
+            return Ok(JobState::Failed);
+        };
+        if cur.seq != job.seq {
+            return Ok(cur.state);
+        }
+        let mut j = cur.clone();
+        if let Some(next) = j.pending.take() {
+            j.kind = next;
+            j.attempts = 0;
+            j.state = JobState::Queued;
+            j.last_error = Some(reason.to_string());
+            j.due_ms = now_ms();
+            j.seq = self.new_seq()?;
+        } else {
+            j.attempts += 1;
+            j.last_error = Some(reason.to_string());
+            if permanent || j.attempts >= policy.max_attempts {
+                j.state = JobState::Failed;
+            } else {
+                j.state = JobState::Queued;
+                j.due_ms = now_ms() + policy.delay(j.attempts).as_millis() as u64;
+            }
+        }
+        self.write_job(&mut inner, Some(&cur), &j)?;
+        Ok(j.state)
+    }
+
+    /// Queues every failed job again (what `repair` asks for). Returns how many.
+    pub fn retry_failed(&self) -> Result<usize, StoreError> {
+        let mut inner = self.lock();
+        let mut n = 0;
+        for (_, job) in self.all_jobs()? {
+            if job.state == JobState::Failed {
+                let mut j = job.clone();
+                j.state = JobState::Queued;
+                j.attempts = 0;
+                j.due_ms = now_ms();
+                j.seq = self.new_seq()?;
+                self.write_job(&mut inner, Some(&job), &j)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn all_jobs(&self) -> Result<Vec<(PathBuf, Job)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item.map_err(io("listing jobs"))?;
+            out.push((path_of_key(&k), decode("job", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Jobs strictly under `dir`.
+    pub fn jobs_under(&self, dir: &Path) -> Result<Vec<(PathBuf, Job)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.jobs.scan_prefix(dir_prefix(dir)?) {
+            let (k, v) = item.map_err(io("listing jobs"))?;
+            out.push((path_of_key(&k), decode("job", &k, &v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn queue_counts(&self) -> Result<QueueCounts, StoreError> {
+        let mut c = QueueCounts::default();
+        for (_, job) in self.all_jobs()? {
+            match job.state {
+                JobState::Queued => c.queued += 1,
+                JobState::InProgress => c.in_progress += 1,
+                JobState::Failed => c.failed += 1,
+            }
+        }
+        Ok(c)
+    }
+
+    /// Failed jobs and their reasons.
+    pub fn failures(&self) -> Result<Vec<(PathBuf, String)>, StoreError> {
+        Ok(self
+            .all_jobs()?
+            .into_iter()
+            .filter(|(_, j)| j.state == JobState::Failed)
+            .map(|(p, j)| (p, j.last_error.unwrap_or_default()))
+            .collect())
+    }
+}
+
+/// The latest event wins, except that a change to a file whose move is queued keeps the move
+/// (the move re-checks the content after re-keying).
+fn merge(old: Option<JobKind>, new: JobKind) -> JobKind {
+    match (old, new) {
+        (Some(m @ JobKind::Move { .. }), JobKind::Index { .. }) => m,
+        (_, new) => new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_version(dir: &Path, v: u32) {
+        let db = sled::open(dir).expect("open raw");
+        db.insert(META_SCHEMA, &v.to_be_bytes()).expect("write");
+        db.flush().expect("flush");
+    }
+
+    #[test]
+    fn a_newer_store_is_refused_and_an_older_one_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.enqueue(
+                JobKind::Index {
+                    path: "/w/a.pdf".into(),
+                },
+                None,
+                Duration::ZERO,
+            )
+            .expect("enqueue");
+            s.flush().expect("flush");
+        }
+        write_version(dir.path(), SCHEMA_VERSION + 1);
+        match Store::open(dir.path()) {
+            Err(StoreError::Newer { found, .. }) => assert_eq!(found, SCHEMA_VERSION + 1),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a store from a newer version was opened"),
+        }
+        write_version(dir.path(), SCHEMA_VERSION - 1);
+        let s = Store::open(dir.path()).expect("older store opens");
+        assert!(
+            s.all_jobs().expect("jobs").is_empty(),
+            "an older store is rebuilt, not misread"
+        );
+        drop(s);
+        let s = Store::open(dir.path()).expect("reopen");
+        assert!(s.all_jobs().expect("jobs").is_empty());
+    }
+}

@@ -18,10 +18,13 @@ pub struct ModelFiles {
     pub tokenizer: PathBuf,
     /// One file, or every shard named by `model.safetensors.index.json`.
     pub weights: Vec<PathBuf>,
+    /// `preprocessor_config.json`, when the checkpoint has one.
+    pub preprocessor: Option<PathBuf>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
+const PREPROCESSOR: &str = "preprocessor_config.json";
 
 /// Where a model comes from.
 enum Source<'a> {
@@ -88,11 +91,19 @@ pub fn resolve(cfg: &ModelConfig) -> Result<ModelFiles, EmbedError> {
                 }
                 Err(e) => return Err(e),
             };
+            let preprocessor = match hub_file(cfg, repo, revision, PREPROCESSOR) {
+                Ok(p) => Some(p),
+                Err(EmbedError::NotOnHub { .. }) => None,
+                // Offline, a checkpoint fetched before may lack it: the defaults are SigLIP's.
+                Err(EmbedError::NotInCache { .. }) => None,
+                Err(e) => return Err(e),
+            };
             Ok(ModelFiles {
                 id: format!("{repo}@{revision}"),
                 config,
                 tokenizer,
                 weights,
+                preprocessor,
             })
         }
     }
@@ -101,6 +112,7 @@ pub fn resolve(cfg: &ModelConfig) -> Result<ModelFiles, EmbedError> {
 /// Only `config.json` (no weights): what extraction needs to know the image size.
 pub fn resolve_config(cfg: &ModelConfig) -> Result<PathBuf, EmbedError> {
     match source(cfg) {
+        Source::Dir(dir) if !dir.is_dir() => Err(EmbedError::LocalDirMissing(dir.to_path_buf())),
         Source::Dir(dir) => local_file(dir, "config.json"),
         Source::Hub { repo, revision } => hub_file(cfg, repo, revision, "config.json"),
     }
@@ -120,10 +132,7 @@ fn local_file(dir: &Path, name: &str) -> Result<PathBuf, EmbedError> {
 
 fn resolve_dir(dir: &Path) -> Result<ModelFiles, EmbedError> {
     if !dir.is_dir() {
-        return Err(EmbedError::LocalFileMissing {
-            dir: dir.to_path_buf(),
-            file: String::new(),
-        });
+        return Err(EmbedError::LocalDirMissing(dir.to_path_buf()));
     }
     let config = local_file(dir, "config.json")?;
     let tokenizer = local_file(dir, "tokenizer.json")?;
@@ -141,6 +150,7 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles, EmbedError> {
         config,
         tokenizer,
         weights,
+        preprocessor: Some(dir.join(PREPROCESSOR)).filter(|p| p.is_file()),
     })
 }
 

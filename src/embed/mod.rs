@@ -28,7 +28,9 @@ pub use prompt::Prompts;
 /// What went wrong loading or running the model; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
-    #[error("model directory {dir} has no {file} — a ColPali checkpoint needs config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json with its shards)", file = if file.is_empty() { "such directory".to_string() } else { file.clone() })]
+    #[error("model directory {0} does not exist — set model.name (MODEL_NAME) to a checkpoint directory or a Hugging Face repo id")]
+    LocalDirMissing(PathBuf),
+    #[error("model directory {dir} has no {file} — a ColPali checkpoint needs config.json, tokenizer.json and model.safetensors (or model.safetensors.index.json with its shards)")]
     LocalFileMissing { dir: PathBuf, file: String },
     #[error("model {repo}@{revision}: {file} is not in the Hugging Face cache ({cache}) and the model is set to offline — run `docusearch-agent model fetch --model {repo}` where the hub is reachable, or set model.name (MODEL_NAME) to a local directory")]
     NotInCache {
@@ -55,6 +57,8 @@ pub enum EmbedError {
         path: PathBuf,
         source: config::ConfigJsonError,
     },
+    #[error("image preprocessing configuration {path}: {message}")]
+    Preprocessor { path: PathBuf, message: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("weights {path}: {message} — the checkpoint must have the layout of vidore/colpali-v1.2-merged")]
@@ -76,6 +80,7 @@ pub struct Embedder {
     fell_back_to_cpu: bool,
     batch_size_visual: usize,
     batch_size_text: usize,
+    normalization: preprocess::Normalization,
 }
 
 const _: () = {
@@ -110,6 +115,30 @@ impl Embedder {
         let files = loader::resolve(cfg)?;
         let model_cfg = read_config(&files.config)?;
         let prompts = Prompts::load(&files.tokenizer)?;
+        let normalization = match &files.preprocessor {
+            None => preprocess::Normalization::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Preprocessor {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let (norm, size) = preprocess::Normalization::from_preprocessor_config(&text)
+                    .map_err(|message| EmbedError::Preprocessor {
+                        path: path.clone(),
+                        message,
+                    })?;
+                if let Some(size) = size.filter(|s| *s as usize != model_cfg.vision.image_size) {
+                    return Err(EmbedError::Preprocessor {
+                        path: path.clone(),
+                        message: format!(
+                            "it resizes to {size} but config.json's vision_config.image_size is {}",
+                            model_cfg.vision.image_size
+                        ),
+                    });
+                }
+                norm
+            }
+        };
         let sel = device::select(cfg.device, cfg.dtype)?;
         // SAFETY: the files are memory-mapped read-only; a checkpoint modified while loading
         // is not a case we support (the same contract as every safetensors loader).
@@ -136,6 +165,7 @@ impl Embedder {
             fell_back_to_cpu: sel.fell_back_to_cpu,
             batch_size_visual: cfg.batch_size_visual.max(1),
             batch_size_text: cfg.batch_size_text.max(1),
+            normalization,
         })
     }
 
@@ -181,7 +211,11 @@ impl Embedder {
         for batch in images.chunks(self.batch_size_visual) {
             let mut pixels = Vec::with_capacity(batch.len() * 3 * (size * size) as usize);
             for img in batch {
-                pixels.extend(preprocess::pixel_values(img, size));
+                pixels.extend(preprocess::pixel_values_with(
+                    img,
+                    size,
+                    &self.normalization,
+                ));
             }
             let t = Tensor::from_vec(
                 pixels,

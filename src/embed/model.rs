@@ -7,12 +7,42 @@
 //! features differently. The tensor names asked of the `VarBuilder` are the merged checkpoint's.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::{ColPaliConfig, TextConfig, VisionConfig};
 use super::ops;
 
 type Result<T> = candle_core::Result<T>;
+
+/// y = x·Wᵀ + b over the last axis. The leading axes are flattened first, so a batch of pages
+/// is one large matrix product rather than one per page (candle's `Linear` broadcasts the
+/// weight per batch item).
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (last, lead) = dims
+            .split_last()
+            .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, *last))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.weight.dim(0)?);
+        y.reshape(out_dims)
+    }
+}
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
@@ -30,32 +60,30 @@ fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(w, b, eps))
 }
 
+/// An additive key mask (B, 1, 1, L): 0 on real tokens, the dtype's lowest value on padding; on
+/// the device, and on the host for the CPU kernels.
+struct KeyMask {
+    tensor: Tensor,
+    host: Vec<f32>,
+}
+
 /// softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H a multiple of
-/// Hkv (grouped-query attention without copying k and v), mask additive (B, 1, 1, Lk).
+/// Hkv (grouped-query attention without copying k and v).
 fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    mask: Option<&KeyMask>,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let groups = h / hkv;
     // Heads of one group share k and v: stack their queries along the sequence axis.
     let q = q.reshape((b, hkv, groups * lq, d))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.reshape((b, h, lq, ()))?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = if scores.dtype() == DType::F32 {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    } else {
-        // The reference takes the softmax in f32 for half-precision weights.
-        candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
-    };
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, lq, ()))?;
+    let probs =
+        ops::scaled_masked_softmax(scores, scale, mask.map(|m| (&m.tensor, m.host.as_slice())))?;
     let probs = probs.reshape((b, hkv, groups * lq, ()))?;
     probs.matmul(v)?.reshape((b, h, lq, d))
 }
@@ -106,7 +134,7 @@ impl VisionLayer {
         let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.out_proj.forward(&a)?)?;
         let x = self.layer_norm2.forward(&xs)?;
-        let x = ops::gelu_tanh(&self.fc1.forward(&x)?)?;
+        let x = ops::gelu_tanh(self.fc1.forward(&x)?)?;
         xs + self.fc2.forward(&x)?
     }
 }
@@ -199,6 +227,10 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if dtype == DType::F32 && x.is_contiguous() {
+            // candle's fused kernel: the same arithmetic in one pass.
+            return candle_nn::ops::rms_norm(x, &self.scale, self.eps as f32);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
@@ -248,7 +280,7 @@ impl TextLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &KeyMask) -> Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let x = self.input_layernorm.forward(xs)?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -265,8 +297,7 @@ impl TextLayer {
         let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.o_proj.forward(&a)?)?;
         let x = self.post_attention_layernorm.forward(&xs)?;
-        let gate = ops::gelu_tanh(&self.gate_proj.forward(&x)?)?;
-        let x = (gate * self.up_proj.forward(&x)?)?;
+        let x = ops::gelu_mul(self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
         xs + self.down_proj.forward(&x)?
     }
 }
@@ -342,7 +373,7 @@ impl TextModel {
         flat.reshape((b, l, self.cfg.hidden_size))? * (self.cfg.hidden_size as f64).sqrt()
     }
 
-    fn forward(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, embeds: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         let mut xs = embeds.clone();
         for layer in &self.layers {
             xs = layer.forward(&xs, &self.rope, mask)?;
@@ -441,12 +472,12 @@ impl ColPaliModel {
             DType::F32 => f32::MIN as f64,
             _ => -65504.0,
         };
-        let mut mask = Vec::with_capacity(b * l);
+        let mut host = Vec::with_capacity(b * l);
         for &n in lens {
-            mask.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
+            host.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
         }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
-        let hidden = self.text.forward(embeds, &mask)?;
+        let tensor = Tensor::from_slice(&host, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
+        let hidden = self.text.forward(embeds, &KeyMask { tensor, host })?;
         let proj = self
             .custom_text_proj
             .forward(&hidden)?

@@ -139,17 +139,120 @@ impl Coeffs {
     }
 }
 
-/// The model's input for one page: resized to `size`×`size`, ×1/255, mean = std = 0.5, as
-/// channel-major f32 (C, H, W).
+/// How pixel bytes become model inputs: ×`rescale`, then (v − mean) / std per channel. The
+/// defaults are SigLIP's (1/255, 0.5, 0.5); a checkpoint's `preprocessor_config.json` may say
+/// otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalization {
+    pub rescale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for Normalization {
+    fn default() -> Self {
+        Normalization {
+            rescale: 1.0 / 255.0,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
+    }
+}
+
+impl Normalization {
+    /// Reads `rescale_factor`, `image_mean`, `image_std` (missing keys keep the defaults) and
+    /// the square `size` it asks for, if any.
+    pub fn from_preprocessor_config(text: &str) -> Result<(Normalization, Option<u32>), String> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut n = Normalization::default();
+        if v.get("do_rescale").and_then(|x| x.as_bool()) == Some(false) {
+            n.rescale = 1.0;
+        } else if let Some(r) = v.get("rescale_factor").and_then(|x| x.as_f64()) {
+            n.rescale = r as f32;
+        }
+        let triple = |key: &str| -> Result<Option<[f32; 3]>, String> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::Number(x)) => {
+                    Ok(Some([x.as_f64().unwrap_or(0.0) as f32; 3]))
+                }
+                Some(serde_json::Value::Array(a)) if a.len() == 3 => {
+                    let mut out = [0f32; 3];
+                    for (o, x) in out.iter_mut().zip(a) {
+                        *o = x
+                            .as_f64()
+                            .ok_or_else(|| format!("`{key}` holds a non-number"))?
+                            as f32;
+                    }
+                    Ok(Some(out))
+                }
+                Some(other) => Err(format!("`{key}` is {other}; expected three numbers")),
+            }
+        };
+        if v.get("do_normalize").and_then(|x| x.as_bool()) == Some(false) {
+            n.mean = [0.0; 3];
+            n.std = [1.0; 3];
+        } else {
+            if let Some(m) = triple("image_mean")? {
+                n.mean = m;
+            }
+            if let Some(s) = triple("image_std")? {
+                n.std = s;
+            }
+        }
+        let size = v.get("size").and_then(|s| {
+            let h = s.get("height")?.as_u64()?;
+            let w = s.get("width")?.as_u64()?;
+            (h == w).then_some(h as u32)
+        });
+        Ok((n, size))
+    }
+}
+
+/// The model's input for one page with SigLIP's normalisation: see [`pixel_values_with`].
 pub fn pixel_values(img: &RgbImage, size: u32) -> Vec<f32> {
+    pixel_values_with(img, size, &Normalization::default())
+}
+
+/// The model's input for one page: resized to `size`×`size`, rescaled and normalised, as
+/// channel-major f32 (C, H, W).
+pub fn pixel_values_with(img: &RgbImage, size: u32, norm: &Normalization) -> Vec<f32> {
     let resized = resize_for_model(img, size, size);
     let plane = (size * size) as usize;
     let mut out = vec![0f32; 3 * plane];
     for (i, px) in resized.pixels().enumerate() {
         for c in 0..3 {
-            // (v/255 − 0.5)/0.5, in the order the reference computes it.
-            out[c * plane + i] = (px[c] as f32 * (1.0 / 255.0) - 0.5) / 0.5;
+            // In the order the reference computes it: rescale, then normalise.
+            out[c * plane + i] = (px[c] as f32 * norm.rescale - norm.mean[c]) / norm.std[c];
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessor_config_values_are_read_and_defaults_kept() {
+        let (n, size) = Normalization::from_preprocessor_config(
+            r#"{"image_mean": [0.1, 0.2, 0.3], "image_std": 0.25, "size": {"height": 448, "width": 448}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.mean, [0.1, 0.2, 0.3]);
+        assert_eq!(n.std, [0.25; 3]);
+        assert_eq!(n.rescale, 1.0 / 255.0);
+        assert_eq!(size, Some(448));
+        let err = Normalization::from_preprocessor_config(r#"{"image_mean": "grey"}"#).unwrap_err();
+        assert!(err.contains("image_mean"), "{err}");
+    }
+
+    #[test]
+    fn resize_keeps_a_flat_image_flat_and_an_unchanged_size_identical() {
+        let flat = RgbImage::from_pixel(37, 91, image::Rgb([200, 17, 99]));
+        let out = resize_for_model(&flat, 14, 14);
+        assert!(out.pixels().all(|p| p.0 == [200, 17, 99]));
+        let same = resize_for_model(&flat, 37, 91);
+        assert_eq!(same.as_raw(), flat.as_raw());
+    }
 }

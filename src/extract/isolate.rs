@@ -113,7 +113,6 @@ pub(crate) fn run_worker(
             Err(e) => break Outcome::Ended(Some(e.to_string())),
         }
     };
-    drop(deliver);
     if !matches!(outcome, Outcome::Done | Outcome::Failed(_)) {
         // Stopped by us or talking nonsense: it must not run on. (Harmless if already gone.)
         if let Ok(mut c) = child.lock() {

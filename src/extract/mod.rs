@@ -322,6 +322,12 @@ impl Extractor {
         self.soffice.as_deref()
     }
 
+    /// What `status` should tell the user about office files: `Some` when LibreOffice is
+    /// missing and they are indexed as text only.
+    pub fn office_note(&self) -> Option<&'static str> {
+        self.soffice.is_none().then_some(office::NEEDS_LIBREOFFICE)
+    }
+
     /// Blocking. Runs the isolated worker on one file and streams events as pages are rendered
     /// (never all pages in memory). The sink returns `ControlFlow::Break(())` to stop early.
     pub fn extract(
@@ -335,27 +341,38 @@ impl Extractor {
         })?;
         let kind = sniff::check_file(path, format, self.opts.max_file_bytes)?;
         let mut notes = Vec::new();
-        let (source, kind, _converted) = match kind {
-            protocol::WorkKind::OfficeText => match &self.soffice {
-                Some(soffice) => {
-                    let converted = office::convert_to_pdf(soffice, path, self.opts.render_timeout)?;
-                    (converted.pdf.clone(), protocol::WorkKind::Pdf, Some(converted))
+        let legacy = matches!(format, DocFormat::Doc | DocFormat::Ppt);
+        let (source, kind, _converted) = match (kind, &self.soffice) {
+            (protocol::WorkKind::OfficeText, Some(soffice)) => {
+                match office::convert_to_pdf(soffice, path, self.opts.render_timeout) {
+                    Ok(converted) => (converted.pdf.clone(), protocol::WorkKind::Pdf, Some(converted)),
+                    Err(e) if legacy => return Err(e),
+                    // A partial install (Writer without Impress, say) or a file LibreOffice
+                    // rejects: the text in the package is still worth indexing.
+                    Err(e) => {
+                        tracing::warn!("{e}; indexing its text only");
+                        notes.push(format!(
+                            "visual indexing failed ({}): only the text was indexed",
+                            e.reason()
+                        ));
+                        (path.to_path_buf(), kind, None)
+                    }
                 }
-                None if matches!(format, DocFormat::Doc | DocFormat::Ppt) => {
-                    return Err(ExtractError::Unsupported {
-                        path: path.to_path_buf(),
-                        detail: format!(
-                            "legacy .{} files need LibreOffice (not found); install it or set extract.libreoffice",
-                            format.as_str()
-                        ),
-                    })
-                }
-                None => {
-                    notes.push(office::NEEDS_LIBREOFFICE.to_string());
-                    (path.to_path_buf(), kind, None)
-                }
-            },
-            other => (path.to_path_buf(), other, None),
+            }
+            (protocol::WorkKind::OfficeText, None) if legacy => {
+                return Err(ExtractError::Unsupported {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "legacy .{} files need LibreOffice (not found); install it or set extract.libreoffice",
+                        format.as_str()
+                    ),
+                })
+            }
+            (protocol::WorkKind::OfficeText, None) => {
+                notes.push(office::NEEDS_LIBREOFFICE.to_string());
+                (path.to_path_buf(), kind, None)
+            }
+            (other, _) => (path.to_path_buf(), other, None),
         };
         let request = protocol::WorkRequest {
             source,

@@ -77,11 +77,7 @@ pub(crate) fn extract(
         })?;
         let image = resize_for_model(&rendered, job.image_size, job.image_size);
         drop(rendered);
-        let text = page
-            .text()
-            .map(|t| t.all())
-            .map_err(|e| corrupt("text", e))?;
-        let text = text.replace("\r\n", "\n").replace('\r', "\n");
+        let text = page_text(&page).map_err(|e| corrupt("text", e))?;
         out.page(&Page {
             number,
             image: Some(image),
@@ -89,6 +85,24 @@ pub(crate) fn extract(
         })?;
     }
     Ok(())
+}
+
+/// Every character PDFium finds on the page, in content order, with the spaces and line breaks
+/// it infers: what `FPDFText_GetText` (pypdfium2's `get_text_range`, which DocuSearch used)
+/// returns. pdfium-render's `all()` would drop text outside the page box. Line ends become `\n`.
+fn page_text(page: &PdfPage) -> Result<String, PdfiumError> {
+    let text = page.text()?;
+    let chars = text.chars();
+    let mut out = String::with_capacity(chars.len());
+    // FPDFText_GetText writes PDFium's end-of-line hyphen marker (U+0002) as U+FFFE.
+    out.extend(chars.iter().filter_map(|c| c.unicode_char()).map(|c| {
+        if c == '\u{2}' {
+            '\u{fffe}'
+        } else {
+            c
+        }
+    }));
+    Ok(out.replace("\r\n", "\n"))
 }
 
 /// Copies PDFium's padded rows (stride ≥ width×3) into a tight RGB image.

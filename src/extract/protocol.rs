@@ -92,8 +92,12 @@ pub(crate) fn write_page(w: &mut impl Write, page: &Page) -> io::Result<()> {
         Some(img) => (img.width(), img.height(), img.as_raw()),
         None => (0, 0, &[]),
     };
-    let text = page.text.as_bytes();
-    let text = &text[..text.len().min(MAX_TEXT_BYTES)];
+    // Cut an absurdly long text at a character boundary, so it stays valid UTF-8.
+    let mut cut = page.text.len().min(MAX_TEXT_BYTES);
+    while !page.text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let text = &page.text.as_bytes()[..cut];
     let mut header = Vec::with_capacity(16);
     for v in [page.number, width, height, text.len() as u32] {
         header.extend_from_slice(&v.to_le_bytes());
@@ -121,9 +125,8 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 /// Reads the next frame; `Ok(None)` at a clean end of stream (before any tag byte).
 pub(crate) fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut tag = [0u8; 1];
-    match r.read(&mut tag)? {
-        0 => return Ok(None),
-        _ => {}
+    if r.read(&mut tag)? == 0 {
+        return Ok(None);
     }
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;

@@ -37,7 +37,6 @@ pub fn worker_main() -> ExitCode {
     let mut out = Frames {
         out: BufWriter::with_capacity(1 << 20, pipe),
         fault: TestFault::from_env(&req.source),
-        pages: 0,
     };
     let result = run(&req, &mut out);
     let written = match &result {
@@ -101,7 +100,6 @@ fn protocol_pipe() -> std::io::Result<File> {
 struct Frames {
     out: BufWriter<File>,
     fault: Option<TestFault>,
-    pages: u32,
 }
 
 fn pipe_closed(e: std::io::Error) -> WorkerFailure {
@@ -117,7 +115,6 @@ impl Emit for Frames {
 
     fn page(&mut self, page: &Page) -> Result<(), WorkerFailure> {
         protocol::write_page(&mut self.out, page).map_err(pipe_closed)?;
-        self.pages += 1;
         if let Some(fault) = self.fault {
             // After a page went out, so the parent sees a failure mid-document.
             let _ = self.out.flush();

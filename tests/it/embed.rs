@@ -478,3 +478,102 @@ fn model_fetch_with_the_hub_unreachable_fails_naming_the_repo_and_the_fix() {
     assert!(err.contains("could not download"), "{err}");
     assert!(err.contains("local directory"), "{err}");
 }
+
+#[test]
+fn the_half_precision_path_stays_close_to_the_reference() {
+    // bf16 on the CPU runs the code GPUs run (candle's own kernels, softmax and norms in f32).
+    let r = reference();
+    let cfg = ModelConfig {
+        dtype: docusearch_agent::config::DtypeChoice::Bf16,
+        ..model_config()
+    };
+    let embedder = Embedder::load(&cfg).expect("tiny model loads in bf16");
+    assert_eq!(embedder.dtype_name(), "bf16");
+    let pages = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .expect("forward");
+    let qs = queries(&r);
+    let texts: Vec<&str> = qs.iter().map(String::as_str).collect();
+    let got = embedder.embed_queries(&texts).expect("forward");
+    let mut worst = 0f32;
+    for (i, mv) in pages.iter().enumerate() {
+        worst = worst.max(max_abs_diff(mv, &reference_rows(&r, &format!("image_{i}"))));
+    }
+    for (i, mv) in got.iter().enumerate() {
+        worst = worst.max(max_abs_diff(mv, &reference_rows(&r, &format!("query_{i}"))));
+    }
+    // bf16 keeps 8 bits of mantissa: unit vectors agree to a few hundredths (0.017 measured).
+    assert!(worst < 0.05, "bf16 max |diff| {worst}");
+    let want = r.json["scores"][2][1].as_f64().unwrap() as f32;
+    let s = got[2].maxsim(&pages[1]);
+    assert!((s - want).abs() / want < 0.02, "bf16 score {s} vs {want}");
+}
+
+#[test]
+fn a_missing_local_directory_or_file_is_named() {
+    let missing = ModelConfig {
+        name: "./no-such-model-dir".into(),
+        ..model_config()
+    };
+    let err = Embedder::load(&missing).err().expect("no such directory");
+    assert!(
+        err.to_string().contains("no-such-model-dir") && err.to_string().contains("does not exist"),
+        "{err}"
+    );
+    // A directory without weights: the file is named.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let cfg = ModelConfig {
+        name: dir.path().display().to_string(),
+        ..model_config()
+    };
+    let err = Embedder::load(&cfg).err().expect("no weights");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    // The image size needs only config.json.
+    assert_eq!(model_image_size(&cfg).unwrap(), 56);
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_through_its_index() {
+    let r = reference();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    // Split the tiny weights the way the real checkpoint is split: language model apart.
+    let all = candle_core::safetensors::load(model_dir().join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut shards: [HashMap<String, Tensor>; 2] = [HashMap::new(), HashMap::new()];
+    let mut weight_map = serde_json::Map::new();
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    for (name, t) in all {
+        let i = usize::from(!name.starts_with("model.language_model."));
+        weight_map.insert(name.clone(), names[i].into());
+        shards[i].insert(name, t);
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.path().join(names[i])).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let cfg = ModelConfig {
+        name: dir.path().display().to_string(),
+        ..model_config()
+    };
+    let embedder = Embedder::load(&cfg).expect("the sharded checkpoint loads");
+    let got = embedder
+        .embed_pixel_values(&r.tensors["pixel_values"])
+        .unwrap();
+    let d = max_abs_diff(&got[0], &reference_rows(&r, "image_0"));
+    assert!(d < 1e-4, "sharded: max |diff| {d}");
+}

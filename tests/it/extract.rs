@@ -179,10 +179,44 @@ fn a_rendered_page_matches_pdfium_rendering_it_directly() {
         .to_rgb8();
     let expected = docusearch_agent::embed::preprocess::resize_for_model(&direct, SIZE, SIZE);
     assert_eq!(got.pages[1].image.as_ref().unwrap(), &expected);
-    assert_eq!(
-        got.pages[1].text,
-        page.text().unwrap().all().replace("\r\n", "\n")
-    );
+}
+
+#[test]
+fn page_text_is_what_pypdfium2_reads() {
+    // DocuSearch read page text with pypdfium2's `get_text_range()`; the records must carry the
+    // same text. Checked on every page of two corpus PDFs against the real pypdfium2.
+    let python = docusearch_agent::runtime_paths::find_setup_python()
+        .unwrap_or_else(|e| panic!("prerequisite missing for this test: {e}"));
+    let ex = extractor();
+    for name in ["R-data.pdf", "asyRefCard.pdf"] {
+        let path = common::corpus().join(name);
+        let script = "import json, sys, pypdfium2 as p
+\
+            d = p.PdfDocument(sys.argv[1])
+\
+            print(json.dumps([d[i].get_textpage().get_text_range() for i in range(len(d))]))";
+        let out = std::process::Command::new(&python)
+            .args(["-c", script])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pypdfium2 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        let got = collect(&ex, &path).unwrap();
+        assert_eq!(got.pages.len(), expected.len());
+        for (p, want) in got.pages.iter().zip(&expected) {
+            assert_eq!(
+                p.text,
+                want.replace("\r\n", "\n"),
+                "{name} page {}",
+                p.number
+            );
+        }
+    }
 }
 
 #[test]
@@ -452,6 +486,9 @@ fn office_files_convert_with_libreoffice_or_fall_back_to_their_text() {
         None => {
             // This machine has no LibreOffice: the text-only fallback, and the note that says why.
             assert!(ex.soffice().is_none());
+            assert!(ex
+                .office_note()
+                .is_some_and(|n| n.contains("visual indexing needs LibreOffice")));
             assert!(!got.info.visual);
             assert!(
                 got.info
@@ -489,6 +526,57 @@ fn office_files_convert_with_libreoffice_or_fall_back_to_their_text() {
             );
         }
     }
+}
+
+#[test]
+fn an_office_file_libreoffice_cannot_convert_still_gives_its_text() {
+    // `false` stands in for a LibreOffice that exits without writing a PDF (as a Writer-only
+    // install does with a presentation): the agent says so and keeps the package's text.
+    let failing = ["/usr/bin/false", "/bin/false"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("`false`");
+    let dir = tempfile::tempdir().unwrap();
+    let docx = dir.path().join("memo.docx");
+    patch_package(
+        &common::corpus().join("default.docx"),
+        &docx,
+        "word/document.xml",
+        |xml| {
+            xml.replacen(
+                "<w:body>",
+                "<w:body><w:p><w:r><w:t>Budget memo</w:t></w:r></w:p>",
+                1,
+            )
+        },
+    );
+    let mut opts = options();
+    opts.libreoffice = Some(failing.clone());
+    let ex = Extractor::new(opts).unwrap();
+    assert_eq!(ex.soffice(), Some(failing.as_path()));
+    assert!(ex.office_note().is_none());
+    let got = collect(&ex, &docx).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!got.info.visual);
+    assert!(
+        got.info
+            .notes
+            .iter()
+            .any(|n| n.contains("visual indexing failed") && n.contains("no PDF written")),
+        "{:?}",
+        got.info.notes
+    );
+    assert_eq!(got.pages[0].text.trim(), "Budget memo");
+    // A legacy .doc has no text to fall back on: the conversion failure is the answer.
+    let doc = dir.path().join("old.doc");
+    let mut ole = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+    ole.resize(512, 0);
+    std::fs::write(&doc, ole).unwrap();
+    let err = expect_failure(&ex, &doc);
+    assert!(
+        matches!(err, ExtractError::Conversion { .. }) && err.is_permanent(),
+        "{err}"
+    );
 }
 
 // ---- bad inputs ------------------------------------------------------------------------------
@@ -743,11 +831,11 @@ fn a_password_protected_pdf_fails_as_such() {
 
 // ---- a renderer that crashes or hangs costs one file ------------------------------------------
 
+/// One file's result and how many pages reached the sink.
+type Outcome = (Result<extract::DocumentInfo, ExtractError>, usize);
+
 /// Runs the files in order as the pipeline would: each gets its outcome, none stops the rest.
-fn run_queue(
-    ex: &Extractor,
-    files: &[PathBuf],
-) -> Vec<(Result<extract::DocumentInfo, ExtractError>, usize)> {
+fn run_queue(ex: &Extractor, files: &[PathBuf]) -> Vec<Outcome> {
     files
         .iter()
         .map(|f| {
@@ -767,10 +855,7 @@ fn queue_with_a_bad_file(
     fault: &str,
     timeout: Duration,
     next: &[&str],
-) -> (
-    tempfile::TempDir,
-    Vec<(Result<extract::DocumentInfo, ExtractError>, usize)>,
-) {
+) -> (tempfile::TempDir, Vec<Outcome>) {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("hostile.pdf");
     std::fs::copy(common::corpus().join("asyRefCard.pdf"), &bad).unwrap();

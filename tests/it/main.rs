@@ -3,6 +3,7 @@
 
 mod common;
 
+mod agent;
 mod api;
 mod chroma_client;
 mod config;
@@ -14,4 +15,6 @@ mod pdfium;
 mod repair;
 mod search;
 mod service;
+mod state;
 mod sync;
+mod watch;

@@ -1,0 +1,280 @@
+//! From "something changed on disk" to jobs in the store: file-system events as they arrive,
+//! and the reconcile scan (at start, on a lost event queue, periodically) that compares a
+//! folder with what the store knows.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
+use crate::types::ContentHash;
+use crate::watch::{Filter, FsEvent};
+
+/// Turns changes into jobs. Cheap to clone.
+#[derive(Clone)]
+pub struct ChangeTracker {
+    pub store: Store,
+    pub filter: Filter,
+    /// How long a file must stay unchanged before it is processed.
+    pub settle: Duration,
+    /// The configured model: files embedded by another model are re-indexed.
+    pub model: String,
+}
+
+/// What a reconcile found.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileReport {
+    /// Files seen in the folder.
+    pub scanned: usize,
+    pub unchanged: usize,
+    /// Files whose mtime moved but whose content is the same.
+    pub touched: usize,
+    pub new: usize,
+    pub changed: usize,
+    pub moved: usize,
+    pub deleted: usize,
+    /// Files read in full (blake3) to decide.
+    pub hashed: usize,
+}
+
+impl ChangeTracker {
+    /// Applies one event from the watcher.
+    pub fn apply(&self, event: FsEvent) -> Result<(), StoreError> {
+        match event {
+            FsEvent::Changed(p) => self.changed(&p),
+            FsEvent::Removed(p) => self.removed(&p),
+            FsEvent::Renamed { from, to } => self.renamed(&from, &to),
+            FsEvent::Rescan(dir) => self.reconcile(&dir).map(|_| ()),
+        }
+    }
+
+    fn changed(&self, path: &Path) -> Result<(), StoreError> {
+        let Some(stamp) = FileStamp::of_path(path) else {
+            return self.removed(path);
+        };
+        if !self.filter.accepts_file(path) {
+            return self.removed(path);
+        }
+        // A metadata-only event on a file we indexed as it is now: nothing to do.
+        if let Some(rec) = self.store.file(path)? {
+            if rec.stamp == stamp
+                && rec.last_error.is_none()
+                && rec.model == self.model
+                && self.store.job(path)?.is_none()
+            {
+                return Ok(());
+            }
+        }
+        self.store.enqueue(
+            JobKind::Index {
+                path: path.to_path_buf(),
+            },
+            Some(stamp),
+            self.settle,
+        )
+    }
+
+    /// Everything known at or under `path` goes. The deletion waits a little, so that the
+    /// other half of a move reported as two events can still turn it into a re-key.
+    fn removed(&self, path: &Path) -> Result<(), StoreError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.is_file() && self.filter.accepts_file(path) => return self.changed(path),
+            Ok(md) if md.is_dir() => {
+                self.reconcile(path)?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        for p in self.known_at_or_under(path)? {
+            self.store
+                .enqueue(JobKind::Delete { path: p }, None, self.settle * 2)?;
+        }
+        Ok(())
+    }
+
+    fn renamed(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+        match std::fs::symlink_metadata(to) {
+            Ok(md) if md.is_dir() => {
+                for old in self.known_at_or_under(from)? {
+                    let Ok(rel) = old.strip_prefix(from) else {
+                        continue;
+                    };
+                    let new = to.join(rel);
+                    if self.filter.accepts_file(&new) {
+                        self.store.enqueue(
+                            JobKind::Move {
+                                from: old,
+                                to: new.clone(),
+                            },
+                            FileStamp::of_path(&new),
+                            self.settle,
+                        )?;
+                    } else {
+                        self.store
+                            .enqueue(JobKind::Delete { path: old }, None, self.settle)?;
+                    }
+                }
+                // Anything the old folder did not hold yet.
+                self.reconcile(to)?;
+                Ok(())
+            }
+            Ok(md) if md.is_file() => {
+                let known = self.store.file(from)?.is_some() || self.store.job(from)?.is_some();
+                if known {
+                    self.store.enqueue(
+                        JobKind::Move {
+                            from: from.to_path_buf(),
+                            to: to.to_path_buf(),
+                        },
+                        Some(FileStamp::of_metadata(&md)),
+                        self.settle,
+                    )
+                } else {
+                    self.changed(to)
+                }
+            }
+            _ => {
+                self.removed(from)?;
+                self.removed(to)
+            }
+        }
+    }
+
+    /// Known files and jobs at `path` or under it.
+    fn known_at_or_under(&self, path: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let mut set: HashSet<PathBuf> = HashSet::new();
+        if self.store.file(path)?.is_some() || self.store.job(path)?.is_some() {
+            set.insert(path.to_path_buf());
+        }
+        set.extend(self.store.files_under(path)?.into_iter().map(|(p, _)| p));
+        set.extend(self.store.jobs_under(path)?.into_iter().map(|(p, _)| p));
+        let mut v: Vec<PathBuf> = set.into_iter().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Compares the folder `dir` with the store and files the jobs that make them agree.
+    /// Known files with unchanged size and mtime are not read; changed ones are hashed; a
+    /// vanished file whose content reappears elsewhere in `dir` is a move.
+    pub fn reconcile(&self, dir: &Path) -> Result<ReconcileReport, StoreError> {
+        let mut report = ReconcileReport::default();
+        if !dir.is_dir() {
+            self.removed(dir)?;
+            return Ok(report);
+        }
+        let found = self.filter.scan(dir);
+        report.scanned = found.len();
+        let mut known: HashMap<PathBuf, crate::state::FileRecord> =
+            self.store.files_under(dir)?.into_iter().collect();
+        // Paths with a queued or running job are already being taken care of.
+        let busy: HashSet<PathBuf> = self
+            .store
+            .jobs_under(dir)?
+            .into_iter()
+            .filter(|(_, j)| j.state != JobState::Failed)
+            .map(|(p, _)| p)
+            .collect();
+
+        let mut new = Vec::new();
+        for (path, stamp) in found {
+            let rec = known.remove(&path);
+            if busy.contains(&path) {
+                continue;
+            }
+            match rec {
+                Some(rec) if rec.stamp == stamp && rec.model == self.model => {
+                    report.unchanged += 1;
+                }
+                Some(rec) => {
+                    let same = rec.model == self.model
+                        && rec.last_error.is_none()
+                        && match ContentHash::of_file(&path) {
+                            Ok(h) => {
+                                report.hashed += 1;
+                                h == rec.content_hash
+                            }
+                            Err(_) => false,
+                        };
+                    if same {
+                        let mut rec = rec;
+                        rec.stamp = stamp;
+                        self.store.put_file(&path, &rec)?;
+                        report.touched += 1;
+                    } else {
+                        self.store
+                            .enqueue(JobKind::Index { path }, Some(stamp), Duration::ZERO)?;
+                        report.changed += 1;
+                    }
+                }
+                None => new.push((path, stamp)),
+            }
+        }
+        let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = known
+            .into_iter()
+            .filter(|(p, _)| !busy.contains(p))
+            .collect();
+        vanished.sort_by(|a, b| a.0.cmp(&b.0));
+
+        // Moves: the content of a vanished file, found again under a new name.
+        if !vanished.is_empty() && !new.is_empty() {
+            let mut by_hash: HashMap<ContentHash, Vec<PathBuf>> = HashMap::new();
+            for (p, rec) in &vanished {
+                if rec.last_error.is_none() {
+                    by_hash
+                        .entry(rec.content_hash.clone())
+                        .or_default()
+                        .push(p.clone());
+                }
+            }
+            let mut moved_from = HashSet::new();
+            let mut still_new = Vec::new();
+            for (path, stamp) in new {
+                let hash = ContentHash::of_file(&path).ok();
+                report.hashed += 1;
+                let from = hash.and_then(|h| by_hash.get_mut(&h).and_then(|v| v.pop()));
+                match from {
+                    Some(from) => {
+                        moved_from.insert(from.clone());
+                        self.store.enqueue(
+                            JobKind::Move { from, to: path },
+                            Some(stamp),
+                            Duration::ZERO,
+                        )?;
+                        report.moved += 1;
+                    }
+                    None => still_new.push((path, stamp)),
+                }
+            }
+            new = still_new;
+            vanished.retain(|(p, _)| !moved_from.contains(p));
+        }
+        for (path, stamp) in new {
+            self.store
+                .enqueue(JobKind::Index { path }, Some(stamp), Duration::ZERO)?;
+            report.new += 1;
+        }
+        for (path, _) in vanished {
+            self.store
+                .enqueue(JobKind::Delete { path }, None, Duration::ZERO)?;
+            report.deleted += 1;
+        }
+        Ok(report)
+    }
+
+    /// Reconciles every watched folder.
+    pub fn reconcile_all(&self) -> Result<ReconcileReport, StoreError> {
+        let mut total = ReconcileReport::default();
+        for root in self.filter.roots().to_vec() {
+            let r = self.reconcile(&root)?;
+            total.scanned += r.scanned;
+            total.unchanged += r.unchanged;
+            total.touched += r.touched;
+            total.new += r.new;
+            total.changed += r.changed;
+            total.moved += r.moved;
+            total.deleted += r.deleted;
+            total.hashed += r.hashed;
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,251 @@
+//! `run` and `index` on the real stages.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use super::pipeline::Outcome;
+use super::real::{RealExtract, RealModelLoader, RealSink};
+use super::report::report_loop;
+use super::runtime::{index_paths, Agent};
+use super::status::{running_agent, PidFile};
+use crate::api::{self, ApiState, ChromaProbe};
+use crate::chroma::managed::ManagedChroma;
+use crate::cli::{Context, IndexArgs, RunArgs};
+use crate::config::{ChromaTarget, Config};
+use crate::state::{Store, StoreError};
+
+/// Opens the store, or says plainly that a running agent owns it.
+fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    match Store::open(&cfg.store_dir()) {
+        Ok(s) => Ok(s),
+        Err(StoreError::Locked { .. }) => {
+            let who = running_agent(cfg)
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default();
+            bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: it keeps its watched folders indexed itself — stop it first (or use its status API once available)")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The Chroma URL, starting the managed server when the configuration asks for one. The
+/// server, when started here, is returned to be stopped.
+fn chroma(cfg: &Config, reuse_running: bool) -> anyhow::Result<(String, Option<ManagedChroma>)> {
+    match cfg.chroma_target() {
+        ChromaTarget::Remote { url } => Ok((url, None)),
+        ChromaTarget::Managed => {
+            if reuse_running {
+                if let Some(url) = crate::chroma::managed::running_server(&cfg.managed_chroma_dir())
+                {
+                    return Ok((url, None));
+                }
+            }
+            let exe = crate::runtime_paths::find_chroma(cfg.chroma.command.as_deref())?;
+            let m = ManagedChroma::start(&exe, &cfg.managed_chroma_dir())?;
+            Ok((m.url(), Some(m)))
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = ctx.config.clone();
+    if !args.folders.is_empty() {
+        cfg.watch.folders = args.folders.clone();
+    }
+    if cfg.watch.folders.is_empty() {
+        bail!("no folder to watch: give one (`docusearch-agent run ~/Documents`) or set watch.folders in the config file");
+    }
+    for f in &cfg.watch.folders {
+        if !f.is_dir() {
+            bail!(
+                "{} is not a folder: create it or remove it from the folders to watch",
+                f.display()
+            );
+        }
+    }
+    let store = open_store(&cfg, "run")?;
+    let _pid = PidFile::write(&cfg)
+        .with_context(|| format!("cannot write the pid file in {}", cfg.state_dir.display()))?;
+    let (url, mut managed) = chroma(&cfg, false)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let flush_store = store.clone();
+    let result: anyhow::Result<()> = rt.block_on(async {
+        let syncer = crate::sync::Syncer::connect(&url, &cfg).await?;
+        let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+        let extract = RealExtract::new(&cfg, exe)?;
+        let loader = RealModelLoader { cfg: cfg.model.clone() };
+        let folders = cfg.watch.folders.clone();
+        // The status API answers from the start (a failure to listen is reported, not fatal:
+        // indexing matters more than its dashboard).
+        let api_state = ApiState::new(api::initial_status(&cfg), ChromaProbe::from_config(&cfg.chroma)?);
+        api_state.update(|s| {
+            s.chroma.url = url.clone();
+            s.watched_folders = folders.clone();
+        });
+        let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let api_task = cfg.api.enabled.then(|| {
+            let (api_cfg, st) = (cfg.api.clone(), api_state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = api::serve(&api_cfg, st, async {
+                    let _ = api_stop_rx.await;
+                })
+                .await
+                {
+                    tracing::warn!("status API not available: {e}");
+                }
+            })
+        });
+        let (otx, orx) = tokio::sync::mpsc::unbounded_channel();
+        let agent = Agent::start_reporting(&cfg, &folders, store, extract, loader, RealSink(syncer), Some(otx)).await?;
+        api_state.update(|s| s.last_reconcile = Some(api::now_iso()));
+        let reporter = tokio::spawn(report_loop(
+            api_state.clone(),
+            agent.tracker.clone(),
+            agent.stats.clone(),
+            cfg.agent_id.clone(),
+            orx,
+        ));
+        tracing::info!(folders = ?folders, chroma = %url, "agent running");
+        wait_for_signal().await;
+        // Leave time within the 10 s service managers allow to stop Chroma and exit.
+        if tokio::time::timeout(Duration::from_secs(7), agent.shutdown()).await.is_err() {
+            tracing::warn!("the batch in flight did not finish in time; its jobs are re-queued at the next start");
+        }
+        reporter.abort();
+        let _ = api_stop.send(());
+        if let Some(t) = api_task {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        }
+        Ok(())
+    });
+    let _ = flush_store.flush();
+    rt.shutdown_timeout(Duration::from_millis(500));
+    if let Some(m) = managed.as_mut() {
+        m.stop();
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode> {
+    let cfg = ctx.config.clone();
+    for p in &args.paths {
+        if !p.exists() {
+            bail!("{} does not exist", p.display());
+        }
+    }
+    let store = open_store(&cfg, "index")?;
+    let (url, mut managed) = chroma(&cfg, true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files · {msg} · ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let q = store.clone();
+    let summary = rt.block_on(async {
+        let syncer = crate::sync::Syncer::connect(&url, &cfg).await?;
+        let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+        let extract = RealExtract::new(&cfg, exe)?;
+        let loader = RealModelLoader {
+            cfg: cfg.model.clone(),
+        };
+        let paths: Vec<PathBuf> = args.paths.clone();
+        let s = index_paths(
+            &cfg,
+            &paths,
+            store,
+            extract,
+            loader,
+            RealSink(syncer),
+            |o, stats| {
+                let pending = q
+                    .queue_counts()
+                    .map(|c| c.queued + c.in_progress)
+                    .unwrap_or(0) as u64;
+                bar.inc(1);
+                bar.set_length(bar.position() + pending);
+                let pages = stats.pages_embedded.load(Ordering::SeqCst);
+                let rate = pages as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                bar.set_message(format!("{pages} pages · {rate:.1} pages/s"));
+                if let Outcome::Failed { path, reason } = o {
+                    bar.println(format!("failed: {}: {reason}", path.display()));
+                }
+            },
+        )
+        .await?;
+        anyhow::Ok(s)
+    });
+    bar.finish_and_clear();
+    rt.shutdown_timeout(Duration::from_millis(500));
+    if let Some(m) = managed.as_mut() {
+        m.stop();
+    }
+    let summary = summary?;
+    if args.json {
+        let json = serde_json::json!({
+            "indexed": summary.indexed.iter().map(|(p, n)| serde_json::json!({"path": p, "pages": n})).collect::<Vec<_>>(),
+            "unchanged": summary.unchanged,
+            "moved": summary.moved,
+            "deleted": summary.deleted,
+            "failed": summary.failed.iter().map(|(p, r)| serde_json::json!({"path": p, "reason": r})).collect::<Vec<_>>(),
+            "pages": summary.pages,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!(
+            "indexed {} files ({} pages), {} unchanged, {} moved, {} deleted, {} failed in {:.1} s",
+            summary.indexed.len(),
+            summary.pages,
+            summary.unchanged,
+            summary.moved,
+            summary.deleted,
+            summary.failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for (p, r) in &summary.failed {
+            println!("  failed: {}: {r}", p.display());
+        }
+    }
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

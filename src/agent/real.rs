@@ -1,0 +1,217 @@
+//! The stage traits implemented by the real parts: the isolated PDFium/LibreOffice extractor,
+//! ColPali on candle, and Chroma through the syncer.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use super::stages::{
+    Chunk, ChunkVectors, DocInfo, DocMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
+    PageVectors, Sink, StageError,
+};
+use crate::config::{Config, ExtractConfig, ModelConfig};
+use crate::embed::Embedder;
+use crate::extract::{ExtractEvent, ExtractOptions, Extractor};
+use crate::sync::{ChunkRecord, DocumentMeta, PageRecord, SyncError, Syncer};
+use crate::types::{DocId, MultiVector};
+
+/// Extraction through the isolated worker, with the page text cut into chunks here.
+pub struct RealExtract {
+    extractor: Extractor,
+    chunk_size: usize,
+    chunk_overlap: usize,
+    max_chunk_chars: usize,
+}
+
+impl RealExtract {
+    /// `worker_exe` is the `docusearch-agent` executable (it runs `extract-worker`).
+    pub fn new(cfg: &Config, worker_exe: PathBuf) -> Result<RealExtract, StageError> {
+        let image_size = crate::embed::model_image_size(&cfg.model)
+            .map_err(|e| StageError::permanent("model", e.to_string()))?;
+        Self::with_image_size(&cfg.extract, image_size, worker_exe)
+    }
+
+    pub fn with_image_size(
+        cfg: &ExtractConfig,
+        image_size: u32,
+        worker_exe: PathBuf,
+    ) -> Result<RealExtract, StageError> {
+        let opts = ExtractOptions::from_config(cfg, image_size, worker_exe);
+        let extractor =
+            Extractor::new(opts).map_err(|e| StageError::permanent("extract", e.to_string()))?;
+        Ok(RealExtract {
+            extractor,
+            chunk_size: cfg.chunk_size,
+            chunk_overlap: cfg.chunk_overlap,
+            max_chunk_chars: cfg.max_chunk_chars,
+        })
+    }
+}
+
+impl Extract for RealExtract {
+    fn extract(
+        &self,
+        path: &Path,
+        sink: &mut dyn FnMut(Extracted) -> ControlFlow<()>,
+    ) -> Result<DocInfo, StageError> {
+        let mut next_chunk = 0u32;
+        let result = self.extractor.extract(path, &mut |ev| match ev {
+            ExtractEvent::Info(info) => sink(Extracted::Info(DocInfo {
+                format: info.format,
+                num_pages: info.num_pages,
+            })),
+            ExtractEvent::Page(page) => {
+                let chunks: Vec<Chunk> = crate::extract::chunk_page(
+                    page.number,
+                    &page.text,
+                    self.chunk_size,
+                    self.chunk_overlap,
+                    self.max_chunk_chars,
+                    next_chunk,
+                )
+                .into_iter()
+                .map(|c| Chunk {
+                    page: c.page,
+                    chunk_index: c.chunk_index,
+                    text: c.text,
+                    word_count: c.word_count,
+                })
+                .collect();
+                next_chunk += chunks.len() as u32;
+                sink(Extracted::Page(PageContent {
+                    number: page.number,
+                    image: page.image,
+                    text: page.text,
+                    chunks,
+                }))
+            }
+        });
+        match result {
+            Ok(info) => Ok(DocInfo {
+                format: info.format,
+                num_pages: info.num_pages,
+            }),
+            Err(e) => Err(StageError {
+                stage: "extract",
+                reason: e.reason(),
+                permanent: e.is_permanent(),
+            }),
+        }
+    }
+}
+
+/// ColPali, loaded on demand.
+pub struct RealModelLoader {
+    pub cfg: ModelConfig,
+}
+
+pub struct RealModel(Embedder);
+
+impl EmbedLoader for RealModelLoader {
+    type Model = RealModel;
+    fn load(&self) -> Result<RealModel, StageError> {
+        let e =
+            Embedder::load(&self.cfg).map_err(|e| StageError::transient("model", e.to_string()))?;
+        tracing::info!(model = %e.model_id(), device = %e.device_name(), dtype = %e.dtype_name(), "model loaded");
+        Ok(RealModel(e))
+    }
+    fn model_id(&self) -> String {
+        self.cfg.name.clone()
+    }
+}
+
+impl Embed for RealModel {
+    fn embed_images(&self, images: &[image::RgbImage]) -> Result<Vec<MultiVector>, StageError> {
+        self.0
+            .embed_images(images)
+            .map_err(|e| StageError::transient("embed", e.to_string()))
+    }
+    fn embed_texts(&self, texts: &[&str]) -> Result<Vec<MultiVector>, StageError> {
+        self.0
+            .embed_queries(texts)
+            .map_err(|e| StageError::transient("embed", e.to_string()))
+    }
+    fn device(&self) -> String {
+        self.0.device_name()
+    }
+}
+
+/// Chroma, through the syncer.
+pub struct RealSink(pub Syncer);
+
+fn sync_err(e: SyncError) -> StageError {
+    StageError {
+        stage: "sync",
+        permanent: !e.is_transient(),
+        reason: e.to_string(),
+    }
+}
+
+fn meta(d: &DocMeta) -> DocumentMeta {
+    DocumentMeta {
+        doc_id: d.doc_id.clone(),
+        source_path: d.source_path.clone(),
+        filename: d.filename.clone(),
+        format: d.format,
+        num_pages: d.num_pages,
+        content_hash: d.content_hash.clone(),
+        model: d.model.clone(),
+        timestamp: d.timestamp.clone(),
+    }
+}
+
+impl Sink for RealSink {
+    async fn upsert_pages(&self, doc: &DocMeta, pages: &[PageVectors]) -> Result<(), StageError> {
+        let recs: Vec<PageRecord> = pages
+            .iter()
+            .map(|p| PageRecord {
+                page: p.page,
+                text: p.text.clone(),
+                embedding: p.embedding.clone(),
+            })
+            .collect();
+        self.0
+            .upsert_pages(&meta(doc), &recs)
+            .await
+            .map_err(sync_err)
+    }
+    async fn upsert_chunks(
+        &self,
+        doc: &DocMeta,
+        chunks: &[ChunkVectors],
+    ) -> Result<(), StageError> {
+        let recs: Vec<ChunkRecord> = chunks
+            .iter()
+            .map(|c| ChunkRecord {
+                chunk_index: c.chunk.chunk_index,
+                page: c.chunk.page,
+                text: c.chunk.text.clone(),
+                word_count: c.chunk.word_count,
+                embedding: c.embedding.clone(),
+            })
+            .collect();
+        self.0
+            .upsert_chunks(&meta(doc), &recs)
+            .await
+            .map_err(sync_err)
+    }
+    async fn finish_document(
+        &self,
+        doc: &DocMeta,
+        num_pages: u32,
+        num_chunks: u32,
+    ) -> Result<(), StageError> {
+        self.0
+            .finish_document(&meta(doc), num_pages, num_chunks)
+            .await
+            .map_err(sync_err)
+    }
+    async fn delete_document(&self, doc_id: &DocId) -> Result<(), StageError> {
+        self.0.delete_document(doc_id).await.map_err(sync_err)
+    }
+    async fn move_document(&self, old: &DocId, new: &DocMeta) -> Result<bool, StageError> {
+        self.0
+            .move_document(old, &meta(new))
+            .await
+            .map_err(sync_err)
+    }
+}

@@ -1,0 +1,141 @@
+//! Keeps the status API's snapshot (issue 7's `ApiState`) current from what the agent does:
+//! every job's outcome, the store's counts (at most once a second while busy, never while
+//! idle), the model's state, and `POST /rescan` requests.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant;
+
+use super::changes::ChangeTracker;
+use super::pipeline::{Outcome, PipelineStats};
+use crate::api::{
+    now_iso, ApiState, DocState, FailedDocument, IndexedCounts, ModelState, QueueCounts,
+    RecentDocument,
+};
+use crate::types::DocId;
+
+fn recent(o: &Outcome, agent_id: &str) -> RecentDocument {
+    let (path, state, pages, chunks, error) = match o {
+        Outcome::Indexed {
+            path,
+            pages,
+            chunks,
+        } => (path, DocState::Indexed, Some(*pages), Some(*chunks), None),
+        Outcome::Unchanged { path } => (path, DocState::Unchanged, None, None, None),
+        Outcome::Moved { to, .. } => (to, DocState::Moved, None, None, None),
+        Outcome::Deleted { path } => (path, DocState::Removed, None, None, None),
+        Outcome::Retrying { path, reason } => {
+            (path, DocState::Queued, None, None, Some(reason.clone()))
+        }
+        Outcome::Failed { path, reason } => {
+            (path, DocState::Failed, None, None, Some(reason.clone()))
+        }
+        Outcome::Interrupted { path } => (path, DocState::Queued, None, None, None),
+    };
+    RecentDocument {
+        path: path.clone(),
+        doc_id: Some(DocId::new(agent_id, path)),
+        state,
+        pages,
+        chunks,
+        at: now_iso(),
+        error,
+    }
+}
+
+/// Copies the store's counts and the model's state into the snapshot.
+fn refresh(state: &ApiState, tracker: &ChangeTracker, stats: &PipelineStats) {
+    let store = &tracker.store;
+    let queue = store.queue_counts();
+    let files = store.file_counts();
+    let failures = store.all_jobs();
+    let loaded = stats.model_loaded.load(Ordering::SeqCst);
+    let loads = stats.model_loads.load(Ordering::SeqCst);
+    let device = stats.device.lock().ok().and_then(|d| d.clone());
+    state.update(|s| {
+        match (&queue, &files) {
+            (Ok(q), Ok(f)) => {
+                s.queue = QueueCounts {
+                    queued: q.queued as u64,
+                    in_progress: q.in_progress as u64,
+                    failed: q.failed as u64,
+                };
+                s.indexed = IndexedCounts {
+                    files: f.indexed as u64,
+                    pages: f.pages,
+                    chunks: f.chunks,
+                };
+                s.store.error = None;
+            }
+            (Err(e), _) | (_, Err(e)) => s.store.error = Some(e.to_string()),
+        }
+        s.model.state = match (loaded, loads) {
+            (true, _) => ModelState::Loaded,
+            (false, 0) => ModelState::NotLoaded,
+            (false, _) => ModelState::Unloaded,
+        };
+        if device.is_some() {
+            s.model.device = device.clone();
+        }
+        if let Ok(jobs) = &failures {
+            s.failures = jobs
+                .iter()
+                .filter(|(_, j)| j.state == crate::state::JobState::Failed)
+                .take(crate::api::LISTED_FAILURES)
+                .map(|(p, j)| FailedDocument {
+                    path: p.clone(),
+                    reason: j.last_error.clone().unwrap_or_default(),
+                    attempts: j.attempts,
+                    at: now_iso(),
+                })
+                .collect();
+        }
+    });
+}
+
+/// Runs until the outcome channel closes (the pipeline stopped).
+pub async fn report_loop(
+    state: ApiState,
+    tracker: ChangeTracker,
+    stats: Arc<PipelineStats>,
+    agent_id: String,
+    mut outcomes: UnboundedReceiver<Outcome>,
+) {
+    refresh(&state, &tracker, &stats);
+    let mut last = Instant::now();
+    let mut dirty = false;
+    loop {
+        let due = last + Duration::from_secs(1);
+        // While work is in flight the model's state and the counts move without outcomes.
+        let busy = stats.in_flight.load(Ordering::SeqCst) > 0;
+        tokio::select! {
+            o = outcomes.recv() => {
+                let Some(o) = o else { break };
+                state.record_document(recent(&o, &agent_id));
+                if let Outcome::Indexed { path, .. } | Outcome::Deleted { path } = &o {
+                    state.clear_failure(path);
+                }
+                dirty = true;
+            }
+            _ = state.rescan_requested() => {
+                let t = tracker.clone();
+                match tokio::task::spawn_blocking(move || t.reconcile_all()).await {
+                    Ok(Ok(_)) => state.update(|s| s.last_reconcile = Some(now_iso())),
+                    Ok(Err(e)) => tracing::error!("requested rescan failed: {e}"),
+                    Err(e) => tracing::error!("requested rescan failed: {e}"),
+                }
+                dirty = true;
+            }
+            _ = tokio::time::sleep_until(due), if dirty || busy => dirty = true,
+        }
+        if dirty && Instant::now() >= due {
+            let (t, st, s) = (tracker.clone(), state.clone(), stats.clone());
+            let _ = tokio::task::spawn_blocking(move || refresh(&st, &t, &s)).await;
+            last = Instant::now();
+            dirty = false;
+        }
+    }
+}

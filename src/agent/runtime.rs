@@ -1,0 +1,307 @@
+//! The running agent: watcher → change tracker → store → pipeline, the start-up and periodic
+//! reconcile, and an orderly stop. Generic over the stages, so tests and `run` share it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::changes::{ChangeTracker, ReconcileReport};
+use super::pipeline::{Mode, Outcome, Pipeline, PipelineSettings, PipelineStats};
+use super::stages::{EmbedLoader, Extract, Sink};
+use crate::config::Config;
+use crate::state::{FileStamp, JobKind, RetryPolicy, Store, StoreError};
+use crate::watch::{Filter, FsWatcher, WatchError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("the start-up scan stopped: {0}")]
+    Scan(String),
+}
+
+/// The pipeline settings the configuration asks for.
+pub fn pipeline_settings(cfg: &Config) -> PipelineSettings {
+    PipelineSettings {
+        agent_id: cfg.agent_id.clone(),
+        settle: Duration::from_millis(cfg.watch.settle_ms),
+        retry: RetryPolicy {
+            max_attempts: cfg.pipeline.max_attempts,
+            base: Duration::from_secs(cfg.pipeline.retry_base_s.max(1)),
+        },
+        queue_pages: cfg.pipeline.queue_pages,
+        batch_visual: cfg.model.batch_size_visual,
+        batch_text: cfg.model.batch_size_text,
+        idle_unload: (cfg.model.idle_unload_s > 0)
+            .then(|| Duration::from_secs(cfg.model.idle_unload_s)),
+        upsert_pages: 8,
+    }
+}
+
+/// How long the watcher groups the events of one operation.
+fn debounce(settle: Duration) -> Duration {
+    (settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+/// A running agent.
+pub struct Agent {
+    pub stats: Arc<PipelineStats>,
+    pub tracker: ChangeTracker,
+    /// What the start-up reconcile found.
+    pub startup: ReconcileReport,
+    pipeline: Pipeline,
+    watcher: Option<FsWatcher>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts watching `folders`, reconciles them with the store, and starts the pipeline.
+    /// Must be called inside a tokio runtime.
+    pub async fn start<X: Extract, L: EmbedLoader, S: Sink>(
+        cfg: &Config,
+        folders: &[PathBuf],
+        store: Store,
+        extractor: X,
+        loader: L,
+        sink: S,
+    ) -> Result<Agent, AgentError> {
+        Self::start_reporting(cfg, folders, store, extractor, loader, sink, None).await
+    }
+
+    /// [`Agent::start`], sending every job's outcome to `outcomes` (for the status API).
+    pub async fn start_reporting<X: Extract, L: EmbedLoader, S: Sink>(
+        cfg: &Config,
+        folders: &[PathBuf],
+        store: Store,
+        extractor: X,
+        loader: L,
+        sink: S,
+        outcomes: Option<tokio::sync::mpsc::UnboundedSender<Outcome>>,
+    ) -> Result<Agent, AgentError> {
+        let filter = Filter::new(folders, &cfg.watch.include, &cfg.watch.exclude)?;
+        let settings = pipeline_settings(cfg);
+        let tracker = ChangeTracker {
+            store: store.clone(),
+            filter: filter.clone(),
+            settle: settings.settle,
+            model: loader.model_id(),
+        };
+        // Watch first, so that nothing happening during the scan is missed.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = FsWatcher::start(filter, debounce(settings.settle), tx)?;
+        let t = tracker.clone();
+        let startup = tokio::task::spawn_blocking(move || t.reconcile_all())
+            .await
+            .map_err(|e| AgentError::Scan(e.to_string()))??;
+        tracing::info!(
+            scanned = startup.scanned,
+            unchanged = startup.unchanged,
+            new = startup.new,
+            changed = startup.changed,
+            moved = startup.moved,
+            deleted = startup.deleted,
+            "start-up reconcile done"
+        );
+
+        let mut tasks = Vec::new();
+        let t = tracker.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let t = t.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    for e in batch {
+                        if let Err(err) = t.apply(e) {
+                            tracing::error!("could not record a file change: {err}");
+                        }
+                    }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!("file change handler failed: {e}");
+                }
+            }
+        }));
+        if cfg.watch.rescan_interval_s > 0 {
+            let t = tracker.clone();
+            let every = Duration::from_secs(cfg.watch.rescan_interval_s);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let t = t.clone();
+                    match tokio::task::spawn_blocking(move || t.reconcile_all()).await {
+                        Ok(Ok(r)) if r.new + r.changed + r.moved + r.deleted > 0 => {
+                            tracing::warn!(
+                                ?r,
+                                "the periodic rescan found changes the watcher missed"
+                            )
+                        }
+                        Ok(Err(e)) => tracing::error!("periodic rescan failed: {e}"),
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        let pipeline = Pipeline::start(
+            store,
+            extractor,
+            loader,
+            sink,
+            settings,
+            Mode::Forever,
+            outcomes,
+        );
+        Ok(Agent {
+            stats: pipeline.stats.clone(),
+            tracker,
+            startup,
+            pipeline,
+            watcher: Some(watcher),
+            tasks,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.tracker.store
+    }
+
+    /// Stops taking work, checkpoints what is in flight, and flushes the store.
+    pub async fn shutdown(mut self) -> Result<(), StoreError> {
+        self.watcher.take();
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.pipeline.shutdown().await;
+        self.tracker.store.flush()
+    }
+}
+
+/// What `index` did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct IndexSummary {
+    pub indexed: Vec<(PathBuf, u32)>,
+    pub unchanged: usize,
+    pub moved: usize,
+    pub deleted: usize,
+    pub failed: Vec<(PathBuf, String)>,
+    pub pages: u64,
+}
+
+/// `index PATH...` without the terminal: files the jobs for `paths` (files or folders), runs
+/// the pipeline until the queue is empty, and reports every outcome to `progress`.
+pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
+    cfg: &Config,
+    paths: &[PathBuf],
+    store: Store,
+    extractor: X,
+    loader: L,
+    sink: S,
+    mut progress: impl FnMut(&Outcome, &PipelineStats),
+) -> Result<IndexSummary, AgentError> {
+    let mut roots = Vec::new();
+    let mut files = Vec::new();
+    for p in paths {
+        let c = std::fs::canonicalize(p).map_err(|source| WatchError::Folder {
+            path: p.clone(),
+            source,
+        })?;
+        if c.is_dir() {
+            roots.push(c);
+        } else {
+            roots.push(
+                c.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| c.clone()),
+            );
+            files.push(c);
+        }
+    }
+    let filter = Filter::new(&roots, &cfg.watch.include, &cfg.watch.exclude)?;
+    let mut settings = pipeline_settings(cfg);
+    // A one-shot run does not wait for files to settle or for retries.
+    settings.settle = Duration::ZERO;
+    settings.retry.max_attempts = 1;
+    let tracker = ChangeTracker {
+        store: store.clone(),
+        filter: filter.clone(),
+        settle: Duration::ZERO,
+        model: loader.model_id(),
+    };
+    let mut summary = IndexSummary::default();
+    let dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .filter(|p| p.is_dir())
+        .collect();
+    let t = tracker.clone();
+    let (report, unchanged_files) =
+        tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let mut total = ReconcileReport::default();
+            for d in &dirs {
+                let r = t.reconcile(d)?;
+                total.unchanged += r.unchanged + r.touched;
+            }
+            // Asked for explicitly: failed files are tried again.
+            for (p, _) in t.store.failures()? {
+                let wanted = dirs.iter().any(|d| p.starts_with(d)) || files.contains(&p);
+                if let (true, Some(stamp)) = (wanted, FileStamp::of_path(&p)) {
+                    t.store.enqueue(
+                        JobKind::Index { path: p.clone() },
+                        Some(stamp),
+                        Duration::ZERO,
+                    )?;
+                    total.unchanged = total.unchanged.saturating_sub(1);
+                }
+            }
+            let mut unchanged = 0;
+            for f in &files {
+                if !t.filter.accepts_file(f) {
+                    continue;
+                }
+                let before = t.store.job(f)?.is_some();
+                t.apply(crate::watch::FsEvent::Changed(f.clone()))?;
+                if !before && t.store.job(f)?.is_none() {
+                    unchanged += 1;
+                }
+            }
+            Ok((total, unchanged))
+        })
+        .await
+        .map_err(|e| AgentError::Scan(e.to_string()))??;
+    summary.unchanged = report.unchanged + unchanged_files;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut pipeline = Pipeline::start(
+        store,
+        extractor,
+        loader,
+        sink,
+        settings,
+        Mode::UntilIdle,
+        Some(tx),
+    );
+    let stats = pipeline.stats.clone();
+    let collector = async {
+        while let Some(o) = rx.recv().await {
+            progress(&o, &stats);
+            match o {
+                Outcome::Indexed { path, pages, .. } => {
+                    summary.pages += pages as u64;
+                    summary.indexed.push((path, pages));
+                }
+                Outcome::Unchanged { .. } => summary.unchanged += 1,
+                Outcome::Moved { .. } => summary.moved += 1,
+                Outcome::Deleted { .. } => summary.deleted += 1,
+                Outcome::Failed { path, reason } | Outcome::Retrying { path, reason } => {
+                    summary.failed.push((path, reason))
+                }
+                Outcome::Interrupted { path } => summary.failed.push((path, "interrupted".into())),
+            }
+        }
+    };
+    // The pipeline holds the sender until its stages end.
+    let (_, ()) = tokio::join!(pipeline.join(), collector);
+    tracker.store.flush()?;
+    Ok(summary)
+}

@@ -1,0 +1,271 @@
+//! `status`: what is indexed, queued and failed, whether the agent runs, the model, Chroma.
+//! Works whether or not the agent is running: a running agent holds the store's lock, so its
+//! pid file (and, when issue 7's API is there, its HTTP status) answers instead.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{ChromaTarget, Config};
+use crate::state::{FileCounts, QueueCounts, Store, StoreError};
+
+/// `state_dir/agent.pid`: "PID API_PORT", written by `run` and removed when it stops.
+pub fn pid_file(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("agent.pid")
+}
+
+/// Written at start; removed on drop.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    pub fn write(cfg: &Config) -> std::io::Result<PidFile> {
+        let path = pid_file(cfg);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, format!("{} {}\n", std::process::id(), cfg.api.port))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The pid of a running agent, from its pid file, if that process is alive.
+pub fn running_agent(cfg: &Config) -> Option<u32> {
+    let text = std::fs::read_to_string(pid_file(cfg)).ok()?;
+    let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
+    // Signal 0 checks that the process exists without touching it.
+    let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    alive.then_some(pid as u32)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub agent_running: bool,
+    pub agent_pid: Option<u32>,
+    /// Set when the numbers below come from the store (the agent is not running).
+    pub files: Option<FileCounts>,
+    pub queue: Option<QueueCounts>,
+    pub failures: Vec<Failure>,
+    pub model: ModelStatus,
+    pub chroma: ChromaStatus,
+    /// What could not be told, and why.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    /// Only a running agent holds a model.
+    pub loaded: bool,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChromaStatus {
+    /// `managed` or the configured URL.
+    pub target: String,
+    pub url: Option<String>,
+    pub reachable: bool,
+}
+
+async fn heartbeat(url: &str) -> bool {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return false,
+    };
+    matches!(client.get(format!("{url}/api/v2/heartbeat")).send().await, Ok(r) if r.status().is_success())
+}
+
+async fn chroma_status(cfg: &Config) -> ChromaStatus {
+    match cfg.chroma_target() {
+        ChromaTarget::Remote { url } => ChromaStatus {
+            target: url.clone(),
+            reachable: heartbeat(&url).await,
+            url: Some(url),
+        },
+        ChromaTarget::Managed => {
+            let url = crate::chroma::managed::running_server(&cfg.managed_chroma_dir());
+            ChromaStatus {
+                target: "managed".into(),
+                reachable: url.is_some(),
+                url,
+            }
+        }
+    }
+}
+
+/// The running agent's own snapshot, through its status API.
+async fn live_status(cfg: &Config) -> Option<crate::api::AgentStatus> {
+    let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(3)).ok()?;
+    client.status().await.ok().flatten()
+}
+
+/// Gathers the status. `store_dir` is normally `cfg.store_dir()`.
+pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError> {
+    let chroma = chroma_status(cfg).await;
+    let mut status = Status {
+        agent_running: false,
+        agent_pid: None,
+        files: None,
+        queue: None,
+        failures: Vec::new(),
+        model: ModelStatus {
+            name: cfg.model.name.clone(),
+            loaded: false,
+            device: None,
+        },
+        chroma,
+        notes: Vec::new(),
+    };
+    if !store_dir.exists() {
+        status
+            .notes
+            .push("nothing indexed yet: the state store does not exist".into());
+        status.files = Some(FileCounts::default());
+        status.queue = Some(QueueCounts::default());
+        return Ok(status);
+    }
+    match Store::open(store_dir) {
+        Ok(store) => {
+            status.files = Some(store.file_counts()?);
+            status.queue = Some(store.queue_counts()?);
+            status.failures = store
+                .failures()?
+                .into_iter()
+                .map(|(path, reason)| Failure { path, reason })
+                .collect();
+            status.agent_pid = running_agent(cfg);
+            status.agent_running = status.agent_pid.is_some();
+        }
+        Err(StoreError::Locked { .. }) => {
+            status.agent_running = true;
+            status.agent_pid = running_agent(cfg);
+            match live_status(cfg).await {
+                Some(live) => {
+                    status.agent_pid = Some(live.pid);
+                    status.files = Some(FileCounts {
+                        indexed: live.indexed.files as usize,
+                        pages: live.indexed.pages,
+                        chunks: live.indexed.chunks,
+                        with_error: live.queue.failed as usize,
+                    });
+                    status.queue = Some(QueueCounts {
+                        queued: live.queue.queued as usize,
+                        in_progress: live.queue.in_progress as usize,
+                        failed: live.queue.failed as usize,
+                    });
+                    status.failures = live
+                        .failures
+                        .iter()
+                        .map(|f| Failure { path: f.path.clone(), reason: f.reason.clone() })
+                        .collect();
+                    status.model.loaded = live.model.state == crate::api::ModelState::Loaded;
+                    status.model.device = live.model.device.clone();
+                    if !live.chroma.url.is_empty() {
+                        status.chroma.url = Some(live.chroma.url.clone());
+                    }
+                    if let Some(r) = live.chroma.reachable {
+                        status.chroma.reachable = r;
+                    }
+                }
+                None => status.notes.push(format!(
+                    "the agent is running{} and holds the state store, but its status API on port {} does not answer (api.enabled = false?), so its counts cannot be shown",
+                    status.agent_pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    cfg.api.port
+                )),
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(status)
+}
+
+/// The human-readable form.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, t: String| {
+        out.push_str(&t);
+        out.push('\n');
+    };
+    line(
+        &mut out,
+        match (s.agent_running, s.agent_pid) {
+            (true, Some(p)) => format!("agent:   running (pid {p})"),
+            (true, None) => "agent:   running".into(),
+            (false, _) => "agent:   not running".into(),
+        },
+    );
+    if let Some(f) = &s.files {
+        line(
+            &mut out,
+            format!(
+                "indexed: {} files, {} pages, {} text chunks",
+                f.indexed, f.pages, f.chunks
+            ),
+        );
+    }
+    if let Some(q) = &s.queue {
+        line(
+            &mut out,
+            format!(
+                "queue:   {} queued, {} in progress, {} failed",
+                q.queued, q.in_progress, q.failed
+            ),
+        );
+    }
+    for f in &s.failures {
+        line(
+            &mut out,
+            format!("  failed: {}: {}", f.path.display(), f.reason),
+        );
+    }
+    line(
+        &mut out,
+        format!(
+            "model:   {} ({})",
+            s.model.name,
+            if s.model.loaded {
+                format!("loaded on {}", s.model.device.clone().unwrap_or_default())
+            } else {
+                "not loaded".into()
+            }
+        ),
+    );
+    line(
+        &mut out,
+        format!(
+            "chroma:  {}{} — {}",
+            s.chroma.target,
+            s.chroma
+                .url
+                .as_ref()
+                .filter(|u| **u != s.chroma.target)
+                .map(|u| format!(" at {u}"))
+                .unwrap_or_default(),
+            if s.chroma.reachable {
+                "reachable"
+            } else {
+                "not reachable"
+            }
+        ),
+    );
+    for n in &s.notes {
+        line(&mut out, format!("note:    {n}"));
+    }
+    out
+}

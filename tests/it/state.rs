@@ -1,0 +1,320 @@
+//! The sled store, on disk, across "restarts" (close and reopen).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use docusearch_agent::state::{
+    now_ms, FileRecord, FileStamp, JobKind, JobState, RetryPolicy, Store, StoreError,
+};
+use docusearch_agent::types::{ContentHash, DocId, SCHEMA_VERSION};
+
+fn p(s: &str) -> PathBuf {
+    PathBuf::from("/watched").join(s)
+}
+
+fn index(s: &str) -> JobKind {
+    JobKind::Index { path: p(s) }
+}
+
+fn record(path: &Path, content: &[u8]) -> FileRecord {
+    FileRecord {
+        stamp: FileStamp {
+            size: content.len() as u64,
+            mtime_ns: 1,
+        },
+        content_hash: ContentHash::of_bytes(content),
+        doc_id: DocId::new("test", path),
+        num_pages: 3,
+        num_chunks: 2,
+        model: "m".into(),
+        schema_version: SCHEMA_VERSION,
+        indexed_at: None,
+        last_error: None,
+    }
+}
+
+const POLICY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    base: Duration::from_secs(10),
+};
+
+#[test]
+fn one_job_per_path_and_the_latest_event_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    store
+        .enqueue(JobKind::Delete { path: p("a.pdf") }, None, Duration::ZERO)
+        .expect("enqueue");
+    let jobs = store.all_jobs().expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].1.kind, JobKind::Delete { path: p("a.pdf") });
+
+    // A change of a file whose move is queued keeps the move (the re-key comes first).
+    store
+        .put_file(&p("old.pdf"), &record(&p("old.pdf"), b"x"))
+        .expect("put");
+    store
+        .enqueue(
+            JobKind::Move {
+                from: p("old.pdf"),
+                to: p("new.pdf"),
+            },
+            None,
+            Duration::ZERO,
+        )
+        .expect("enqueue");
+    store
+        .enqueue(index("new.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    assert!(matches!(
+        store.job(&p("new.pdf")).expect("job").map(|j| j.kind),
+        Some(JobKind::Move { .. })
+    ));
+
+    // Deleting it then deletes what the old path holds.
+    store
+        .enqueue(JobKind::Delete { path: p("new.pdf") }, None, Duration::ZERO)
+        .expect("enqueue");
+    assert_eq!(
+        store.job(&p("old.pdf")).expect("job").map(|j| j.kind),
+        Some(JobKind::Delete { path: p("old.pdf") })
+    );
+    assert_eq!(
+        store.job(&p("new.pdf")).expect("job").map(|j| j.kind),
+        Some(JobKind::Delete { path: p("new.pdf") })
+    );
+}
+
+#[test]
+fn a_move_takes_over_the_job_of_the_moved_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    store
+        .enqueue(
+            JobKind::Move {
+                from: p("a.pdf"),
+                to: p("b.pdf"),
+            },
+            None,
+            Duration::ZERO,
+        )
+        .expect("enqueue");
+    let jobs = store.all_jobs().expect("jobs");
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0].0, p("b.pdf"));
+}
+
+#[test]
+fn due_order_settle_delay_and_take() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .enqueue(index("late.pdf"), None, Duration::from_secs(3600))
+        .expect("enqueue");
+    store
+        .enqueue(index("now.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let job = store.take_due(now_ms()).expect("take").expect("a due job");
+    assert_eq!(job.kind, index("now.pdf"));
+    assert_eq!(job.state, JobState::InProgress);
+    assert!(
+        store.take_due(now_ms()).expect("take").is_none(),
+        "the other one is not due"
+    );
+    let next = store.next_due_ms().expect("one queued");
+    assert!(next >= now_ms() + 3_000_000);
+}
+
+#[test]
+fn an_event_during_processing_runs_again_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let job = store.take_due(now_ms()).expect("take").expect("job");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue while running");
+    assert!(
+        store.take_due(now_ms()).expect("take").is_none(),
+        "never two jobs on one path at once"
+    );
+    store.complete(&job).expect("complete");
+    let again = store
+        .take_due(now_ms())
+        .expect("take")
+        .expect("queued again");
+    assert_eq!(again.kind, index("a.pdf"));
+    store.complete(&again).expect("complete");
+    assert!(
+        store.all_jobs().expect("jobs").is_empty(),
+        "done jobs leave the queue"
+    );
+}
+
+#[test]
+fn failures_back_off_then_fail_with_their_reason_and_are_retried_on_change_or_repair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+
+    let before = now_ms();
+    let job = store.take_due(now_ms()).expect("take").expect("job");
+    assert_eq!(
+        store
+            .fail(&job, "server down", false, POLICY)
+            .expect("fail"),
+        JobState::Queued
+    );
+    let j = store.job(&p("a.pdf")).expect("job").expect("kept");
+    assert_eq!(j.attempts, 1);
+    assert!(
+        j.due_ms >= before + 10_000,
+        "first retry after the base delay"
+    );
+    assert_eq!(POLICY.delay(2), Duration::from_secs(20));
+    assert_eq!(POLICY.delay(3), Duration::from_secs(40));
+
+    // Make it due and fail it until the attempts run out.
+    for attempt in 2..=3 {
+        store.enqueue(index("a.pdf"), None, Duration::ZERO).ok();
+        let j = store.job(&p("a.pdf")).expect("job").expect("kept");
+        // A queued job merged with an identical event keeps its back-off.
+        assert!(j.due_ms > now_ms());
+        let job = store.take_due(j.due_ms).expect("take").expect("job");
+        let state = store
+            .fail(&job, &format!("server down #{attempt}"), false, POLICY)
+            .expect("fail");
+        assert_eq!(
+            state,
+            if attempt == 3 {
+                JobState::Failed
+            } else {
+                JobState::Queued
+            }
+        );
+    }
+    assert_eq!(
+        store.failures().expect("failures"),
+        vec![(p("a.pdf"), "server down #3".to_string())]
+    );
+    assert_eq!(store.queue_counts().expect("counts").failed, 1);
+    assert!(
+        store.take_due(u64::MAX).expect("take").is_none(),
+        "failed jobs are not taken"
+    );
+
+    // The file changes: a fresh job.
+    store
+        .enqueue(index("a.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let j = store.job(&p("a.pdf")).expect("job").expect("job");
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
+
+    // A permanent failure fails at once; `repair` retries it.
+    let job = store.take_due(now_ms()).expect("take").expect("job");
+    assert_eq!(
+        store.fail(&job, "not a PDF", true, POLICY).expect("fail"),
+        JobState::Failed
+    );
+    assert_eq!(store.retry_failed().expect("retry"), 1);
+    assert!(store.take_due(now_ms()).expect("take").is_some());
+}
+
+#[test]
+fn jobs_in_progress_at_a_crash_are_queued_again_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .enqueue(index("a.pdf"), None, Duration::ZERO)
+            .expect("enqueue");
+        store
+            .enqueue(index("b.pdf"), None, Duration::ZERO)
+            .expect("enqueue");
+        let _running = store.take_due(now_ms()).expect("take").expect("job");
+        store.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let c = store.queue_counts().expect("counts");
+    assert_eq!((c.queued, c.in_progress), (2, 0));
+    let mut taken = vec![];
+    while let Some(j) = store.take_due(now_ms()).expect("take") {
+        taken.push(j.kind.path().to_path_buf());
+    }
+    taken.sort();
+    assert_eq!(taken, vec![p("a.pdf"), p("b.pdf")]);
+}
+
+#[test]
+fn file_records_prefix_listing_and_content_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    for (name, content) in [
+        ("a/x.pdf", b"one"),
+        ("a/y.pdf", b"two"),
+        ("ab/z.pdf", b"one"),
+    ] {
+        store
+            .put_file(&p(name), &record(&p(name), content))
+            .expect("put");
+    }
+    let under_a: Vec<PathBuf> = store
+        .files_under(&p("a"))
+        .expect("list")
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(
+        under_a,
+        vec![p("a/x.pdf"), p("a/y.pdf")],
+        "a/ must not match ab/"
+    );
+    let mut same = store
+        .paths_with_hash(&ContentHash::of_bytes(b"one"))
+        .expect("hash");
+    same.sort();
+    assert_eq!(same, vec![p("a/x.pdf"), p("ab/z.pdf")]);
+
+    // New content replaces the old hash entry; removal drops it.
+    store
+        .put_file(&p("a/x.pdf"), &record(&p("a/x.pdf"), b"three"))
+        .expect("put");
+    assert_eq!(
+        store
+            .paths_with_hash(&ContentHash::of_bytes(b"one"))
+            .expect("hash"),
+        vec![p("ab/z.pdf")]
+    );
+    store.remove_file(&p("ab/z.pdf")).expect("remove");
+    assert!(store
+        .paths_with_hash(&ContentHash::of_bytes(b"one"))
+        .expect("hash")
+        .is_empty());
+
+    let counts = store.file_counts().expect("counts");
+    assert_eq!((counts.indexed, counts.pages, counts.chunks), (2, 6, 4));
+}
+
+#[test]
+fn one_process_owns_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = Store::open(dir.path()).expect("open");
+    match Store::open(dir.path()) {
+        Err(StoreError::Locked { .. }) => {}
+        Err(e) => panic!("expected a lock error, got {e}"),
+        Ok(_) => panic!("a second open of a locked store succeeded"),
+    }
+}
