@@ -372,9 +372,9 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
             _ => {}
         }
     }
-    // Step (3) needs the state store of issue 6, which this build does not have yet.
+    // Step (3) needs the state store (issue 6), which reached main after this was written.
     println!(
-        "reconcile with the state store (records with no file, files with no records, failed jobs): not implemented yet in this build (issue 6's state store); nothing was checked"
+        "reconcile with the state store (records with no file, files with no records, failed jobs): not implemented yet; nothing was checked or changed there"
     );
     Ok(if problems {
         ExitCode::FAILURE
