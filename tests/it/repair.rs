@@ -1,7 +1,7 @@
 //! `repair` against a real Chroma server driven into chroma-core/chroma#7758: live records that
 //! `get` returns but that a query with their own embedding never finds.
 //!
-//! The recipe (found by experiment on chroma 1.5.9, see docs/bench-search.md): 3,000 records of
+//! The recipe (found by experiment on chroma 1.5.9, see BENCHMARKS.md, "Search"): 3,000 records of
 //! 128-d vectors with a low intrinsic dimension (16, like real embeddings, unlike white noise)
 //! in a collection whose HNSW graph keeps 8 neighbours per node; delete them all, upsert 3,000
 //! new ones. A fresh build of the same data loses nothing; after the churn a few records (5 to
