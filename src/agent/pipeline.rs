@@ -25,8 +25,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use super::stages::{
-    ChunkVectors, DocInfo, DocMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
-    PageVectors, Sink, StageError,
+    ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
+    PageRecord, Sink, StageError,
 };
 use crate::state::{now_ms, FileRecord, FileStamp, Job, JobKind, RetryPolicy, Store, StoreError};
 use crate::types::{ContentHash, DocFormat, DocId, SCHEMA_VERSION};
@@ -187,7 +187,7 @@ enum ExtractMsg {
 }
 
 enum EmbedMsg {
-    Page(Arc<Doc>, Option<PageVectors>, Vec<ChunkVectors>),
+    Page(Arc<Doc>, Option<PageRecord>, Vec<ChunkVectors>),
     End(Arc<Doc>, Result<DocInfo, StageError>, bool),
 }
 
@@ -219,8 +219,8 @@ impl<S> Shared<S> {
         format: DocFormat,
         num_pages: u32,
         hash: ContentHash,
-    ) -> DocMeta {
-        DocMeta {
+    ) -> DocumentMeta {
+        DocumentMeta {
             doc_id,
             source_path: path.to_path_buf(),
             filename: path
@@ -771,7 +771,7 @@ fn flush<L: EmbedLoader, S: Sink>(
     let needs_model = items
         .iter()
         .any(|p| matches!(p, Pending::Page(d, _) if d.failure().is_none()));
-    let mut page_vecs: HashMap<usize, PageVectors> = HashMap::new();
+    let mut page_vecs: HashMap<usize, PageRecord> = HashMap::new();
     let mut chunk_vecs: HashMap<usize, Vec<ChunkVectors>> = HashMap::new();
     if needs_model {
         let result = (|| -> Result<(), StageError> {
@@ -818,7 +818,7 @@ fn flush<L: EmbedLoader, S: Sink>(
                     if let Pending::Page(_, p) = &items[i] {
                         page_vecs.insert(
                             i,
-                            PageVectors {
+                            PageRecord {
                                 page: p.number,
                                 text: p.text.clone(),
                                 embedding: v,
@@ -898,7 +898,7 @@ fn flush<L: EmbedLoader, S: Sink>(
 
 #[derive(Default)]
 struct DocBuffer {
-    pages: Vec<PageVectors>,
+    pages: Vec<PageRecord>,
     chunks: Vec<ChunkVectors>,
     num_chunks: u32,
 }
@@ -928,7 +928,7 @@ async fn sync_stage<S: Sink>(shared: Arc<Shared<S>>, mut vec_rx: mpsc::Receiver<
     }
 }
 
-fn doc_meta<S>(shared: &Shared<S>, doc: &Doc) -> DocMeta {
+fn doc_meta<S>(shared: &Shared<S>, doc: &Doc) -> DocumentMeta {
     let num_pages = doc.info.get().map(|i| i.num_pages).unwrap_or(0);
     let format = doc.info.get().map(|i| i.format).unwrap_or(doc.format);
     shared.meta(

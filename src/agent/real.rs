@@ -5,13 +5,13 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use super::stages::{
-    Chunk, ChunkVectors, DocInfo, DocMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
-    PageVectors, Sink, StageError,
+    Chunk, ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
+    PageRecord, Sink, StageError,
 };
 use crate::config::{Config, ExtractConfig, ModelConfig};
 use crate::embed::Embedder;
 use crate::extract::{ExtractEvent, ExtractOptions, Extractor};
-use crate::sync::{ChunkRecord, DocumentMeta, PageRecord, SyncError, Syncer};
+use crate::sync::{ChunkRecord, SyncError, Syncer};
 use crate::types::{DocId, MultiVector};
 
 /// Extraction through the isolated worker, with the page text cut into chunks here.
@@ -146,37 +146,16 @@ fn sync_err(e: SyncError) -> StageError {
     }
 }
 
-fn meta(d: &DocMeta) -> DocumentMeta {
-    DocumentMeta {
-        doc_id: d.doc_id.clone(),
-        source_path: d.source_path.clone(),
-        filename: d.filename.clone(),
-        format: d.format,
-        num_pages: d.num_pages,
-        content_hash: d.content_hash.clone(),
-        model: d.model.clone(),
-        timestamp: d.timestamp.clone(),
-    }
-}
-
 impl Sink for RealSink {
-    async fn upsert_pages(&self, doc: &DocMeta, pages: &[PageVectors]) -> Result<(), StageError> {
-        let recs: Vec<PageRecord> = pages
-            .iter()
-            .map(|p| PageRecord {
-                page: p.page,
-                text: p.text.clone(),
-                embedding: p.embedding.clone(),
-            })
-            .collect();
+    async fn upsert_pages(&self, doc: &DocumentMeta, pages: &[PageRecord]) -> Result<(), StageError> {
         self.0
-            .upsert_pages(&meta(doc), &recs)
+            .upsert_pages(doc, pages)
             .await
             .map_err(sync_err)
     }
     async fn upsert_chunks(
         &self,
-        doc: &DocMeta,
+        doc: &DocumentMeta,
         chunks: &[ChunkVectors],
     ) -> Result<(), StageError> {
         let recs: Vec<ChunkRecord> = chunks
@@ -190,27 +169,27 @@ impl Sink for RealSink {
             })
             .collect();
         self.0
-            .upsert_chunks(&meta(doc), &recs)
+            .upsert_chunks(doc, &recs)
             .await
             .map_err(sync_err)
     }
     async fn finish_document(
         &self,
-        doc: &DocMeta,
+        doc: &DocumentMeta,
         num_pages: u32,
         num_chunks: u32,
     ) -> Result<(), StageError> {
         self.0
-            .finish_document(&meta(doc), num_pages, num_chunks)
+            .finish_document(doc, num_pages, num_chunks)
             .await
             .map_err(sync_err)
     }
     async fn delete_document(&self, doc_id: &DocId) -> Result<(), StageError> {
         self.0.delete_document(doc_id).await.map_err(sync_err)
     }
-    async fn move_document(&self, old: &DocId, new: &DocMeta) -> Result<bool, StageError> {
+    async fn move_document(&self, old: &DocId, new: &DocumentMeta) -> Result<bool, StageError> {
         self.0
-            .move_document(old, &meta(new))
+            .move_document(old, new)
             .await
             .map_err(sync_err)
     }

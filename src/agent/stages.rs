@@ -4,9 +4,9 @@
 
 use std::future::Future;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::types::{ContentHash, DocFormat, DocId, MultiVector};
+use crate::types::{DocFormat, DocId, MultiVector};
 
 /// A stage failure: what failed and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,26 +93,9 @@ pub trait EmbedLoader: Send + Sync + 'static {
     fn model_id(&self) -> String;
 }
 
-/// The document a batch of records belongs to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DocMeta {
-    pub doc_id: DocId,
-    pub source_path: PathBuf,
-    pub filename: String,
-    pub format: DocFormat,
-    pub num_pages: u32,
-    pub content_hash: ContentHash,
-    pub model: String,
-    /// ISO 8601 UTC.
-    pub timestamp: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct PageVectors {
-    pub page: u32,
-    pub text: String,
-    pub embedding: MultiVector,
-}
+/// The document a batch of records belongs to, and one embedded page: the sync layer's own
+/// types, so the sink hands them over as they are.
+pub use crate::sync::{DocumentMeta, PageRecord};
 
 #[derive(Debug, Clone)]
 pub struct ChunkVectors {
@@ -125,17 +108,17 @@ pub struct ChunkVectors {
 pub trait Sink: Send + Sync + 'static {
     fn upsert_pages(
         &self,
-        doc: &DocMeta,
-        pages: &[PageVectors],
+        doc: &DocumentMeta,
+        pages: &[PageRecord],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
     fn upsert_chunks(
         &self,
-        doc: &DocMeta,
+        doc: &DocumentMeta,
         chunks: &[ChunkVectors],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
     fn finish_document(
         &self,
-        doc: &DocMeta,
+        doc: &DocumentMeta,
         num_pages: u32,
         num_chunks: u32,
     ) -> impl Future<Output = Result<(), StageError>> + Send;
@@ -147,6 +130,6 @@ pub trait Sink: Send + Sync + 'static {
     fn move_document(
         &self,
         old: &DocId,
-        new: &DocMeta,
+        new: &DocumentMeta,
     ) -> impl Future<Output = Result<bool, StageError>> + Send;
 }
