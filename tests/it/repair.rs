@@ -581,3 +581,75 @@ mod store_reconcile {
         assert!(out.contains("0 orphan documents"), "{out}");
     }
 }
+
+/// The whole loop on the real stages: a file indexed by the pipeline loses its records on the
+/// server; the reconcile re-queues it; the next pipeline run embeds it again although its
+/// content is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
+    use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
+    use docusearch_agent::agent::runtime::index_paths;
+    use docusearch_agent::search::repair::reconcile_with_store;
+    use docusearch_agent::state::Store;
+
+    use crate::agent::pipeline::{counts, pdf_pages, rig, worker_exe};
+
+    let rig = rig(300);
+    let s = rig.syncer().await;
+    let path = rig.root.join("report.pdf");
+    std::fs::write(&path, pdf_pages("repair", 0, 1)).unwrap();
+    let index = || async {
+        let store = Store::open(&rig.cfg.store_dir()).expect("store");
+        index_paths(
+            &rig.cfg,
+            std::slice::from_ref(&rig.root),
+            store,
+            RealExtract::new(&rig.cfg, worker_exe()).expect("extractor"),
+            RealModelLoader {
+                cfg: rig.cfg.model.clone(),
+            },
+            RealSink(rig.syncer().await),
+            |_, _| {},
+        )
+        .await
+        .expect("index runs")
+    };
+    let first = index().await;
+    assert_eq!(first.indexed.len(), 1, "{first:?}");
+    let id = rig.doc_id("report.pdf");
+    let indexed = counts(&s, &id).await;
+    assert_eq!(indexed.0, 2);
+
+    // The server loses the document.
+    s.delete_document(&id).await.unwrap();
+    assert_eq!(counts(&s, &id).await, (0, 0));
+    // Without the reconcile, indexing again finds the content unchanged and writes nothing.
+    let again = index().await;
+    assert!(again.indexed.is_empty(), "{again:?}");
+    assert_eq!(counts(&s, &id).await, (0, 0));
+
+    {
+        let store = Store::open(&rig.cfg.store_dir()).expect("store");
+        let r = reconcile_with_store(
+            s.client(),
+            &rig.cfg.chroma,
+            &rig.cfg.agent_id,
+            &store,
+            false,
+        )
+        .await
+        .expect("reconcile");
+        assert_eq!(r.missing.len(), 1, "{r:?}");
+        assert_eq!(r.missing[0].path, path);
+        assert!(r.orphans.is_empty(), "{r:?}");
+    }
+    let fixed = index().await;
+    assert_eq!(
+        fixed.indexed.len(),
+        1,
+        "the queued file is embedded again: {fixed:?}"
+    );
+    assert_eq!(counts(&s, &id).await, indexed);
+    let store = Store::open(&rig.cfg.store_dir()).expect("store");
+    assert_eq!(store.file(&path).unwrap().unwrap().last_error, None);
+}
