@@ -81,13 +81,76 @@ fn exit_code(checks: &[Check]) -> ExitCode {
 
 /// Every check after the configuration, in the order a user fixes them.
 pub fn run_checks(config: &Config) -> Vec<Check> {
-    vec![
+    let chroma = check_chroma(config);
+    // The recall check needs the server; a ✘ Chroma line already says why it is missing.
+    let recall = chroma.ok.then(|| check_recall(config));
+    let mut checks = vec![
         check_state_dir(&config.state_dir),
         check_pdfium(config.extract.pdfium_path.as_deref()),
-        check_chroma(config),
-        check_model(config),
-        check_device(config.model.device),
-    ]
+        chroma,
+    ];
+    checks.extend(recall);
+    checks.push(check_model(config));
+    checks.push(check_device(config.model.device));
+    checks
+}
+
+/// Records sampled per collection by the recall check.
+const RECALL_SAMPLE: usize = 200;
+
+/// Queries a sample of each collection's records with their own embedding: a record the server
+/// does not return is unreachable by search (chroma-core/chroma#7758), which `repair` fixes.
+fn check_recall(config: &Config) -> Check {
+    const NAME: &str = "recall";
+    if let ChromaTarget::Managed = config.chroma_target() {
+        let dir = config.managed_chroma_dir();
+        if crate::chroma::managed::running_server(&dir).is_none() && !dir.exists() {
+            return Check::pass(NAME, "nothing indexed yet (no managed Chroma data)");
+        }
+    }
+    let result = (|| -> anyhow::Result<(Vec<String>, bool)> {
+        // The configured server, the agent's managed one, or one started on its data for now.
+        let conn = crate::search::connect_for_reading(config)?;
+        let client = conn
+            .client
+            .clone()
+            .with_retry(crate::chroma::client::RetryPolicy::no_retry());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut parts = Vec::new();
+        let mut bad = Vec::new();
+        for name in [&config.chroma.visual_collection, &config.chroma.text_collection] {
+            let Some(c) = rt.block_on(client.get_collection(name))? else {
+                parts.push(format!("{name}: absent"));
+                continue;
+            };
+            if rt.block_on(c.count())? == 0 {
+                parts.push(format!("{name}: empty"));
+                continue;
+            }
+            let r = rt.block_on(crate::search::repair::recall_check(&client, name, RECALL_SAMPLE))?;
+            let returned = r.checked - r.unreachable.len();
+            parts.push(format!("{name}: {returned} of {} sampled records returned", r.checked));
+            if !r.is_complete() {
+                bad.push(name.clone());
+            }
+        }
+        Ok((parts, bad.is_empty()))
+    })();
+    match result {
+        Ok((parts, true)) => Check::pass(NAME, parts.join("; ")),
+        Ok((parts, false)) => Check::fail(
+            NAME,
+            format!("{} (records the server no longer finds: chroma-core/chroma#7758)", parts.join("; ")),
+            "run `docusearch-agent repair` (stop the agent first so nothing writes during the rebuild)",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("the recall check could not run: {e:#}"),
+            "check the Chroma server's log, then run `docusearch-agent doctor` again",
+        ),
+    }
 }
 
 fn check_state_dir(dir: &Path) -> Check {

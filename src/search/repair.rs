@@ -1,21 +1,30 @@
 //! `repair`: find live records that Chroma's `query` no longer returns (chroma-core/chroma#7758:
 //! after many deletes and upserts, `get` still has them but the vector index cannot reach them)
-//! and rebuild the collection from its own records, without the model.
+//! and rebuild the collection from its own records, without the model; then reconcile Chroma
+//! with the state store for this agent id (orphan records, files without records, failed jobs).
 
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use serde_json::Map;
+use serde_json::{json, Map, Value};
 
 use crate::chroma::client::{ChromaClient, ChromaError, Collection, GetRequest, Include, Record};
+use crate::chroma::records::keys;
 use crate::cli::{Context, RepairArgs};
+use crate::config::ChromaConfig;
+use crate::state::{FileStamp, JobKind, Store, StoreError};
+use crate::types::DocId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
     #[error("{0}")]
     Chroma(#[from] ChromaError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("collection `{0}` does not exist on this Chroma server")]
     NoCollection(String),
     #[error("record {id} in `{collection}` came back without its {what}; the rebuild stopped before changing anything. Fix: re-index the file it belongs to, or delete the record")]
@@ -312,6 +321,333 @@ pub async fn repair_collection(
     }))
 }
 
+/// Why records are called orphans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanReason {
+    /// The state store knows no file with this doc id.
+    NotInStore,
+    /// The store knows the file, but it is gone from disk.
+    FileGone,
+}
+
+/// One document's records in Chroma that belong to no live file.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrphanDocument {
+    pub doc_id: String,
+    /// From the store, or else from a record's metadata (read for the first few only).
+    pub source_path: Option<String>,
+    pub reason: OrphanReason,
+    pub page_records: usize,
+    pub text_records: usize,
+}
+
+/// A file the store calls indexed whose records are (partly) missing from Chroma.
+#[derive(Debug, Clone, Serialize)]
+pub struct MissingRecords {
+    pub path: PathBuf,
+    pub pages_expected: u32,
+    pub pages_missing: usize,
+    pub chunks_expected: u32,
+    pub chunks_missing: usize,
+}
+
+/// What step (3), the reconcile of Chroma with the state store, found (and, unless
+/// `dry_run`, did: orphans deleted, files re-queued, failed jobs retried).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreReconcile {
+    pub agent_id: String,
+    pub dry_run: bool,
+    /// Records of this agent id in Chroma (both collections).
+    pub records: usize,
+    /// Files the store knows.
+    pub files: usize,
+    pub orphans: Vec<OrphanDocument>,
+    /// Store entries of files gone from disk (forgotten with their records).
+    pub gone_files: Vec<PathBuf>,
+    pub missing: Vec<MissingRecords>,
+    /// Failed jobs (queued again unless `dry_run`).
+    pub failed_jobs: Vec<(PathBuf, String)>,
+}
+
+/// Source paths of this many orphan documents are read from Chroma for the report (a record's
+/// metadata carries its multi-vector, ~0.7 MB, so not for thousands).
+const ORPHAN_PATHS_SHOWN: usize = 20;
+
+/// The error a re-queued file carries until it is indexed again: it makes the pipeline embed
+/// the file even though its content hash is unchanged.
+pub const MISSING_RECORDS_ERROR: &str =
+    "its records were missing from Chroma (found by `repair`); queued to be indexed again";
+
+/// Record ids of one document, per collection.
+#[derive(Default)]
+struct DocRecords {
+    pages: Vec<String>,
+    chunks: Vec<String>,
+}
+
+/// Every id in `collection` written by `agent_id`, grouped by doc id (`{doc_id}-page…`).
+async fn ids_of_agent(
+    collection: &Collection,
+    agent_id: &str,
+    out: &mut BTreeMap<String, DocRecords>,
+    pages: bool,
+) -> Result<usize, RepairError> {
+    let mut offset = 0;
+    loop {
+        let page = collection
+            .get(&GetRequest {
+                filter: Some(json!({ keys::AGENT_ID: agent_id })),
+                include: vec![],
+                limit: Some(SCAN_PAGE),
+                offset: Some(offset),
+                ..GetRequest::default()
+            })
+            .await?;
+        let n = page.ids.len();
+        for id in page.ids {
+            let doc = id
+                .split_once('-')
+                .map(|(d, _)| d)
+                .unwrap_or(&id)
+                .to_string();
+            let entry = out.entry(doc).or_default();
+            if pages {
+                entry.pages.push(id);
+            } else {
+                entry.chunks.push(id);
+            }
+        }
+        offset += n;
+        if n < SCAN_PAGE {
+            return Ok(offset);
+        }
+    }
+}
+
+/// Step (3) of `repair`: reconciles what Chroma holds for `agent_id` with the state store.
+/// Records whose doc id no file in the store has, or whose file is gone from disk, are deleted
+/// (and a gone file is forgotten); files the store calls indexed with records missing are
+/// queued again (their file record marked so the unchanged content is embedded anyway); failed
+/// jobs are queued again. With `dry_run` it only reports. The caller owns the store, so no
+/// agent can be writing meanwhile.
+pub async fn reconcile_with_store(
+    client: &ChromaClient,
+    chroma: &ChromaConfig,
+    agent_id: &str,
+    store: &Store,
+    dry_run: bool,
+) -> Result<StoreReconcile, RepairError> {
+    let visual = client.get_collection(&chroma.visual_collection).await?;
+    let text = client.get_collection(&chroma.text_collection).await?;
+    let mut in_chroma: BTreeMap<String, DocRecords> = BTreeMap::new();
+    let mut records = 0;
+    if let Some(c) = &visual {
+        records += ids_of_agent(c, agent_id, &mut in_chroma, true).await?;
+    }
+    if let Some(c) = &text {
+        records += ids_of_agent(c, agent_id, &mut in_chroma, false).await?;
+    }
+
+    // Every file the store knows (all paths are absolute, so all are under the root).
+    let files = store.files_under(Path::new(std::path::MAIN_SEPARATOR_STR))?;
+    let mut report = StoreReconcile {
+        agent_id: agent_id.to_string(),
+        dry_run,
+        records,
+        files: files.len(),
+        orphans: Vec::new(),
+        gone_files: Vec::new(),
+        missing: Vec::new(),
+        failed_jobs: store.failures()?,
+    };
+    // Failed jobs first: a re-queue below replaces a failed job anyway.
+    if !dry_run && !report.failed_jobs.is_empty() {
+        store.retry_failed()?;
+    }
+
+    let mut known: HashSet<String> = HashSet::new();
+    let mut to_delete: Vec<&DocRecords> = Vec::new();
+    for (path, rec) in &files {
+        let doc = rec.doc_id.as_str().to_string();
+        let held = in_chroma.get(&doc);
+        let Some(stamp) = FileStamp::of_path(path) else {
+            // Gone from disk: its records are orphans and the store forgets it.
+            if let Some(h) = held {
+                report.orphans.push(OrphanDocument {
+                    doc_id: doc.clone(),
+                    source_path: Some(path.to_string_lossy().into_owned()),
+                    reason: OrphanReason::FileGone,
+                    page_records: h.pages.len(),
+                    text_records: h.chunks.len(),
+                });
+                to_delete.push(h);
+            }
+            report.gone_files.push(path.clone());
+            known.insert(doc);
+            continue;
+        };
+        known.insert(doc.clone());
+        if rec.last_error.is_some() {
+            // Not indexed: its failed job (retried above) or its next change deals with it.
+            continue;
+        }
+        let id = DocId::from_string(doc);
+        let (pages, chunks): (HashSet<&str>, HashSet<&str>) = match held {
+            Some(h) => (
+                h.pages.iter().map(String::as_str).collect(),
+                h.chunks.iter().map(String::as_str).collect(),
+            ),
+            None => (HashSet::new(), HashSet::new()),
+        };
+        let pages_missing = (1..=rec.num_pages)
+            .filter(|p| !pages.contains(id.page_record_id(*p).as_str()))
+            .count();
+        let chunks_missing = (0..rec.num_chunks)
+            .filter(|c| !chunks.contains(id.chunk_record_id(*c).as_str()))
+            .count();
+        if pages_missing + chunks_missing == 0 {
+            continue;
+        }
+        report.missing.push(MissingRecords {
+            path: path.clone(),
+            pages_expected: rec.num_pages,
+            pages_missing,
+            chunks_expected: rec.num_chunks,
+            chunks_missing,
+        });
+        if !dry_run {
+            let mut marked = rec.clone();
+            marked.last_error = Some(MISSING_RECORDS_ERROR.to_string());
+            store.put_file(path, &marked)?;
+            store.enqueue(
+                JobKind::Index { path: path.clone() },
+                Some(stamp),
+                Duration::ZERO,
+            )?;
+        }
+    }
+
+    // Documents no file in the store has.
+    for (doc, held) in &in_chroma {
+        if known.contains(doc) {
+            continue;
+        }
+        let source_path = if report.orphans.len() < ORPHAN_PATHS_SHOWN {
+            source_path_of(visual.as_ref(), text.as_ref(), held).await?
+        } else {
+            None
+        };
+        report.orphans.push(OrphanDocument {
+            doc_id: doc.clone(),
+            source_path,
+            reason: OrphanReason::NotInStore,
+            page_records: held.pages.len(),
+            text_records: held.chunks.len(),
+        });
+        to_delete.push(held);
+    }
+
+    if !dry_run {
+        for held in &to_delete {
+            if let (Some(c), false) = (&visual, held.pages.is_empty()) {
+                c.delete_ids(&held.pages).await?;
+            }
+            if let (Some(c), false) = (&text, held.chunks.is_empty()) {
+                c.delete_ids(&held.chunks).await?;
+            }
+        }
+        for path in &report.gone_files {
+            store.remove_file(path)?;
+        }
+        store.flush()?;
+    }
+    Ok(report)
+}
+
+/// `source_path` from one of the document's records.
+async fn source_path_of(
+    visual: Option<&Collection>,
+    text: Option<&Collection>,
+    held: &DocRecords,
+) -> Result<Option<String>, RepairError> {
+    let (collection, id) = match (held.pages.first(), held.chunks.first()) {
+        (Some(id), _) => (visual, id),
+        (None, Some(id)) => (text, id),
+        (None, None) => return Ok(None),
+    };
+    let Some(c) = collection else {
+        return Ok(None);
+    };
+    let got = c
+        .get_ids(std::slice::from_ref(id), &[Include::Metadatas])
+        .await?;
+    Ok(got
+        .metadatas
+        .and_then(|m| m.into_iter().next().flatten())
+        .and_then(|m| {
+            m.get(keys::SOURCE_PATH)
+                .and_then(Value::as_str)
+                .map(String::from)
+        }))
+}
+
+/// Prints what step (3) found and did.
+fn print_reconcile(r: &StoreReconcile) {
+    let would = if r.dry_run { "would be " } else { "" };
+    println!(
+        "reconcile with the state store (agent id `{}`): {} records in Chroma, {} files in the store",
+        r.agent_id, r.records, r.files
+    );
+    for o in &r.orphans {
+        let why = match o.reason {
+            OrphanReason::NotInStore => "no file in the state store",
+            OrphanReason::FileGone => "its file is gone from disk",
+        };
+        println!(
+            "  orphan: {} ({} page + {} text records): {why}; {}deleted",
+            o.source_path.as_deref().unwrap_or(&o.doc_id),
+            o.page_records,
+            o.text_records,
+            would
+        );
+    }
+    for p in &r.gone_files {
+        println!(
+            "  gone: {} is no longer on disk; {}forgotten by the state store",
+            p.display(),
+            would
+        );
+    }
+    for m in &r.missing {
+        println!(
+            "  missing: {} has {} of {} page and {} of {} text records missing in Chroma; {}queued to be indexed again",
+            m.path.display(),
+            m.pages_missing,
+            m.pages_expected,
+            m.chunks_missing,
+            m.chunks_expected,
+            would
+        );
+    }
+    for (p, reason) in &r.failed_jobs {
+        println!("  failed job: {}: {reason}; {}retried", p.display(), would);
+    }
+    println!(
+        "reconcile: {} orphan documents, {} files with missing records, {} failed jobs{}",
+        r.orphans.len(),
+        r.missing.len(),
+        r.failed_jobs.len(),
+        if r.dry_run {
+            " (dry run: nothing changed)"
+        } else if r.missing.is_empty() && r.failed_jobs.is_empty() {
+            ""
+        } else {
+            " (the queued jobs run when the agent next starts)"
+        }
+    );
+}
+
 pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCode> {
     let conn = super::connect_for_reading(&ctx.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -372,10 +708,39 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
             _ => {}
         }
     }
-    // Step (3) needs the state store (issue 6), which reached main after this was written.
-    println!(
-        "reconcile with the state store (records with no file, files with no records, failed jobs): not implemented yet; nothing was checked or changed there"
-    );
+    // Step (3) needs the state store, which a running agent holds (sled's lock).
+    let cfg = &ctx.config;
+    let store_dir = cfg.store_dir();
+    if !store_dir.exists() {
+        println!(
+            "reconcile with the state store: skipped, there is no state store at {} (agent `{}` has indexed nothing on this machine, or its state was deleted to be rebuilt): without it every record of this agent id would look orphaned",
+            store_dir.display(),
+            cfg.agent_id
+        );
+    } else {
+        match Store::open(&store_dir) {
+            Ok(store) => {
+                let r = rt.block_on(reconcile_with_store(
+                    &conn.client,
+                    chroma,
+                    &cfg.agent_id,
+                    &store,
+                    args.dry_run,
+                ))?;
+                print_reconcile(&r);
+            }
+            Err(StoreError::Locked { .. }) => {
+                let who = crate::agent::status::running_agent(cfg)
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default();
+                println!(
+                    "reconcile with the state store: skipped, the agent is running{who} and holds the state store; records with no file, files with no records and failed jobs were not checked. Fix: stop the agent and run `docusearch-agent repair` again"
+                );
+                problems = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(if problems {
         ExitCode::FAILURE
     } else {

@@ -87,3 +87,56 @@ fn doctor_refuses_a_gpu_this_build_lacks() {
         assert_eq!(run.code, 1);
     }
 }
+
+#[test]
+fn doctor_runs_the_recall_check_on_the_indexed_records() {
+    use docusearch_agent::config::Config;
+    use docusearch_agent::sync::{DocumentMeta, PageRecord, Syncer};
+    use docusearch_agent::types::{ContentHash, DocFormat, DocId, MultiVector};
+    use rand::{Rng, SeedableRng};
+
+    let chroma = common::start_chroma();
+    let mut cfg = Config::default();
+    cfg.chroma.url = Some(chroma.url());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let syncer = Syncer::connect(&chroma.url(), &cfg).await.expect("connect");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for d in 0..3u32 {
+            let path = std::path::PathBuf::from(format!("/docs/report-{d}.pdf"));
+            let meta = DocumentMeta {
+                doc_id: DocId::new(&cfg.agent_id, &path),
+                filename: format!("report-{d}.pdf"),
+                format: DocFormat::Pdf,
+                num_pages: 4,
+                content_hash: ContentHash::of_bytes(&d.to_le_bytes()),
+                model: "test".into(),
+                timestamp: "2026-11-27T18:00:00Z".into(),
+                source_path: path,
+            };
+            let pages: Vec<PageRecord> = (1..=4)
+                .map(|p| PageRecord {
+                    page: p,
+                    text: format!("page {p}"),
+                    embedding: MultiVector::new(
+                        6,
+                        128,
+                        (0..6 * 128).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+                    ),
+                })
+                .collect();
+            syncer.upsert_pages(&meta, &pages).await.expect("write pages");
+        }
+    });
+    let model = common::fixture("tiny-colpali");
+    let config = format!("[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n", chroma.url(), model);
+    let run = doctor(&config, &[]);
+    let l = line(&run, "recall");
+    assert!(l.starts_with('✔'), "{}", run.stdout);
+    assert!(
+        l.contains(&format!("{}: 12 of 12 sampled records returned", cfg.chroma.visual_collection)),
+        "{}",
+        run.stdout
+    );
+    assert!(l.contains(&format!("{}: empty", cfg.chroma.text_collection)), "{}", run.stdout);
+}

@@ -275,3 +275,381 @@ fn records_first_embedding() -> Vec<f32> {
     v[0] = 1.0;
     v
 }
+
+mod store_reconcile {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::Duration;
+
+    use docusearch_agent::config::Config;
+    use docusearch_agent::search::repair::MISSING_RECORDS_ERROR;
+    use docusearch_agent::state::{FileRecord, FileStamp, JobKind, JobState, RetryPolicy, Store};
+    use docusearch_agent::sync::{ChunkRecord, DocumentMeta, PageRecord, Syncer};
+    use docusearch_agent::types::{ContentHash, DocFormat, DocId, MultiVector, SCHEMA_VERSION};
+    use rand::{Rng, SeedableRng};
+
+    use crate::common;
+
+    const AGENT: &str = "laptop-a";
+    const OTHER: &str = "desktop-b";
+
+    fn multivector(seed: u64) -> MultiVector {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        MultiVector::new(
+            5,
+            128,
+            (0..5 * 128).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+        )
+    }
+
+    fn meta(agent: &str, path: &Path, num_pages: u32) -> DocumentMeta {
+        DocumentMeta {
+            doc_id: DocId::new(agent, path),
+            filename: path.file_name().unwrap().to_string_lossy().into_owned(),
+            format: DocFormat::Pdf,
+            num_pages,
+            content_hash: ContentHash::of_bytes(path.as_os_str().as_encoded_bytes()),
+            model: "test-model".into(),
+            timestamp: "2026-11-27T18:00:00Z".into(),
+            source_path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes `pages` page records and `chunks` text records of `path` through the syncer.
+    async fn write_doc(s: &Syncer, agent: &str, path: &Path, pages: u32, chunks: u32, seed: u64) {
+        let m = meta(agent, path, pages);
+        let p: Vec<PageRecord> = (1..=pages)
+            .map(|i| PageRecord {
+                page: i,
+                text: format!("page {i}"),
+                embedding: multivector(seed * 100 + i as u64),
+            })
+            .collect();
+        let c: Vec<ChunkRecord> = (0..chunks)
+            .map(|i| ChunkRecord {
+                chunk_index: i,
+                page: 1,
+                text: format!("chunk {i}"),
+                word_count: 2,
+                embedding: multivector(seed * 100 + 50 + i as u64),
+            })
+            .collect();
+        s.upsert_pages(&m, &p).await.expect("write pages");
+        s.upsert_chunks(&m, &c).await.expect("write chunks");
+    }
+
+    fn file_record(path: &Path, pages: u32, chunks: u32) -> FileRecord {
+        FileRecord {
+            stamp: FileStamp::of_path(path).unwrap_or(FileStamp {
+                size: 1,
+                mtime_ns: 1,
+            }),
+            content_hash: ContentHash::of_bytes(path.as_os_str().as_encoded_bytes()),
+            doc_id: DocId::new(AGENT, path),
+            num_pages: pages,
+            num_chunks: chunks,
+            model: "test-model".into(),
+            schema_version: SCHEMA_VERSION,
+            indexed_at: Some("2026-11-27T18:00:00Z".into()),
+            last_error: None,
+        }
+    }
+
+    /// (page records, text records) of a document.
+    fn counts(
+        rt: &tokio::runtime::Runtime,
+        s: &Syncer,
+        agent: &str,
+        path: &Path,
+    ) -> (usize, usize) {
+        rt.block_on(s.count_document(&DocId::new(agent, path)))
+            .expect("count")
+    }
+
+    fn repair(cfg_path: &Path, dry_run: bool) -> (bool, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_docusearch-agent"));
+        cmd.arg("--config").arg(cfg_path).arg("repair");
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let out = cmd.output().expect("run the binary");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        (
+            out.status.success(),
+            format!("{stdout}\n--- stderr:\n{stderr}"),
+        )
+    }
+
+    #[test]
+    fn repair_reconciles_chroma_with_the_state_store() {
+        let chroma = common::start_chroma();
+        let dir = tempfile::tempdir().unwrap();
+        let docs: PathBuf = dir.path().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        let docs = docs.canonicalize().unwrap();
+        let state_dir = dir.path().join("state");
+        let mut cfg = Config {
+            agent_id: AGENT.into(),
+            state_dir: state_dir.clone(),
+            ..Config::default()
+        };
+        cfg.chroma.url = Some(chroma.url());
+        let cfg_path = dir.path().join("config.toml");
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "state_dir = {:?}\nagent_id = {AGENT:?}\n[chroma]\nurl = {:?}\n",
+                state_dir,
+                chroma.url()
+            ),
+        )
+        .unwrap();
+
+        let kept = docs.join("kept.pdf"); // on disk, in the store, in Chroma: untouched
+        let gone = docs.join("gone.pdf"); // in the store and Chroma, deleted from disk
+        let stray = docs.join("stray.pdf"); // in Chroma only (no file the store knows)
+        let lost = docs.join("lost.pdf"); // on disk, in the store as indexed, no records
+        let broken = docs.join("broken.pdf"); // a failed job
+        for p in [&kept, &gone, &lost, &broken] {
+            std::fs::write(p, format!("%PDF-1.4 {}", p.display())).unwrap();
+        }
+        let other = docs.join("kept.pdf"); // the same path, written by another agent
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let syncer = rt
+            .block_on(Syncer::connect(&chroma.url(), &cfg))
+            .expect("connect");
+        let mut other_cfg = cfg.clone();
+        other_cfg.agent_id = OTHER.into();
+        let other_syncer = rt
+            .block_on(Syncer::connect(&chroma.url(), &other_cfg))
+            .expect("connect");
+        rt.block_on(async {
+            write_doc(&syncer, AGENT, &kept, 2, 1, 1).await;
+            write_doc(&syncer, AGENT, &gone, 3, 2, 2).await;
+            write_doc(&syncer, AGENT, &stray, 1, 1, 3).await;
+            write_doc(&other_syncer, OTHER, &other, 2, 1, 4).await;
+            // Another agent's document that this agent's store does not know either.
+            write_doc(&other_syncer, OTHER, &docs.join("elsewhere.pdf"), 1, 0, 5).await;
+        });
+        std::fs::create_dir_all(&state_dir).unwrap();
+        {
+            let store = Store::open(&cfg.store_dir()).expect("open the store");
+            store.put_file(&kept, &file_record(&kept, 2, 1)).unwrap();
+            store.put_file(&gone, &file_record(&gone, 3, 2)).unwrap();
+            store.put_file(&lost, &file_record(&lost, 2, 1)).unwrap();
+            store
+                .enqueue(
+                    JobKind::Index {
+                        path: broken.clone(),
+                    },
+                    FileStamp::of_path(&broken),
+                    Duration::ZERO,
+                )
+                .unwrap();
+            let job = store.take_due(u64::MAX).unwrap().expect("the job is due");
+            let policy = RetryPolicy {
+                max_attempts: 1,
+                base: Duration::from_secs(1),
+            };
+            assert_eq!(
+                store.fail(&job, "not a PDF", true, policy).unwrap(),
+                JobState::Failed
+            );
+            store.flush().unwrap();
+        }
+        std::fs::remove_file(&gone).unwrap();
+
+        let snapshot = |rt: &tokio::runtime::Runtime| {
+            [
+                counts(rt, &syncer, AGENT, &kept),
+                counts(rt, &syncer, AGENT, &gone),
+                counts(rt, &syncer, AGENT, &stray),
+                counts(rt, &syncer, AGENT, &lost),
+                counts(rt, &other_syncer, OTHER, &other),
+                counts(rt, &other_syncer, OTHER, &docs.join("elsewhere.pdf")),
+            ]
+        };
+        let before = snapshot(&rt);
+        assert_eq!(before, [(2, 1), (3, 2), (1, 1), (0, 0), (2, 1), (1, 0)]);
+
+        // A dry run reports everything and changes nothing.
+        let (ok, out) = repair(&cfg_path, true);
+        assert!(ok, "{out}");
+        assert!(out.contains(&format!("orphan: {} (1 page + 1 text records): no file in the state store; would be deleted", stray.display())), "{out}");
+        assert!(out.contains(&format!("orphan: {} (3 page + 2 text records): its file is gone from disk; would be deleted", gone.display())), "{out}");
+        assert!(out.contains(&format!("missing: {} has 2 of 2 page and 1 of 1 text records missing in Chroma; would be queued", lost.display())), "{out}");
+        assert!(
+            out.contains(&format!(
+                "failed job: {}: not a PDF; would be retried",
+                broken.display()
+            )),
+            "{out}"
+        );
+        assert!(out.contains("2 orphan documents, 1 files with missing records, 1 failed jobs (dry run: nothing changed)"), "{out}");
+        assert!(
+            !out.contains("desktop-b") && !out.contains("elsewhere.pdf"),
+            "another agent's records are not ours: {out}"
+        );
+        assert_eq!(snapshot(&rt), before, "a dry run changed Chroma");
+        {
+            let store = Store::open(&cfg.store_dir()).unwrap();
+            assert_eq!(store.job(&broken).unwrap().unwrap().state, JobState::Failed);
+            assert!(store.job(&lost).unwrap().is_none());
+            assert!(store.file(&gone).unwrap().is_some());
+            assert_eq!(store.file(&lost).unwrap().unwrap().last_error, None);
+        }
+
+        // While another process holds the store (a running agent), step 3 says so, changes
+        // nothing, and the exit status says the repair is incomplete.
+        {
+            let _held = Store::open(&cfg.store_dir()).unwrap();
+            let (ok, out) = repair(&cfg_path, false);
+            assert!(!ok, "{out}");
+            assert!(
+                out.contains("skipped, the agent is running") && out.contains("stop the agent"),
+                "{out}"
+            );
+            assert!(!out.contains("lock"), "no lock error: {out}");
+            assert_eq!(snapshot(&rt), before);
+        }
+
+        // The real run.
+        let (ok, out) = repair(&cfg_path, false);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains(&format!(
+                "orphan: {} (1 page + 1 text records): no file in the state store; deleted",
+                stray.display()
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains("2 orphan documents, 1 files with missing records, 1 failed jobs"),
+            "{out}"
+        );
+        let after = snapshot(&rt);
+        assert_eq!(after[0], (2, 1), "a live file's records were touched");
+        assert_eq!(
+            after[1],
+            (0, 0),
+            "records of a file gone from disk are deleted"
+        );
+        assert_eq!(after[2], (0, 0), "records of no known file are deleted");
+        assert_eq!(after[4], (2, 1), "another agent's records were touched");
+        assert_eq!(after[5], (1, 0), "another agent's records were touched");
+        let store = Store::open(&cfg.store_dir()).unwrap();
+        let lost_job = store
+            .job(&lost)
+            .unwrap()
+            .expect("the file with no records is queued");
+        assert_eq!(
+            (lost_job.kind, lost_job.state),
+            (JobKind::Index { path: lost.clone() }, JobState::Queued)
+        );
+        // Marked so that the pipeline embeds it again although its content is unchanged.
+        assert_eq!(
+            store.file(&lost).unwrap().unwrap().last_error.as_deref(),
+            Some(MISSING_RECORDS_ERROR)
+        );
+        let broken_job = store
+            .job(&broken)
+            .unwrap()
+            .expect("the failed job is still there");
+        assert_eq!(
+            (broken_job.state, broken_job.attempts),
+            (JobState::Queued, 0),
+            "the failed job is retried"
+        );
+        assert!(
+            store.file(&gone).unwrap().is_none(),
+            "a file gone from disk is forgotten"
+        );
+        assert!(
+            store.job(&kept).unwrap().is_none(),
+            "a healthy file is not re-queued"
+        );
+        drop(store);
+
+        // Nothing left to do: a second run finds everything consistent but the queued work.
+        let (ok, out) = repair(&cfg_path, true);
+        assert!(ok, "{out}");
+        assert!(out.contains("0 orphan documents"), "{out}");
+    }
+}
+
+/// The whole loop on the real stages: a file indexed by the pipeline loses its records on the
+/// server; the reconcile re-queues it; the next pipeline run embeds it again although its
+/// content is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
+    use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
+    use docusearch_agent::agent::runtime::index_paths;
+    use docusearch_agent::search::repair::reconcile_with_store;
+    use docusearch_agent::state::Store;
+
+    use crate::agent::pipeline::{counts, pdf_pages, rig, worker_exe};
+
+    let rig = rig(300);
+    let s = rig.syncer().await;
+    let path = rig.root.join("report.pdf");
+    std::fs::write(&path, pdf_pages("repair", 0, 1)).unwrap();
+    let index = || async {
+        let store = Store::open(&rig.cfg.store_dir()).expect("store");
+        index_paths(
+            &rig.cfg,
+            std::slice::from_ref(&rig.root),
+            store,
+            RealExtract::new(&rig.cfg, worker_exe()).expect("extractor"),
+            RealModelLoader {
+                cfg: rig.cfg.model.clone(),
+            },
+            RealSink(rig.syncer().await),
+            |_, _| {},
+        )
+        .await
+        .expect("index runs")
+    };
+    let first = index().await;
+    assert_eq!(first.indexed.len(), 1, "{first:?}");
+    let id = rig.doc_id("report.pdf");
+    let indexed = counts(&s, &id).await;
+    assert_eq!(indexed.0, 2);
+
+    // The server loses the document.
+    s.delete_document(&id).await.unwrap();
+    assert_eq!(counts(&s, &id).await, (0, 0));
+    // Without the reconcile, indexing again finds the content unchanged and writes nothing.
+    let again = index().await;
+    assert!(again.indexed.is_empty(), "{again:?}");
+    assert_eq!(counts(&s, &id).await, (0, 0));
+
+    {
+        let store = Store::open(&rig.cfg.store_dir()).expect("store");
+        let r = reconcile_with_store(
+            s.client(),
+            &rig.cfg.chroma,
+            &rig.cfg.agent_id,
+            &store,
+            false,
+        )
+        .await
+        .expect("reconcile");
+        assert_eq!(r.missing.len(), 1, "{r:?}");
+        assert_eq!(r.missing[0].path, path);
+        assert!(r.orphans.is_empty(), "{r:?}");
+    }
+    let fixed = index().await;
+    assert_eq!(
+        fixed.indexed.len(),
+        1,
+        "the queued file is embedded again: {fixed:?}"
+    );
+    assert_eq!(counts(&s, &id).await, indexed);
+    let store = Store::open(&rig.cfg.store_dir()).expect("store");
+    assert_eq!(store.file(&path).unwrap().unwrap().last_error, None);
+}

@@ -262,4 +262,4 @@ async fn live_events_become_jobs() {
     )
     .await;
 }
-mod pipeline;
+pub(crate) mod pipeline;
