@@ -28,7 +28,7 @@ fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
             let who = running_agent(cfg)
                 .map(|p| format!(" (pid {p})"))
                 .unwrap_or_default();
-            bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: it keeps its watched folders indexed itself — stop it first (or use its status API once available)")
+            bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: it keeps its watched folders indexed itself (see `docusearch-agent status`, or POST /rescan on its status API to make it look again); to index other paths, stop it first")
         }
         Err(e) => Err(e.into()),
     }
