@@ -577,3 +577,35 @@ fn a_sharded_checkpoint_loads_through_its_index() {
     let d = max_abs_diff(&got[0], &reference_rows(&r, "image_0"));
     assert!(d < 1e-4, "sharded: max |diff| {d}");
 }
+
+/// The resize at the real sizes (a 150-DPI letter page down to 448×448) gives exactly Pillow's
+/// bytes. Pillow comes with scripts/setup's environment.
+#[test]
+fn a_page_sized_resize_equals_pillow_byte_for_byte() {
+    let python = docusearch_agent::runtime_paths::find_setup_python()
+        .unwrap_or_else(|e| panic!("prerequisite missing for this test: {e}"));
+    // A real rendered page would do too; a deterministic texture with sharp edges and gradients
+    // exercises every rounding path.
+    let (w, h) = (1275u32, 1650u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7;
+        image::Rgb([(v & 0xff) as u8, ((x * 255) / w) as u8, if (x / 37 + y / 23) % 2 == 0 { 250 } else { 3 }])
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("page.png");
+    let raw = dir.path().join("pillow.raw");
+    img.save(&png).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg("import sys; from PIL import Image; open(sys.argv[2],'wb').write(Image.open(sys.argv[1]).convert('RGB').resize((448,448), Image.BICUBIC).tobytes())")
+        .arg(&png)
+        .arg(&raw)
+        .output()
+        .expect("runs scripts/setup's Python");
+    assert!(out.status.success(), "Pillow failed (run scripts/setup): {}", String::from_utf8_lossy(&out.stderr));
+    let pillow = std::fs::read(&raw).unwrap();
+    let ours = docusearch_agent::embed::preprocess::resize_for_model(&img, 448, 448);
+    assert_eq!(pillow.len(), ours.as_raw().len());
+    let differing = pillow.iter().zip(ours.as_raw()).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} of {} bytes differ from Pillow", pillow.len());
+}
