@@ -450,14 +450,8 @@ impl ChromaClient {
             "get_or_create": true,
             "schema": { "defaults": {}, "keys": keys },
         });
-        let what = format!("opening collection `{name}`");
-        let info: CollectionInfo = self
-            .call(
-                &what,
-                Method::POST,
-                self.db_url(&["collections"]),
-                Some(&body),
-            )
+        let info = self
+            .post_collection(&format!("opening collection `{name}`"), &body)
             .await?;
         let space = info.space();
         if space != "cosine" {
@@ -476,19 +470,30 @@ impl ChromaClient {
                 });
             }
         }
-        let unindexed = info.unindexed_string_keys();
+        let collection = self.handle(info).await?;
         for key in &options.unindexed_string_keys {
-            if !unindexed.contains(key) {
+            if !collection.unindexed_string_keys.contains(key) {
                 tracing::info!(collection = name, key, "this existing collection indexes `{key}`; it works, but takes about twice the disk space");
             }
         }
+        Ok(collection)
+    }
+
+    /// `POST .../collections` (create, or get-or-create, as the body says).
+    async fn post_collection(&self, what: &str, body: &Value) -> Result<CollectionInfo, ChromaError> {
+        self.call(what, Method::POST, self.db_url(&["collections"]), Some(body))
+            .await
+    }
+
+    /// A handle on a collection the server described.
+    async fn handle(&self, info: CollectionInfo) -> Result<Collection, ChromaError> {
         Ok(Collection {
             max_batch: self.max_batch_size().await?,
             client: self.clone(),
+            unindexed_string_keys: info.unindexed_string_keys(),
             id: info.id,
             name: info.name,
             dimension: info.dimension,
-            unindexed_string_keys: unindexed,
         })
     }
 
@@ -510,14 +515,7 @@ impl ChromaClient {
             Err(e) => return Err(e),
         };
         let info: CollectionInfo = parse(&what, &bytes)?;
-        Ok(Some(Collection {
-            max_batch: self.max_batch_size().await?,
-            client: self.clone(),
-            unindexed_string_keys: info.unindexed_string_keys(),
-            id: info.id,
-            name: info.name,
-            dimension: info.dimension,
-        }))
+        Ok(Some(self.handle(info).await?))
     }
 
     /// The collection's `schema` as the server reports it (index settings, HNSW parameters):
@@ -543,23 +541,10 @@ impl ChromaClient {
         schema: &Value,
     ) -> Result<Collection, ChromaError> {
         let body = json!({ "name": name, "get_or_create": false, "schema": schema });
-        let what = format!("creating collection `{name}`");
-        let info: CollectionInfo = self
-            .call(
-                &what,
-                Method::POST,
-                self.db_url(&["collections"]),
-                Some(&body),
-            )
+        let info = self
+            .post_collection(&format!("creating collection `{name}`"), &body)
             .await?;
-        Ok(Collection {
-            max_batch: self.max_batch_size().await?,
-            client: self.clone(),
-            unindexed_string_keys: info.unindexed_string_keys(),
-            id: info.id,
-            name: info.name,
-            dimension: info.dimension,
-        })
+        self.handle(info).await
     }
 
     /// Renames a collection (its id and records stay).
