@@ -259,6 +259,9 @@ pub fn render(s: &Status) -> String {
                 .unwrap_or_default(),
             if s.chroma.reachable {
                 "reachable"
+            } else if s.chroma.url.is_none() && !s.agent_running {
+                // The managed server lives and dies with the agent.
+                "not running (the agent starts it)"
             } else {
                 "not reachable"
             }
