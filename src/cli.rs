@@ -158,15 +158,6 @@ pub struct Context {
     pub config_path: Option<PathBuf>,
 }
 
-/// Exit status of a command whose issue is not done yet.
-pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
-
-/// Says plainly that a command does not work yet, and exits with status 2.
-pub fn not_implemented(command: &str, issue: u32) -> anyhow::Result<ExitCode> {
-    eprintln!("docusearch-agent {command}: not implemented yet (issue {issue}); nothing was done");
-    Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
-}
-
 /// Loads the configuration, sets up logging and runs the command.
 pub fn run(cli: Cli) -> ExitCode {
     // The renderer child speaks a binary protocol on stdout and needs no configuration.
