@@ -176,7 +176,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG: launchd/systemd show it as a config error
         }
     };
-    let _log_guard = crate::logging::init(&config.logging);
+    crate::logging::init(&config.logging);
     let ctx = Context {
         config,
         config_path: cli.config.clone(),
