@@ -269,54 +269,35 @@ fn chroma_version(url: &str, config: &crate::config::ChromaConfig) -> Result<Str
     rt.block_on(client.version()).map_err(|e| e.to_string())
 }
 
-/// Files a checkpoint needs, whether in a local directory or the Hugging Face cache.
-const MODEL_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
-
+/// Resolves the model exactly as loading would, but offline: doctor reports, it never downloads.
 fn check_model(config: &Config) -> Check {
     const NAME: &str = "model";
-    let name = &config.model.name;
-    let local = Path::new(name);
-    if local.is_dir() {
-        let missing: Vec<&str> = MODEL_FILES
-            .iter()
-            .copied()
-            .filter(|f| !local.join(f).is_file())
-            .collect();
-        let has_weights = local.join("model.safetensors").is_file()
-            || local.join("model.safetensors.index.json").is_file();
-        return if missing.is_empty() && has_weights {
-            Check::pass(NAME, format!("{name} has config, tokenizer and weights"))
-        } else {
-            let mut m: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
-            if !has_weights {
-                m.push("model.safetensors(.index.json)".into());
-            }
-            Check::fail(
-                NAME,
-                format!("{name} lacks {}", m.join(", ")),
-                "point model.name / MODEL_NAME at a complete ColPali checkpoint directory",
-            )
-        };
-    }
-    let cache = hf_hub::Cache::from_env();
-    let repo = cache.repo(hf_hub::Repo::with_revision(
-        name.clone(),
-        hf_hub::RepoType::Model,
-        config.model.revision.clone(),
-    ));
-    let cached: Vec<bool> = MODEL_FILES.iter().map(|f| repo.get(f).is_some()).collect();
-    if cached.iter().all(|c| *c) {
-        Check::pass(NAME, format!("{name}@{} is in the Hugging Face cache ({})", config.model.revision, cache.path().display()))
-    } else {
-        Check::fail(
+    let offline = crate::config::ModelConfig {
+        offline: true,
+        ..config.model.clone()
+    };
+    match crate::embed::loader::resolve(&offline) {
+        Ok(files) => Check::pass(
             NAME,
             format!(
-                "{name}@{} is not in the Hugging Face cache ({}); it would be downloaded (~6 GB) on the first job",
-                config.model.revision,
-                cache.path().display()
+                "{} has its config, tokenizer and {} weight file(s)",
+                files.id,
+                files.weights.len()
+            ),
+        ),
+        Err(crate::embed::EmbedError::NotInCache { repo, revision, cache, .. }) => Check::fail(
+            NAME,
+            format!(
+                "{repo}@{revision} is not in the Hugging Face cache ({}); it would be downloaded (~6 GB) on the first job",
+                cache.display()
             ),
             "run `docusearch-agent model fetch` once while online, or set model.name to a local checkpoint directory",
-        )
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            e.to_string(),
+            "point model.name / MODEL_NAME at a complete ColPali checkpoint directory, or a Hugging Face repo id",
+        ),
     }
 }
 
