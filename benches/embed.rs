@@ -75,15 +75,25 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {} (set COLPALI_REF_PYTHON): {e}", python()));
     assert!(status.success(), "writing the random checkpoint failed");
 
-    if std::env::var_os("EMBED_BENCH_CANDLE_ONLY").is_some() {
-        // For profiling the Rust side alone (e.g. under `perf record`).
+    if let Some(what) = std::env::var_os("EMBED_BENCH_CANDLE_ONLY") {
+        // For profiling the Rust side alone (e.g. under `perf record`): `pages` or `queries`.
         let cfg = ModelConfig {
             name: dir.path().display().to_string(),
             device: DeviceChoice::Cpu,
             batch_size_visual: pages,
+            batch_size_text: queries,
             ..ModelConfig::default()
         };
         let embedder = Embedder::load(&cfg).expect("the mid checkpoint loads");
+        if what == "queries" {
+            let texts = vec![QUERY; queries];
+            for _ in 0..rounds {
+                let t = Instant::now();
+                embedder.embed_queries(&texts).unwrap();
+                println!("candle queries: {:.4} s/batch", t.elapsed().as_secs_f64());
+            }
+            return;
+        }
         let s = embedder.image_size() as usize;
         let pixels = Tensor::rand(-1f32, 1f32, (pages, 3, s, s), &Device::Cpu).unwrap();
         for _ in 0..rounds {

@@ -15,7 +15,12 @@ use docusearch_agent::config::ExtractConfig;
 use docusearch_agent::extract::{ExtractEvent, ExtractOptions, Extractor};
 use docusearch_agent::runtime_paths;
 
-const FILES: [&str; 4] = ["R-intro.pdf", "R-data.pdf", "asyRefCard.pdf", "xfig-howto.pdf"];
+const FILES: [&str; 4] = [
+    "R-intro.pdf",
+    "R-data.pdf",
+    "asyRefCard.pdf",
+    "xfig-howto.pdf",
+];
 const SIZE: u32 = 448;
 
 #[derive(Debug, Clone, Copy)]
@@ -43,10 +48,18 @@ fn rust_pass(ex: &Extractor, files: &[PathBuf]) -> Result<Pass, String> {
         })
         .map_err(|e| e.to_string())?;
     }
-    Ok(Pass { pages, words, seconds: start.elapsed().as_secs_f64() })
+    Ok(Pass {
+        pages,
+        words,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
-fn python_passes(python: &Path, files: &[PathBuf], repeats: usize) -> Result<(Vec<Pass>, String, String), String> {
+fn python_passes(
+    python: &Path,
+    files: &[PathBuf],
+    repeats: usize,
+) -> Result<(Vec<Pass>, String, String), String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/extract_pypdfium2.py");
     let out = Command::new(python)
         .arg(&script)
@@ -55,12 +68,18 @@ fn python_passes(python: &Path, files: &[PathBuf], repeats: usize) -> Result<(Ve
         .output()
         .map_err(|e| format!("could not run {}: {e}", python.display()))?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!("{} said nothing useful ({e}): {}", python.display(), String::from_utf8_lossy(&out.stderr))
+        format!(
+            "{} said nothing useful ({e}): {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
     })?;
     if let Some(err) = json.get("error") {
         return Err(format!("{}: {err}", python.display()));
     }
-    let runs = json["runs"].as_array().ok_or("no runs in the Python output")?;
+    let runs = json["runs"]
+        .as_array()
+        .ok_or("no runs in the Python output")?;
     let passes = runs
         .iter()
         .map(|r| Pass {
@@ -70,7 +89,12 @@ fn python_passes(python: &Path, files: &[PathBuf], repeats: usize) -> Result<(Ve
         })
         .collect();
     let split = {
-        let total = |k: &str| runs.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).sum::<f64>() / runs.len() as f64;
+        let total = |k: &str| {
+            runs.iter()
+                .map(|r| r[k].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+                / runs.len() as f64
+        };
         let pages = runs[0]["pages"].as_f64().unwrap_or(1.0);
         format!(
             "render {:.1} ms, resize {:.1} ms, text {:.2} ms per page",
@@ -93,7 +117,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let repeats: usize = std::env::var("DOCUSEARCH_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let repeats: usize = std::env::var("DOCUSEARCH_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
     let files: Vec<PathBuf> = FILES.iter().map(|f| corpus.join(f)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
@@ -105,15 +132,25 @@ fn run() -> Result<(), String> {
         None => runtime_paths::find_setup_python().map_err(|e| e.to_string())?,
     };
 
-    let cfg = ExtractConfig { pdfium_path: Some(pdfium.clone()), ..ExtractConfig::default() };
+    let cfg = ExtractConfig {
+        pdfium_path: Some(pdfium.clone()),
+        ..ExtractConfig::default()
+    };
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_docusearch-agent"));
-    let ex = Extractor::new(ExtractOptions::from_config(&cfg, SIZE, exe)).map_err(|e| e.to_string())?;
+    let ex =
+        Extractor::new(ExtractOptions::from_config(&cfg, SIZE, exe)).map_err(|e| e.to_string())?;
 
-    println!("extraction benchmark: {} PDFs from the corpus, {} DPI, resize to {SIZE}x{SIZE}, page text", files.len(), cfg.render_dpi);
+    println!(
+        "extraction benchmark: {} PDFs from the corpus, {} DPI, resize to {SIZE}x{SIZE}, page text",
+        files.len(),
+        cfg.render_dpi
+    );
     println!("PDFium: {}", pdfium.display());
     // One warm-up pass each way fills the page cache and the dynamic loader's caches.
     rust_pass(&ex, &files[2..3])?;
-    let rust: Vec<Pass> = (0..repeats).map(|_| rust_pass(&ex, &files)).collect::<Result<_, _>>()?;
+    let rust: Vec<Pass> = (0..repeats)
+        .map(|_| rust_pass(&ex, &files))
+        .collect::<Result<_, _>>()?;
     let (py, versions, split) = python_passes(&python, &files, repeats + 1)?;
     let py = py[1..].to_vec();
 
@@ -122,14 +159,18 @@ fn run() -> Result<(), String> {
     std::fs::write(&tiny, "a few words").map_err(|e| e.to_string())?;
     let spawn_start = Instant::now();
     for _ in 0..20 {
-        ex.extract(&tiny, &mut |_| ControlFlow::Continue(())).map_err(|e| e.to_string())?;
+        ex.extract(&tiny, &mut |_| ControlFlow::Continue(()))
+            .map_err(|e| e.to_string())?;
     }
     let spawn_ms = spawn_start.elapsed().as_secs_f64() * 1e3 / 20.0;
     let _ = std::fs::remove_file(&tiny);
 
     let (rp, pp) = (rust[0], py[0]);
     if rp.pages != pp.pages {
-        return Err(format!("page counts differ: Rust {} vs Python {}", rp.pages, pp.pages));
+        return Err(format!(
+            "page counts differ: Rust {} vs Python {}",
+            rp.pages, pp.pages
+        ));
     }
     let rust_s = median(rust.iter().map(|p| p.seconds).collect());
     let py_s = median(py.iter().map(|p| p.seconds).collect());
@@ -145,10 +186,17 @@ fn run() -> Result<(), String> {
     );
     println!(
         "| Python: pypdfium2 + Pillow | {} | {} | {:.2} | {:.1} | {:.1} |",
-        pp.pages, pp.words, py_s, 1e3 * py_s / pp.pages as f64, py_rate
+        pp.pages,
+        pp.words,
+        py_s,
+        1e3 * py_s / pp.pages as f64,
+        py_rate
     );
     println!();
-    println!("ratio Rust / Python: {:.2}x the pages per second ({repeats} passes each, medians)", rust_rate / py_rate);
+    println!(
+        "ratio Rust / Python: {:.2}x the pages per second ({repeats} passes each, medians)",
+        rust_rate / py_rate
+    );
     println!("worker start + exit per document (tiny text file): {spawn_ms:.1} ms");
     Ok(())
 }

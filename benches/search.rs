@@ -8,8 +8,10 @@
 //! `chroma run` holding RECORDS page records of 1,030 × 128 (random unit rows) in ENCODING
 //! (`f32-gzip-b64` or `f16-b64`), written through the Syncer into
 //! `target/bench-search/ENCODING-RECORDS` (kept between runs: loading takes minutes), and prints
-//! stage-1, stage-2 and total latency p50/p95 over 30 queries for several candidate counts.
-//! Query embedding is not included.
+//! stage-1, stage-2 and total latency p50/p95 over 30 queries for several candidate counts,
+//! and the CPU time per query of the server and of this process. Query embedding is not
+//! included. `... chroma RECORDS ENCODING bf16` stores vectors rounded to bf16 (what a GPU
+//! computes), which f32-gzip-b64 deflates instead of storing.
 
 use std::time::{Duration, Instant};
 
@@ -121,6 +123,16 @@ fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
     sorted_ms[i]
 }
 
+/// CPU seconds (user + system) a process has used, from /proc (Linux).
+fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn unit_rows(rng: &mut impl Rng, rows: usize, dim: usize) -> MultiVector {
     let mut data: Vec<f32> = (0..rows * dim)
         .map(|_| rng.gen_range(-1.0f32..1.0))
@@ -132,7 +144,15 @@ fn unit_rows(rng: &mut impl Rng, rows: usize, dim: usize) -> MultiVector {
     MultiVector::new(rows, dim, data)
 }
 
-fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
+/// How the stored vectors were computed: `f32` on the CPU, or `bf16` on a GPU (then widened to
+/// f32 for storage, so f32-gzip-b64 blobs deflate to about half).
+#[derive(Clone, Copy, PartialEq)]
+enum Precision {
+    F32,
+    Bf16,
+}
+
+fn chroma_bench(records: usize, encoding: &str, precision: Precision) -> anyhow::Result<()> {
     use docusearch_agent::chroma::managed::ManagedChroma;
     use docusearch_agent::config::{Config, MultivectorEncoding};
     use docusearch_agent::search::{Scope, SearchOptions, Searcher};
@@ -143,7 +163,10 @@ fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("unknown encoding {encoding}"))?;
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target/bench-search")
-        .join(format!("{}-{records}", encoding.as_str()));
+        .join(match precision {
+            Precision::F32 => format!("{}-{records}", encoding.as_str()),
+            Precision::Bf16 => format!("{}-bf16-{records}", encoding.as_str()),
+        });
     let chroma = docusearch_agent::runtime_paths::find_chroma(None)?;
     let server = ManagedChroma::start(&chroma, &dir)?;
     let mut config = Config::default();
@@ -184,7 +207,15 @@ fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
                     .map(|p| PageRecord {
                         page: p as u32 + 1,
                         text: format!("text of page {} of document {doc}", p + 1),
-                        embedding: unit_rows(&mut rng, rows, dim),
+                        embedding: {
+                            let mut mv = unit_rows(&mut rng, rows, dim);
+                            if precision == Precision::Bf16 {
+                                mv.data
+                                    .iter_mut()
+                                    .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+                            }
+                            mv
+                        },
                     })
                     .collect();
                 syncer.upsert_pages(&meta, &pages).await?;
@@ -203,15 +234,25 @@ fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4242);
         let queries: Vec<MultiVector> = (0..30).map(|_| unit_rows(&mut rng, 20, dim)).collect();
         println!(
-            "two-stage search: {count} page records of {rows}x{dim} in {}, query 20x{dim}, {} queries, limit 10, visual collection, {} rayon threads; query embedding not included",
+            "two-stage search: {count} page records of {rows}x{dim} ({} values) in {}, query 20x{dim}, {} queries, limit 10, visual collection, {} rayon threads; query embedding not included",
+            match precision {
+                Precision::F32 => "f32",
+                Precision::Bf16 => "bf16",
+            },
             encoding.as_str(),
             queries.len(),
             rayon::current_num_threads()
         );
         println!(
-            "  {:>10}  {:>17}  {:>17}  {:>17}",
-            "candidates", "stage 1 p50/p95", "stage 2 p50/p95", "total p50/p95"
+            "  {:>10}  {:>17}  {:>17}  {:>17}  {:>22}",
+            "candidates",
+            "stage 1 p50/p95",
+            "stage 2 p50/p95",
+            "total p50/p95",
+            "CPU/query server/us"
         );
+        let server_pid = server.pid().unwrap_or(0);
+        let own_pid = std::process::id();
         for candidates in [20, 50, 100] {
             let opts = SearchOptions {
                 limit: 10,
@@ -222,24 +263,36 @@ fn chroma_bench(records: usize, encoding: &str) -> anyhow::Result<()> {
             // One warm-up query (connections, server caches).
             searcher.search(&queries[0], &opts).await?;
             let (mut s1, mut s2, mut tot) = (Vec::new(), Vec::new(), Vec::new());
+            let cpu_before = (process_cpu(server_pid), process_cpu(own_pid));
             for q in &queries {
                 let r = searcher.search(q, &opts).await?;
                 s1.push(ms(r.times.stage1));
                 s2.push(ms(r.times.stage2));
                 tot.push(ms(r.times.total));
             }
+            let cpu_after = (process_cpu(server_pid), process_cpu(own_pid));
+            let per_query = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => format!("{:.0}", (b - a) * 1e3 / queries.len() as f64),
+                _ => "?".into(),
+            };
+            let cpu = format!(
+                "{} / {} ms",
+                per_query(cpu_before.0, cpu_after.0),
+                per_query(cpu_before.1, cpu_after.1)
+            );
             for v in [&mut s1, &mut s2, &mut tot] {
                 v.sort_by(f64::total_cmp);
             }
             println!(
-                "  {:>10}  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms",
+                "  {:>10}  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms  {:>7.1} / {:>6.1} ms  {:>22}",
                 candidates,
                 percentile(&s1, 0.5),
                 percentile(&s1, 0.95),
                 percentile(&s2, 0.5),
                 percentile(&s2, 0.95),
                 percentile(&tot, 0.5),
-                percentile(&tot, 0.95)
+                percentile(&tot, 0.95),
+                cpu
             );
         }
         anyhow::Ok(())
@@ -262,7 +315,12 @@ fn main() -> anyhow::Result<()> {
                 .transpose()?
                 .unwrap_or(10_000);
             let encoding = args.get(2).map(String::as_str).unwrap_or("f16-b64");
-            chroma_bench(records, encoding)
+            let precision = match args.get(3).map(String::as_str) {
+                None | Some("f32") => Precision::F32,
+                Some("bf16") => Precision::Bf16,
+                Some(other) => anyhow::bail!("precision {other}: expected f32 or bf16"),
+            };
+            chroma_bench(records, encoding, precision)
         }
         _ => kernel_bench(),
     }

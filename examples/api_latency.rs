@@ -61,13 +61,19 @@ async fn main() -> anyhow::Result<()> {
 
     let client = reqwest::Client::builder().no_proxy().build()?;
     let targets = [
-        ("chroma heartbeat (direct)", format!("{}/api/v2/heartbeat", chroma.url())),
+        (
+            "chroma heartbeat (direct)",
+            format!("{}/api/v2/heartbeat", chroma.url()),
+        ),
         ("GET /health", format!("{base}/health")),
         ("GET /status", format!("{base}/status")),
         ("GET /metrics", format!("{base}/metrics")),
     ];
     println!("{n} sequential requests each, loopback, keep-alive");
-    println!("{:<28} {:>9} {:>9} {:>12}", "request", "p50 ms", "p95 ms", "p50 / direct");
+    println!(
+        "{:<28} {:>9} {:>9} {:>12}",
+        "request", "p50 ms", "p95 ms", "p50 / direct"
+    );
     let mut direct_p50 = None;
     for (name, url) in &targets {
         let mut ms = Vec::with_capacity(n);

@@ -415,11 +415,7 @@ impl Config {
             self.chroma.url = None;
         }
         if let Some(v) = get("CHROMA_PORT") {
-            self.chroma.port = Some(num(
-                "CHROMA_PORT",
-                &v,
-                "a TCP port number (1-65535)",
-            )?);
+            self.chroma.port = Some(num("CHROMA_PORT", &v, "a TCP port number (1-65535)")?);
             self.chroma.url = None;
         }
         if let Some(v) = get("DEVICE") {
@@ -444,8 +440,11 @@ impl Config {
             self.extract.chunk_size = num("TEXT_CHUNK_SIZE", &v, "a positive number of words")?;
         }
         if let Some(v) = get("TEXT_CHUNK_OVERLAP") {
-            self.extract.chunk_overlap =
-                num("TEXT_CHUNK_OVERLAP", &v, "a number of words below TEXT_CHUNK_SIZE")?;
+            self.extract.chunk_overlap = num(
+                "TEXT_CHUNK_OVERLAP",
+                &v,
+                "a number of words below TEXT_CHUNK_SIZE",
+            )?;
         }
         if let Some(v) = get("PAGE_RENDER_DPI") {
             self.extract.render_dpi = num("PAGE_RENDER_DPI", &v, "dots per inch, 36 to 600")?;
@@ -459,14 +458,21 @@ impl Config {
             return Err(invalid("agent_id", &self.agent_id, "a non-empty name"));
         }
         if self.agent_id.contains('\0') {
-            return Err(invalid("agent_id", &self.agent_id, "a name without NUL bytes"));
+            return Err(invalid(
+                "agent_id",
+                &self.agent_id,
+                "a name without NUL bytes",
+            ));
         }
         for folder in &self.watch.folders {
             if !folder.is_dir() {
                 return Err(ConfigError::MissingFolder(folder.clone()));
             }
         }
-        for (key, globs) in [("watch.include", &self.watch.include), ("watch.exclude", &self.watch.exclude)] {
+        for (key, globs) in [
+            ("watch.include", &self.watch.include),
+            ("watch.exclude", &self.watch.exclude),
+        ] {
             for g in globs {
                 globset::Glob::new(g)
                     .map_err(|e| invalid(key, g, &format!("a glob pattern ({e})")))?;
@@ -496,7 +502,8 @@ impl Config {
         ] {
             // Chroma's own rule for collection names.
             let valid = (3..=512).contains(&v.len())
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
                 && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
                 && v.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
             if !valid {
@@ -515,16 +522,32 @@ impl Config {
             ));
         }
         if self.chroma.timeout_s == 0 {
-            return Err(invalid("chroma.timeout_s", 0, "a positive number of seconds"));
+            return Err(invalid(
+                "chroma.timeout_s",
+                0,
+                "a positive number of seconds",
+            ));
         }
         if self.model.name.trim().is_empty() {
-            return Err(invalid("model.name", &self.model.name, "a Hugging Face repo id or a local directory"));
+            return Err(invalid(
+                "model.name",
+                &self.model.name,
+                "a Hugging Face repo id or a local directory",
+            ));
         }
         if self.model.batch_size_visual == 0 {
-            return Err(invalid("model.batch_size_visual (BATCH_SIZE_VISUAL)", 0, "a positive integer"));
+            return Err(invalid(
+                "model.batch_size_visual (BATCH_SIZE_VISUAL)",
+                0,
+                "a positive integer",
+            ));
         }
         if self.model.batch_size_text == 0 {
-            return Err(invalid("model.batch_size_text (BATCH_SIZE_TEXT)", 0, "a positive integer"));
+            return Err(invalid(
+                "model.batch_size_text (BATCH_SIZE_TEXT)",
+                0,
+                "a positive integer",
+            ));
         }
         if !(36..=600).contains(&self.extract.render_dpi) {
             return Err(invalid(
@@ -534,35 +557,56 @@ impl Config {
             ));
         }
         if self.extract.chunk_size == 0 {
-            return Err(invalid("extract.chunk_size (TEXT_CHUNK_SIZE)", 0, "a positive number of words"));
+            return Err(invalid(
+                "extract.chunk_size (TEXT_CHUNK_SIZE)",
+                0,
+                "a positive number of words",
+            ));
         }
         if self.extract.chunk_overlap >= self.extract.chunk_size {
             return Err(invalid(
                 "extract.chunk_overlap (TEXT_CHUNK_OVERLAP)",
                 self.extract.chunk_overlap,
-                &format!("fewer words than extract.chunk_size ({})", self.extract.chunk_size),
+                &format!(
+                    "fewer words than extract.chunk_size ({})",
+                    self.extract.chunk_size
+                ),
             ));
         }
         if self.extract.max_file_mb == 0 {
             return Err(invalid("extract.max_file_mb", 0, "a positive number of MB"));
         }
         if self.extract.max_pages == 0 {
-            return Err(invalid("extract.max_pages", 0, "a positive number of pages"));
+            return Err(invalid(
+                "extract.max_pages",
+                0,
+                "a positive number of pages",
+            ));
         }
         if self.extract.render_timeout_s == 0 {
-            return Err(invalid("extract.render_timeout_s", 0, "a positive number of seconds"));
+            return Err(invalid(
+                "extract.render_timeout_s",
+                0,
+                "a positive number of seconds",
+            ));
         }
         if self.pipeline.queue_pages == 0 {
-            return Err(invalid("pipeline.queue_pages", 0, "a positive number of pages"));
+            return Err(invalid(
+                "pipeline.queue_pages",
+                0,
+                "a positive number of pages",
+            ));
         }
         if self.pipeline.max_attempts == 0 {
             return Err(invalid("pipeline.max_attempts", 0, "at least 1"));
         }
-        let bind: std::net::IpAddr = self
-            .api
-            .bind
-            .parse()
-            .map_err(|_| invalid("api.bind", &self.api.bind, "an IP address such as 127.0.0.1"))?;
+        let bind: std::net::IpAddr = self.api.bind.parse().map_err(|_| {
+            invalid(
+                "api.bind",
+                &self.api.bind,
+                "an IP address such as 127.0.0.1",
+            )
+        })?;
         if !bind.is_loopback() && !self.api.allow_non_loopback {
             return Err(invalid(
                 "api.bind",
@@ -571,7 +615,11 @@ impl Config {
             ));
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
-            return Err(invalid("logging.format", &self.logging.format, "`text` or `json`"));
+            return Err(invalid(
+                "logging.format",
+                &self.logging.format,
+                "`text` or `json`",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             return Err(invalid(

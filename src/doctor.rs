@@ -21,10 +21,20 @@ pub struct Check {
 
 impl Check {
     fn pass(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, ok: true, detail: detail.into(), fix: None }
+        Check {
+            name,
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        }
     }
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+        Check {
+            name,
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 
     fn print(&self) {
@@ -120,7 +130,10 @@ fn check_recall(config: &Config) -> Check {
             .build()?;
         let mut parts = Vec::new();
         let mut bad = Vec::new();
-        for name in [&config.chroma.visual_collection, &config.chroma.text_collection] {
+        for name in [
+            &config.chroma.visual_collection,
+            &config.chroma.text_collection,
+        ] {
             let Some(c) = rt.block_on(client.get_collection(name))? else {
                 parts.push(format!("{name}: absent"));
                 continue;
@@ -129,9 +142,16 @@ fn check_recall(config: &Config) -> Check {
                 parts.push(format!("{name}: empty"));
                 continue;
             }
-            let r = rt.block_on(crate::search::repair::recall_check(&client, name, RECALL_SAMPLE))?;
+            let r = rt.block_on(crate::search::repair::recall_check(
+                &client,
+                name,
+                RECALL_SAMPLE,
+            ))?;
             let returned = r.checked - r.unreachable.len();
-            parts.push(format!("{name}: {returned} of {} sampled records returned", r.checked));
+            parts.push(format!(
+                "{name}: {returned} of {} sampled records returned",
+                r.checked
+            ));
             if !r.is_complete() {
                 bad.push(name.clone());
             }
@@ -196,10 +216,7 @@ fn pdfium_version(lib: &Path) -> String {
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     match json {
-        Some(v) => format!(
-            "PDFium {}.{}.{}",
-            v["major"], v["minor"], v["build"]
-        ),
+        Some(v) => format!("PDFium {}.{}.{}", v["major"], v["minor"], v["build"]),
         None => "version not recorded by this build".into(),
     }
 }

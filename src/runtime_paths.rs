@@ -47,7 +47,10 @@ impl fmt::Display for NotFound {
         for (why, path) in &self.looked {
             writeln!(f, "  - {} ({why})", path.display())?;
         }
-        write!(f, "fix: run `scripts/setup`, or set the path in the config file")
+        write!(
+            f,
+            "fix: run `scripts/setup`, or set the path in the config file"
+        )
     }
 }
 
@@ -92,23 +95,38 @@ pub fn pdfium_library_name() -> &'static str {
 /// PDFium: configured path, `PDFIUM_DYNAMIC_LIB_PATH` (a file or its folder), next to the
 /// executable, then where `scripts/setup` put it.
 pub fn find_pdfium(configured: Option<&Path>) -> Result<PathBuf, NotFound> {
-    first_existing("the PDFium library", EXPLICIT_SETTINGS, pdfium_candidates(configured))
+    first_existing(
+        "the PDFium library",
+        EXPLICIT_SETTINGS,
+        pdfium_candidates(configured),
+    )
 }
 
 /// Where PDFium is looked for, in order, each with why.
 pub fn pdfium_candidates(configured: Option<&Path>) -> Vec<(String, Option<PathBuf>)> {
     let name = pdfium_library_name();
     let as_file = |p: PathBuf| if p.is_dir() { p.join(name) } else { p };
-    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
     vec![
-            ("extract.pdfium_path in the config".into(), configured.map(Path::to_path_buf)),
-            (
-                "PDFIUM_DYNAMIC_LIB_PATH".into(),
-                std::env::var_os("PDFIUM_DYNAMIC_LIB_PATH").map(|v| as_file(PathBuf::from(v))),
-            ),
-            ("next to the executable".into(), exe_dir.map(|d| d.join(name))),
-            ("recorded by scripts/setup".into(), setup_record().pdfium),
-        ("scripts/setup's location in this checkout".into(), Some(checkout_venv().join("pdfium").join(name))),
+        (
+            "extract.pdfium_path in the config".into(),
+            configured.map(Path::to_path_buf),
+        ),
+        (
+            "PDFIUM_DYNAMIC_LIB_PATH".into(),
+            std::env::var_os("PDFIUM_DYNAMIC_LIB_PATH").map(|v| as_file(PathBuf::from(v))),
+        ),
+        (
+            "next to the executable".into(),
+            exe_dir.map(|d| d.join(name)),
+        ),
+        ("recorded by scripts/setup".into(), setup_record().pdfium),
+        (
+            "scripts/setup's location in this checkout".into(),
+            Some(checkout_venv().join("pdfium").join(name)),
+        ),
     ]
 }
 
@@ -124,11 +142,23 @@ pub fn find_chroma(configured: Option<&Path>) -> Result<PathBuf, NotFound> {
         "the `chroma` server program",
         EXPLICIT_SETTINGS,
         vec![
-            ("chroma.command in the config".into(), configured.map(Path::to_path_buf)),
-            ("CHROMA_BIN".into(), std::env::var_os("CHROMA_BIN").map(PathBuf::from)),
+            (
+                "chroma.command in the config".into(),
+                configured.map(Path::to_path_buf),
+            ),
+            (
+                "CHROMA_BIN".into(),
+                std::env::var_os("CHROMA_BIN").map(PathBuf::from),
+            ),
             ("recorded by scripts/setup".into(), setup_record().chroma),
-            ("scripts/setup's location in this checkout".into(), Some(checkout_venv().join("bin").join("chroma"))),
-            ("PATH".into(), on_path.or_else(|| Some(PathBuf::from("chroma (on PATH)")))),
+            (
+                "scripts/setup's location in this checkout".into(),
+                Some(checkout_venv().join("bin").join("chroma")),
+            ),
+            (
+                "PATH".into(),
+                on_path.or_else(|| Some(PathBuf::from("chroma (on PATH)"))),
+            ),
         ],
     )
 }
@@ -140,7 +170,10 @@ pub fn find_setup_python() -> Result<PathBuf, NotFound> {
         0,
         vec![
             ("recorded by scripts/setup".into(), setup_record().python),
-            ("scripts/setup's location in this checkout".into(), Some(checkout_venv().join("bin").join("python"))),
+            (
+                "scripts/setup's location in this checkout".into(),
+                Some(checkout_venv().join("bin").join("python")),
+            ),
         ],
     )
 }

@@ -82,7 +82,11 @@ pub struct MultiVector {
 
 impl MultiVector {
     pub fn new(rows: usize, dim: usize, data: Vec<f32>) -> MultiVector {
-        assert_eq!(rows * dim, data.len(), "multivector data does not match its shape");
+        assert_eq!(
+            rows * dim,
+            data.len(),
+            "multivector data does not match its shape"
+        );
         MultiVector { rows, dim, data }
     }
 
@@ -110,7 +114,10 @@ impl MultiVector {
     /// Late-interaction score of `self` (a query) against `doc`: Σ over query rows of the max
     /// dot product over the document's rows.
     pub fn maxsim(&self, doc: &MultiVector) -> f32 {
-        assert_eq!(self.dim, doc.dim, "maxsim of multivectors of different widths");
+        assert_eq!(
+            self.dim, doc.dim,
+            "maxsim of multivectors of different widths"
+        );
         (0..self.rows)
             .map(|q| {
                 let qv = self.row(q);

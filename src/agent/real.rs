@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use super::stages::{
-    Chunk, ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted, PageContent,
-    PageRecord, Sink, StageError,
+    Chunk, ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted,
+    PageContent, PageRecord, Sink, StageError,
 };
 use crate::config::{Config, ExtractConfig, ModelConfig};
 use crate::embed::Embedder;
@@ -147,11 +147,12 @@ fn sync_err(e: SyncError) -> StageError {
 }
 
 impl Sink for RealSink {
-    async fn upsert_pages(&self, doc: &DocumentMeta, pages: &[PageRecord]) -> Result<(), StageError> {
-        self.0
-            .upsert_pages(doc, pages)
-            .await
-            .map_err(sync_err)
+    async fn upsert_pages(
+        &self,
+        doc: &DocumentMeta,
+        pages: &[PageRecord],
+    ) -> Result<(), StageError> {
+        self.0.upsert_pages(doc, pages).await.map_err(sync_err)
     }
     async fn upsert_chunks(
         &self,
@@ -168,10 +169,7 @@ impl Sink for RealSink {
                 embedding: c.embedding.clone(),
             })
             .collect();
-        self.0
-            .upsert_chunks(doc, &recs)
-            .await
-            .map_err(sync_err)
+        self.0.upsert_chunks(doc, &recs).await.map_err(sync_err)
     }
     async fn finish_document(
         &self,
@@ -188,9 +186,6 @@ impl Sink for RealSink {
         self.0.delete_document(doc_id).await.map_err(sync_err)
     }
     async fn move_document(&self, old: &DocId, new: &DocumentMeta) -> Result<bool, StageError> {
-        self.0
-            .move_document(old, new)
-            .await
-            .map_err(sync_err)
+        self.0.move_document(old, new).await.map_err(sync_err)
     }
 }

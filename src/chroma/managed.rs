@@ -178,7 +178,10 @@ fn kill_stale(data_dir: &Path) {
         let is_chroma = cmdline.is_empty() && cfg!(target_os = "macos")
             || String::from_utf8_lossy(&cmdline).contains("chroma");
         if pid > 0 && is_chroma {
-            tracing::warn!(pid, "stopping a Chroma server left behind by an earlier agent");
+            tracing::warn!(
+                pid,
+                "stopping a Chroma server left behind by an earlier agent"
+            );
             unsafe {
                 libc::kill(pid, libc::SIGTERM);
             }
@@ -210,10 +213,12 @@ fn spawn(spec: &Spec) -> Result<Child, ManagedChromaError> {
             path: spec.log_path.clone(),
             source,
         })?;
-    let log_err = log.try_clone().map_err(|source| ManagedChromaError::DataDir {
-        path: spec.log_path.clone(),
-        source,
-    })?;
+    let log_err = log
+        .try_clone()
+        .map_err(|source| ManagedChromaError::DataDir {
+            path: spec.log_path.clone(),
+            source,
+        })?;
     let mut cmd = Command::new(&spec.command);
     cmd.arg("run")
         .arg("--path")
@@ -243,7 +248,10 @@ fn spawn(spec: &Spec) -> Result<Child, ManagedChromaError> {
         source,
     })?;
     // "PID PORT": lets a later agent stop a left-over server, and other commands find a live one.
-    let _ = std::fs::write(pid_file(&spec.data_dir), format!("{} {}", child.id(), spec.port));
+    let _ = std::fs::write(
+        pid_file(&spec.data_dir),
+        format!("{} {}", child.id(), spec.port),
+    );
     Ok(child)
 }
 
@@ -291,7 +299,11 @@ fn supervise(
             return;
         }
     };
-    tracing::info!(port = spec.port, pid = child.id(), "managed Chroma server is up");
+    tracing::info!(
+        port = spec.port,
+        pid = child.id(),
+        "managed Chroma server is up"
+    );
     let mut backoff = Duration::from_millis(500);
     loop {
         match stop_rx.recv_timeout(SUPERVISE_EVERY) {

@@ -59,8 +59,8 @@ pub enum RecordError {
     },
     #[error("unknown `multivector_encoding` {0:?}: expected f32-gzip-b64 or f16-b64 (written by a newer agent?)")]
     UnknownEncoding(String),
-    #[error("`full_embeddings` is not valid base64: {0}")]
-    Base64(#[from] base64::DecodeError),
+    #[error("`full_embeddings` is not valid base64")]
+    Base64,
     #[error("`full_embeddings` is not valid gzip: {0}")]
     Gzip(std::io::Error),
     #[error("`full_embeddings` holds {bytes} bytes, but `embedding_shape` ({rows}, {dim}) in {encoding} needs {expected}")]
@@ -82,14 +82,17 @@ pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> St
             for v in &mv.data {
                 raw.extend_from_slice(&v.to_le_bytes());
             }
-            // Fast level: these floats barely compress (~7%), higher levels cost time for nothing.
-            let mut gz = flate2::write::GzEncoder::new(
-                Vec::with_capacity(raw.len()),
-                flate2::Compression::fast(),
-            );
-            // Writing into a Vec cannot fail.
-            gz.write_all(&raw).expect("gzip into memory");
-            b64.encode(gz.finish().expect("gzip into memory"))
+            // Deflate only where it pays. Full-precision floats (what the CPU computes) shrink
+            // by ~8%, yet every search would then inflate each candidate (~1 ms a page, most of
+            // stage 2); values computed in bf16/f16 and widened to f32 shrink by 35-50%. Below a
+            // 20% saving the same gzip format carries the bytes in stored blocks, which any gzip
+            // reader takes and which decode at copy speed.
+            let deflated = gzip(&raw, flate2::Compression::fast());
+            if deflated.len() * 5 <= raw.len() * 4 {
+                b64.encode(deflated)
+            } else {
+                b64.encode(gzip(&raw, flate2::Compression::none()))
+            }
         }
         MultivectorEncoding::F16B64 => {
             let mut raw = Vec::with_capacity(mv.data.len() * 2);
@@ -101,6 +104,13 @@ pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> St
     }
 }
 
+fn gzip(raw: &[u8], level: flate2::Compression) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(raw.len() + 1024), level);
+    // Writing into a Vec cannot fail.
+    gz.write_all(raw).expect("gzip into memory");
+    gz.finish().expect("gzip into memory")
+}
+
 /// Decodes `full_embeddings` given its encoding and shape (`rows` vectors of `dim`).
 pub fn decode_multivector(
     encoded: &str,
@@ -108,18 +118,19 @@ pub fn decode_multivector(
     rows: usize,
     dim: usize,
 ) -> Result<MultiVector, RecordError> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.as_bytes())?;
+    let bytes = base64_simd::STANDARD
+        .decode_to_vec(encoded.as_bytes())
+        .map_err(|_| RecordError::Base64)?;
     let values = rows * dim;
     let data = match encoding {
         MultivectorEncoding::F32GzipB64 => {
-            let mut raw = Vec::with_capacity(values * 4);
-            flate2::read::GzDecoder::new(bytes.as_slice())
-                .read_to_end(&mut raw)
-                .map_err(RecordError::Gzip)?;
-            check_len(raw.len(), values * 4, rows, dim, encoding)?;
-            raw.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            let mut data = vec![0f32; values];
+            let len = gunzip_into(&bytes, bytemuck::cast_slice_mut(&mut data))?;
+            check_len(len, values * 4, rows, dim, encoding)?;
+            // The bytes are little-endian; a no-op on little-endian machines.
+            data.iter_mut()
+                .for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            data
         }
         MultivectorEncoding::F16B64 => {
             check_len(bytes.len(), values * 2, rows, dim, encoding)?;
@@ -130,6 +141,26 @@ pub fn decode_multivector(
         }
     };
     Ok(MultiVector::new(rows, dim, data))
+}
+
+/// Inflates gzip data into `out`, which has the size the record's shape says; returns the
+/// inflated length (the caller compares it with the shape). The usual case, one gzip member of
+/// exactly that size, goes through libdeflate in one call; anything else (several members, a
+/// length other than the shape's, damage) through flate2's streaming decoder, which measures
+/// the real length or says what is wrong.
+fn gunzip_into(gz: &[u8], out: &mut [u8]) -> Result<usize, RecordError> {
+    // libdeflate stops after the first member, so a short result goes the general way too.
+    if libdeflater::Decompressor::new().gzip_decompress(gz, out) == Ok(out.len()) {
+        return Ok(out.len());
+    }
+    let mut raw = Vec::with_capacity(out.len());
+    flate2::read::MultiGzDecoder::new(gz)
+        .read_to_end(&mut raw)
+        .map_err(RecordError::Gzip)?;
+    if raw.len() == out.len() {
+        out.copy_from_slice(&raw);
+    }
+    Ok(raw.len())
 }
 
 fn check_len(
@@ -172,6 +203,49 @@ pub fn parse_embedding_shape(s: &str) -> Option<(usize, usize)> {
 /// `multivector_encoding` (absent in records DocuSearch itself wrote: `f32-gzip-b64`).
 pub fn decode_full_embeddings(metadata: &Map<String, Value>) -> Result<MultiVector, RecordError> {
     let encoded = str_key(metadata, keys::FULL_EMBEDDINGS)?;
+    decode_blob(metadata, encoded)
+}
+
+/// One record's metadata as the server sent it (JSON text per key), split into the
+/// `full_embeddings` blob, borrowed from the answer when it holds no escapes (base64 never
+/// does), and every other key parsed.
+pub fn split_raw_metadata<'a>(
+    raw: std::collections::BTreeMap<String, &'a serde_json::value::RawValue>,
+) -> Result<(Map<String, Value>, Option<std::borrow::Cow<'a, str>>), RecordError> {
+    let mut rest = Map::new();
+    let mut blob = None;
+    for (key, value) in raw {
+        let text = value.get();
+        if key == keys::FULL_EMBEDDINGS {
+            let bad = || RecordError::BadValue {
+                key: keys::FULL_EMBEDDINGS,
+                value: text.chars().take(40).collect(),
+                expected: "a string",
+            };
+            blob = Some(match serde_json::from_str::<&str>(text) {
+                Ok(s) => std::borrow::Cow::Borrowed(s),
+                Err(_) => std::borrow::Cow::Owned(
+                    serde_json::from_str::<String>(text).map_err(|_| bad())?,
+                ),
+            });
+        } else {
+            // The server sent valid JSON, so each value parses.
+            let v = serde_json::from_str(text).map_err(|_| RecordError::BadValue {
+                key: "metadata",
+                value: text.chars().take(40).collect(),
+                expected: "JSON",
+            })?;
+            rest.insert(key, v);
+        }
+    }
+    Ok((rest, blob))
+}
+
+/// `decode_full_embeddings` with the blob apart from the other keys (`split_raw_metadata`).
+pub fn decode_blob(
+    metadata: &Map<String, Value>,
+    encoded: &str,
+) -> Result<MultiVector, RecordError> {
     let shape = str_key(metadata, keys::EMBEDDING_SHAPE)?;
     let (rows, dim) = parse_embedding_shape(shape).ok_or_else(|| RecordError::BadValue {
         key: keys::EMBEDDING_SHAPE,
@@ -358,6 +432,100 @@ mod tests {
         for (a, b) in back.data.iter().zip(&mv.data) {
             assert_eq!(a.to_bits(), half::f16::from_f32(*b).to_f32().to_bits());
         }
+    }
+
+    /// gzip bytes of `mv` as little-endian f32, at `level`, base64-encoded: how other writers
+    /// (Python's `gzip.compress` is level 9) may have stored a blob.
+    fn gzip_b64(raw: &[u8], level: u32) -> String {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        gz.write_all(raw).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap())
+    }
+
+    fn le_bytes(mv: &MultiVector) -> Vec<u8> {
+        mv.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// The gzip member inside a blob: header flags aside, byte 10 starts the deflate data and
+    /// its bits 1-2 give the first block's type (0 = stored, 1 fixed, 2 dynamic Huffman).
+    fn first_block_type(blob: &str) -> u8 {
+        let gz = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .unwrap();
+        assert_eq!(&gz[..3], &[0x1f, 0x8b, 8], "a gzip member");
+        (gz[10] >> 1) & 3
+    }
+
+    #[test]
+    fn deflate_is_used_only_where_it_saves() {
+        // Full-precision values: stored blocks, so searches decode them at copy speed.
+        let full = sample(64, 128);
+        let s = encode_multivector(&full, MultivectorEncoding::F32GzipB64);
+        assert_eq!(first_block_type(&s), 0);
+        // Values computed in bf16 (a GPU) and widened: half of every float is zero, deflated.
+        let mut bf16 = full.clone();
+        bf16.data
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+        let t = encode_multivector(&bf16, MultivectorEncoding::F32GzipB64);
+        assert_ne!(first_block_type(&t), 0);
+        assert!(t.len() * 10 < s.len() * 7, "{} vs {}", t.len(), s.len());
+        for (blob, mv) in [(&s, &full), (&t, &bf16)] {
+            let back = decode_multivector(blob, MultivectorEncoding::F32GzipB64, 64, 128).unwrap();
+            assert_eq!(&back.data, &mv.data);
+        }
+    }
+
+    #[test]
+    fn f32_gzip_from_other_writers_decodes() {
+        let mv = sample(9, 16);
+        let raw = le_bytes(&mv);
+        for level in [0, 6, 9] {
+            let back = decode_multivector(
+                &gzip_b64(&raw, level),
+                MultivectorEncoding::F32GzipB64,
+                9,
+                16,
+            )
+            .unwrap();
+            assert_eq!(back.data, mv.data, "level {level}");
+        }
+        // Two gzip members back to back (a concatenating writer): the general decoder's case.
+        let (a, b) = raw.split_at(100);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut two = b64.decode(gzip_b64(a, 6)).unwrap();
+        two.extend(b64.decode(gzip_b64(b, 6)).unwrap());
+        let back =
+            decode_multivector(&b64.encode(two), MultivectorEncoding::F32GzipB64, 9, 16).unwrap();
+        assert_eq!(back.data, mv.data);
+    }
+
+    #[test]
+    fn bad_blobs_say_what_is_wrong() {
+        let mv = sample(4, 8);
+        let s = encode_multivector(&mv, MultivectorEncoding::F32GzipB64);
+        // Larger than the shape says: the real length is measured.
+        let err = decode_multivector(&s, MultivectorEncoding::F32GzipB64, 3, 8).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RecordError::ShapeMismatch {
+                    bytes: 128,
+                    expected: 96,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err =
+            decode_multivector("not base64!", MultivectorEncoding::F32GzipB64, 4, 8).unwrap_err();
+        assert!(matches!(err, RecordError::Base64), "{err}");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut gz = b64.decode(&s).unwrap();
+        gz.truncate(gz.len() / 2);
+        let err = decode_multivector(&b64.encode(&gz), MultivectorEncoding::F32GzipB64, 4, 8)
+            .unwrap_err();
+        assert!(matches!(err, RecordError::Gzip(_)), "{err}");
     }
 
     #[test]

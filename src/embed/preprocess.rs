@@ -33,7 +33,9 @@ pub fn resize_for_model(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         for y in 0..rows {
             let src_row = &src[(y + first_row) * in_w * 3..(y + first_row + 1) * in_w * 3];
             let dst_row = &mut tmp[y * out_w * 3..(y + 1) * out_w * 3];
-            for (x, (dst, &(start, n))) in dst_row.chunks_exact_mut(3).zip(&horiz.bounds).enumerate() {
+            for (x, (dst, &(start, n))) in
+                dst_row.chunks_exact_mut(3).zip(&horiz.bounds).enumerate()
+            {
                 let k = &horiz.k[x * horiz.ksize..x * horiz.ksize + n];
                 let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
                 // Slices of exactly the taps: no bounds check inside the loop.

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
-use crate::chroma::client::{ChromaError, Collection, Include};
+use crate::chroma::client::{ChromaError, Collection, Include, RawGet};
 use crate::chroma::records::{self, keys, RecordError};
 use crate::search::maxsim::PreparedQuery;
 use crate::types::MultiVector;
@@ -216,15 +216,15 @@ impl Searcher {
                     let permit = permits.acquire_owned().await;
                     let t = Instant::now();
                     let got = collection
-                        .get_ids(&slice, &[Include::Metadatas, Include::Documents])
+                        .get_ids_raw(&slice, &[Include::Metadatas, Include::Documents])
                         .await?;
                     drop(permit);
                     let fetched = t.elapsed();
                     let t = Instant::now();
                     let scored =
-                        tokio::task::spawn_blocking(move || score_slice(&prepared, kind, got))
+                        tokio::task::spawn_blocking(move || score_slice(&prepared, kind, &got))
                             .await
-                            .map_err(|e| SearchError::Worker(e.to_string()))?;
+                            .map_err(|e| SearchError::Worker(e.to_string()))??;
                     Ok::<_, SearchError>((scored, fetched, t.elapsed()))
                 });
             }
@@ -278,12 +278,14 @@ async fn stage1(
     Ok(r.ids.into_iter().next().unwrap_or_default())
 }
 
-/// Decodes and scores one fetched slice on the rayon pool.
+/// Parses, decodes and scores one fetched slice on the rayon pool. The blobs are read in place
+/// from the answer's bytes; only the other metadata keys are copied out.
 fn score_slice(
     query: &PreparedQuery,
     kind: RecordKind,
-    got: crate::chroma::client::GetResult,
-) -> (Vec<Scored>, Vec<SkippedRecord>) {
+    got: &RawGet,
+) -> Result<(Vec<Scored>, Vec<SkippedRecord>), SearchError> {
+    let got = got.parse()?;
     let n = got.ids.len();
     let metadatas = got.metadatas.unwrap_or_default();
     let documents = got.documents.unwrap_or_default();
@@ -296,13 +298,22 @@ fn score_slice(
         .collect();
     let results: Vec<Result<Scored, SkippedRecord>> = items
         .into_par_iter()
-        .map(|((id, metadata), document)| {
-            let mut metadata = metadata.unwrap_or_default();
+        .map(|((id, raw), document)| {
             let skip = |reason: String| SkippedRecord {
                 id: id.clone(),
                 reason,
             };
-            let mv = records::decode_full_embeddings(&metadata)
+            let (metadata, blob) = records::split_raw_metadata(raw.unwrap_or_default())
+                .map_err(|e| skip(e.to_string()))?;
+            let blob = blob.ok_or_else(|| {
+                skip(
+                    RecordError::MissingKey {
+                        key: keys::FULL_EMBEDDINGS,
+                    }
+                    .to_string(),
+                )
+            })?;
+            let mv = records::decode_blob(&metadata, &blob)
                 .map_err(|e: RecordError| skip(e.to_string()))?;
             if mv.dim != query.dim() {
                 return Err(skip(format!(
@@ -311,11 +322,9 @@ fn score_slice(
                     query.dim()
                 )));
             }
-            let score = query.score(&mv);
-            // The blob has served its purpose; results carry everything else.
-            metadata.remove(keys::FULL_EMBEDDINGS);
+            // Results carry every key but the blob, which has served its purpose.
             Ok(Scored {
-                score,
+                score: query.score(&mv),
                 kind,
                 id,
                 document,
@@ -331,7 +340,7 @@ fn score_slice(
             Err(s) => bad.push(s),
         }
     }
-    (ok, bad)
+    Ok((ok, bad))
 }
 
 const SNIPPET_CHARS: usize = 160;

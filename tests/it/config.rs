@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use docusearch_agent::config::{ChromaTarget, Config, DeviceChoice, MultivectorEncoding};
 
 fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let map: HashMap<String, String> =
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     move |k: &str| map.get(k).cloned()
 }
 
@@ -19,13 +21,18 @@ fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
 
 #[test]
 fn the_example_config_parses_to_the_defaults() {
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .unwrap();
     let parsed = Config::from_toml(&example).expect("config.example.toml parses");
     let mut defaults = Config::default();
     // The example leaves these two to their computed defaults, which depend on the machine.
     defaults.agent_id = parsed.agent_id.clone();
     defaults.state_dir = parsed.state_dir.clone();
-    assert_eq!(parsed, defaults, "config.example.toml documents exactly the defaults");
+    assert_eq!(
+        parsed, defaults,
+        "config.example.toml documents exactly the defaults"
+    );
 }
 
 #[test]
@@ -39,7 +46,10 @@ fn defaults_match_the_seed_deployment() {
     assert_eq!(c.extract.render_dpi, 150);
     assert_eq!(c.chroma.visual_collection, "visual_collection");
     assert_eq!(c.chroma.text_collection, "text_collection");
-    assert_eq!(c.chroma.multivector_encoding, MultivectorEncoding::F32GzipB64);
+    assert_eq!(
+        c.chroma.multivector_encoding,
+        MultivectorEncoding::F32GzipB64
+    );
     assert_eq!(c.api.port, 8002);
     assert!(!c.agent_id.is_empty());
     assert_eq!(c.chroma_target(), ChromaTarget::Managed);
@@ -74,7 +84,9 @@ render_dpi = 100
     .unwrap();
     assert_eq!(
         c.chroma_target(),
-        ChromaTarget::Remote { url: "http://chroma.example:8123".into() }
+        ChromaTarget::Remote {
+            url: "http://chroma.example:8123".into()
+        }
     );
     assert_eq!(c.model.device, DeviceChoice::Metal);
     assert_eq!(c.model.name, "/models/colpali");
@@ -94,7 +106,12 @@ fn file_values_are_used_without_environment() {
     .unwrap();
     assert_eq!(c.agent_id, "laptop");
     assert_eq!(c.chroma.multivector_encoding, MultivectorEncoding::F16B64);
-    assert_eq!(c.chroma_target(), ChromaTarget::Remote { url: "http://10.0.0.5:8001".into() });
+    assert_eq!(
+        c.chroma_target(),
+        ChromaTarget::Remote {
+            url: "http://10.0.0.5:8001".into()
+        }
+    );
 }
 
 #[test]
@@ -111,29 +128,50 @@ fn bad_values_name_key_value_and_expectation() {
     assert!(err.contains("device") && err.contains("tpu"), "{err}");
 
     let err = load_text("[extract]\nchunk_size = 100\nchunk_overlap = 100\n", &[]).unwrap_err();
-    assert!(err.contains("extract.chunk_overlap") && err.contains("100") && err.contains("fewer words"), "{err}");
+    assert!(
+        err.contains("extract.chunk_overlap") && err.contains("100") && err.contains("fewer words"),
+        "{err}"
+    );
 
     let err = load_text("[chroma]\nurl = \"localhost:8000\"\n", &[]).unwrap_err();
-    assert!(err.contains("chroma.url") && err.contains("localhost:8000") && err.contains("http"), "{err}");
+    assert!(
+        err.contains("chroma.url") && err.contains("localhost:8000") && err.contains("http"),
+        "{err}"
+    );
 
     let err = load_text("[api]\nbind = \"0.0.0.0\"\n", &[]).unwrap_err();
-    assert!(err.contains("api.bind") && err.contains("allow_non_loopback"), "{err}");
+    assert!(
+        err.contains("api.bind") && err.contains("allow_non_loopback"),
+        "{err}"
+    );
 
     let err = load_text("[chroma]\nvisual_collection = \"a\"\n", &[]).unwrap_err();
     assert!(err.contains("chroma.visual_collection"), "{err}");
 
     let err = load_text("[model]\nbatch_size_text = \"eight\"\n", &[]).unwrap_err();
-    assert!(err.contains("batch_size_text") && err.contains("eight"), "{err}");
+    assert!(
+        err.contains("batch_size_text") && err.contains("eight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_environment_values_name_the_variable() {
     let err = load_text("", &[("CHROMA_PORT", "eighty")]).unwrap_err();
-    assert!(err.contains("CHROMA_PORT") && err.contains("eighty"), "{err}");
+    assert!(
+        err.contains("CHROMA_PORT") && err.contains("eighty"),
+        "{err}"
+    );
     let err = load_text("", &[("DEVICE", "gpu")]).unwrap_err();
-    assert!(err.contains("DEVICE") && err.contains("gpu") && err.contains("cuda"), "{err}");
+    assert!(
+        err.contains("DEVICE") && err.contains("gpu") && err.contains("cuda"),
+        "{err}"
+    );
     let err = load_text("", &[("PAGE_RENDER_DPI", "5")]).unwrap_err();
-    assert!(err.contains("PAGE_RENDER_DPI") && err.contains('5'), "{err}");
+    assert!(
+        err.contains("PAGE_RENDER_DPI") && err.contains('5'),
+        "{err}"
+    );
     let err = load_text("", &[("BATCH_SIZE_VISUAL", "0")]).unwrap_err();
     assert!(err.contains("BATCH_SIZE_VISUAL"), "{err}");
 }
@@ -141,13 +179,19 @@ fn bad_environment_values_name_the_variable() {
 #[test]
 fn missing_watched_folder_is_named() {
     let err = load_text("[watch]\nfolders = [\"/definitely/not/here\"]\n", &[]).unwrap_err();
-    assert!(err.contains("/definitely/not/here") && err.contains("watch.folders"), "{err}");
+    assert!(
+        err.contains("/definitely/not/here") && err.contains("watch.folders"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_config_file_is_named() {
-    let err = Config::load(Some(std::path::Path::new("/nope/config.toml")), &env_of(&[]))
-        .unwrap_err()
-        .to_string();
+    let err = Config::load(
+        Some(std::path::Path::new("/nope/config.toml")),
+        &env_of(&[]),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("/nope/config.toml"), "{err}");
 }

@@ -20,7 +20,10 @@ fn doctor(config: &str, env: &[(&str, &str)]) -> Run {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("runs the binary");
-    Run { code: out.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&out.stdout).into() }
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+    }
 }
 
 fn line<'a>(run: &'a Run, check: &str) -> &'a str {
@@ -34,25 +37,71 @@ fn line<'a>(run: &'a Run, check: &str) -> &'a str {
 fn doctor_reports_a_working_setup_and_a_reachable_chroma() {
     let chroma = common::start_chroma();
     let model = common::fixture("tiny-colpali");
-    let cfg = format!("[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n", chroma.url(), model);
+    let cfg = format!(
+        "[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n",
+        chroma.url(),
+        model
+    );
     let run = doctor(&cfg, &[]);
-    assert!(line(&run, "configuration").starts_with('✔'), "{}", run.stdout);
-    assert!(line(&run, "state directory").starts_with('✔'), "{}", run.stdout);
-    assert!(line(&run, "PDFium").starts_with('✔') && line(&run, "PDFium").contains("PDFium 1"), "{}", run.stdout);
-    assert!(line(&run, "Chroma").starts_with('✔') && line(&run, "Chroma").contains(&chroma.url()), "{}", run.stdout);
+    assert!(
+        line(&run, "configuration").starts_with('✔'),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line(&run, "state directory").starts_with('✔'),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line(&run, "PDFium").starts_with('✔') && line(&run, "PDFium").contains("PDFium 1"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line(&run, "Chroma").starts_with('✔') && line(&run, "Chroma").contains(&chroma.url()),
+        "{}",
+        run.stdout
+    );
     assert!(line(&run, "device").starts_with('✔'), "{}", run.stdout);
-    assert!(line(&run, "model").starts_with('✔') && line(&run, "model").contains("tiny-colpali"), "{}", run.stdout);
-    assert_eq!(run.code, 0, "every check passed, so the exit status is 0:\n{}", run.stdout);
+    assert!(
+        line(&run, "model").starts_with('✔') && line(&run, "model").contains("tiny-colpali"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        run.code, 0,
+        "every check passed, so the exit status is 0:\n{}",
+        run.stdout
+    );
 }
 
 #[test]
 fn doctor_names_a_stopped_chroma() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let run = doctor("", &[("CHROMA_HOST", "127.0.0.1"), ("CHROMA_PORT", &port.to_string())]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = doctor(
+        "",
+        &[
+            ("CHROMA_HOST", "127.0.0.1"),
+            ("CHROMA_PORT", &port.to_string()),
+        ],
+    );
     let l = line(&run, "Chroma");
-    assert!(l.starts_with('✘') && l.contains(&port.to_string()), "{}", run.stdout);
-    assert!(run.stdout.contains("fix: start the server"), "{}", run.stdout);
+    assert!(
+        l.starts_with('✘') && l.contains(&port.to_string()),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("fix: start the server"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(run.code, 1);
 }
 
@@ -60,7 +109,11 @@ fn doctor_names_a_stopped_chroma() {
 fn doctor_names_missing_pdfium() {
     let run = doctor("[extract]\npdfium_path = \"/nowhere/libpdfium.so\"\n", &[]);
     let l = line(&run, "PDFium");
-    assert!(l.starts_with('✘') && run.stdout.contains("/nowhere/libpdfium.so"), "{}", run.stdout);
+    assert!(
+        l.starts_with('✘') && run.stdout.contains("/nowhere/libpdfium.so"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("scripts/setup"), "{}", run.stdout);
     assert_eq!(run.code, 1);
 }
@@ -71,7 +124,11 @@ fn doctor_names_a_bad_config_key_and_still_checks_the_rest() {
     let l = line(&run, "configuration");
     assert!(l.starts_with('✘'), "{}", run.stdout);
     assert!(run.stdout.contains("batch_size_visuals"), "{}", run.stdout);
-    assert!(line(&run, "PDFium").starts_with('✔'), "other checks still run:\n{}", run.stdout);
+    assert!(
+        line(&run, "PDFium").starts_with('✔'),
+        "other checks still run:\n{}",
+        run.stdout
+    );
     assert_eq!(run.code, 1);
 }
 
@@ -83,7 +140,11 @@ fn doctor_refuses_a_gpu_this_build_lacks() {
     if candle_core::utils::cuda_is_available() {
         assert!(l.starts_with('✔'), "{}", run.stdout);
     } else {
-        assert!(l.starts_with('✘') && run.stdout.contains("--features cuda"), "{}", run.stdout);
+        assert!(
+            l.starts_with('✘') && run.stdout.contains("--features cuda"),
+            "{}",
+            run.stdout
+        );
         assert_eq!(run.code, 1);
     }
 }
@@ -98,7 +159,10 @@ fn doctor_runs_the_recall_check_on_the_indexed_records() {
     let chroma = common::start_chroma();
     let mut cfg = Config::default();
     cfg.chroma.url = Some(chroma.url());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let syncer = Syncer::connect(&chroma.url(), &cfg).await.expect("connect");
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -125,18 +189,32 @@ fn doctor_runs_the_recall_check_on_the_indexed_records() {
                     ),
                 })
                 .collect();
-            syncer.upsert_pages(&meta, &pages).await.expect("write pages");
+            syncer
+                .upsert_pages(&meta, &pages)
+                .await
+                .expect("write pages");
         }
     });
     let model = common::fixture("tiny-colpali");
-    let config = format!("[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n", chroma.url(), model);
+    let config = format!(
+        "[chroma]\nurl = {:?}\n[model]\nname = {:?}\ndevice = \"cpu\"\n",
+        chroma.url(),
+        model
+    );
     let run = doctor(&config, &[]);
     let l = line(&run, "recall");
     assert!(l.starts_with('✔'), "{}", run.stdout);
     assert!(
-        l.contains(&format!("{}: 12 of 12 sampled records returned", cfg.chroma.visual_collection)),
+        l.contains(&format!(
+            "{}: 12 of 12 sampled records returned",
+            cfg.chroma.visual_collection
+        )),
         "{}",
         run.stdout
     );
-    assert!(l.contains(&format!("{}: empty", cfg.chroma.text_collection)), "{}", run.stdout);
+    assert!(
+        l.contains(&format!("{}: empty", cfg.chroma.text_collection)),
+        "{}",
+        run.stdout
+    );
 }

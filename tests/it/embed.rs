@@ -589,7 +589,11 @@ fn a_page_sized_resize_equals_pillow_byte_for_byte() {
     let (w, h) = (1275u32, 1650u32);
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let v = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)) >> 7;
-        image::Rgb([(v & 0xff) as u8, ((x * 255) / w) as u8, if (x / 37 + y / 23) % 2 == 0 { 250 } else { 3 }])
+        image::Rgb([
+            (v & 0xff) as u8,
+            ((x * 255) / w) as u8,
+            if (x / 37 + y / 23) % 2 == 0 { 250 } else { 3 },
+        ])
     });
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("page.png");
@@ -602,10 +606,23 @@ fn a_page_sized_resize_equals_pillow_byte_for_byte() {
         .arg(&raw)
         .output()
         .expect("runs scripts/setup's Python");
-    assert!(out.status.success(), "Pillow failed (run scripts/setup): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "Pillow failed (run scripts/setup): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pillow = std::fs::read(&raw).unwrap();
     let ours = docusearch_agent::embed::preprocess::resize_for_model(&img, 448, 448);
     assert_eq!(pillow.len(), ours.as_raw().len());
-    let differing = pillow.iter().zip(ours.as_raw()).filter(|(a, b)| a != b).count();
-    assert_eq!(differing, 0, "{differing} of {} bytes differ from Pillow", pillow.len());
+    let differing = pillow
+        .iter()
+        .zip(ours.as_raw())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differing,
+        0,
+        "{differing} of {} bytes differ from Pillow",
+        pillow.len()
+    );
 }

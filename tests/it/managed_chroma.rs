@@ -28,7 +28,11 @@ fn managed_chroma_starts_restarts_and_stops() {
     assert!(heartbeat(port), "answers its heartbeat once started");
     assert_eq!(server.starts(), 1);
     assert!(data.join("chroma-server.pid").is_file(), "records its pid");
-    assert_eq!(running_server(&data), Some(server.url()), "other commands find the live server");
+    assert_eq!(
+        running_server(&data),
+        Some(server.url()),
+        "other commands find the live server"
+    );
 
     // Kill it behind the supervisor's back: it must come back on the same port.
     let pid = server.pid().expect("a running server has a pid");
@@ -36,7 +40,8 @@ fn managed_chroma_starts_restarts_and_stops() {
         libc::kill(pid as i32, libc::SIGKILL);
     }
     assert!(
-        wait_until(Duration::from_secs(60), || server.starts() == 2 && heartbeat(port)),
+        wait_until(Duration::from_secs(60), || server.starts() == 2
+            && heartbeat(port)),
         "restarted after SIGKILL (starts = {})",
         server.starts()
     );
@@ -47,7 +52,9 @@ fn managed_chroma_starts_restarts_and_stops() {
     assert!(!heartbeat(port), "stopped on drop");
     // The process is gone, not just deaf.
     assert!(
-        wait_until(Duration::from_secs(5), || unsafe { libc::kill(new_pid as i32, 0) } != 0),
+        wait_until(Duration::from_secs(5), || unsafe {
+            libc::kill(new_pid as i32, 0)
+        } != 0),
         "chroma process {new_pid} still exists after drop"
     );
     assert!(!data.join("chroma-server.pid").exists(), "pid file removed");
@@ -61,5 +68,8 @@ fn missing_chroma_program_names_the_fix() {
         .err()
         .expect("starting a missing program fails");
     let msg = err.to_string();
-    assert!(msg.contains("no-such-chroma") && msg.contains("scripts/setup"), "{msg}");
+    assert!(
+        msg.contains("no-such-chroma") && msg.contains("scripts/setup"),
+        "{msg}"
+    );
 }

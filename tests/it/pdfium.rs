@@ -37,12 +37,21 @@ fn pdfium_missing_lists_every_place_looked() {
     let err = runtime_paths::first_existing(
         "the PDFium library",
         0,
-        vec![("first".into(), Some(a.clone())), ("second".into(), Some(b.clone()))],
+        vec![
+            ("first".into(), Some(a.clone())),
+            ("second".into(), Some(b.clone())),
+        ],
     )
     .expect_err("nothing exists");
     let msg = err.to_string();
-    assert!(msg.contains(&a.display().to_string()) && msg.contains("first"), "{msg}");
-    assert!(msg.contains(&b.display().to_string()) && msg.contains("second"), "{msg}");
+    assert!(
+        msg.contains(&a.display().to_string()) && msg.contains("first"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&b.display().to_string()) && msg.contains("second"),
+        "{msg}"
+    );
     assert!(msg.contains("scripts/setup"), "{msg}");
 }
 
@@ -55,7 +64,10 @@ fn a_file_that_is_not_pdfium_fails_to_bind_with_its_path() {
         Ok(_) => panic!("a text file bound as PDFium"),
         Err(e) => e.to_string(),
     };
-    assert!(msg.contains(&fake.display().to_string()) && msg.contains("scripts/setup"), "{msg}");
+    assert!(
+        msg.contains(&fake.display().to_string()) && msg.contains("scripts/setup"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -65,6 +77,9 @@ fn a_configured_path_that_is_missing_is_an_error_not_a_fallback() {
     let bogus = PathBuf::from("/definitely/not/libpdfium.so");
     let err = runtime_paths::find_pdfium(Some(&bogus)).expect_err("explicit path is missing");
     let msg = err.to_string();
-    assert!(msg.contains("/definitely/not/libpdfium.so") && msg.contains("extract.pdfium_path"), "{msg}");
+    assert!(
+        msg.contains("/definitely/not/libpdfium.so") && msg.contains("extract.pdfium_path"),
+        "{msg}"
+    );
     assert_eq!(err.looked.len(), 1, "{msg}");
 }
