@@ -723,8 +723,11 @@ pub struct RawGetResult<'a> {
     #[serde(default)]
     pub documents: Option<Vec<Option<String>>>,
     #[serde(default, borrow)]
-    pub metadatas: Option<Vec<Option<BTreeMap<String, &'a RawValue>>>>,
+    pub metadatas: Option<Vec<Option<RawMetadata<'a>>>>,
 }
+
+/// One record's metadata, each value the JSON text the server sent.
+pub type RawMetadata<'a> = BTreeMap<String, &'a RawValue>;
 
 /// One list per query embedding, nearest first.
 #[derive(Debug, Clone, Default, Deserialize)]

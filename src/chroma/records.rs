@@ -2,11 +2,13 @@
 //! encodings (`f32-gzip-b64`, `f16-b64`) with their decoders. README.md ("The Chroma record format") describes
 //! the same thing for other clients.
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
+use crate::chroma::client::RawMetadata;
 use crate::config::MultivectorEncoding;
 use crate::types::{DocId, MultiVector, SCHEMA_VERSION};
 
@@ -206,12 +208,13 @@ pub fn decode_full_embeddings(metadata: &Map<String, Value>) -> Result<MultiVect
     decode_blob(metadata, encoded)
 }
 
+/// Metadata without `full_embeddings`, and that blob.
+pub type SplitMetadata<'a> = (Map<String, Value>, Option<Cow<'a, str>>);
+
 /// One record's metadata as the server sent it (JSON text per key), split into the
 /// `full_embeddings` blob, borrowed from the answer when it holds no escapes (base64 never
 /// does), and every other key parsed.
-pub fn split_raw_metadata<'a>(
-    raw: std::collections::BTreeMap<String, &'a serde_json::value::RawValue>,
-) -> Result<(Map<String, Value>, Option<std::borrow::Cow<'a, str>>), RecordError> {
+pub fn split_raw_metadata(raw: RawMetadata<'_>) -> Result<SplitMetadata<'_>, RecordError> {
     let mut rest = Map::new();
     let mut blob = None;
     for (key, value) in raw {
@@ -223,10 +226,8 @@ pub fn split_raw_metadata<'a>(
                 expected: "a string",
             };
             blob = Some(match serde_json::from_str::<&str>(text) {
-                Ok(s) => std::borrow::Cow::Borrowed(s),
-                Err(_) => std::borrow::Cow::Owned(
-                    serde_json::from_str::<String>(text).map_err(|_| bad())?,
-                ),
+                Ok(s) => Cow::Borrowed(s),
+                Err(_) => Cow::Owned(serde_json::from_str::<String>(text).map_err(|_| bad())?),
             });
         } else {
             // The server sent valid JSON, so each value parses.
