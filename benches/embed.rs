@@ -5,8 +5,8 @@
 //!
 //! Needs the reference Python stack (`COLPALI_REF_PYTHON`, default /work/venvs/ref/bin/python):
 //! it writes the random checkpoint and runs the PyTorch side as a child process. Each round runs
-//! one batch on each side in turn (after one warm-up each), so both see the same machine load;
-//! the medians are compared.
+//! one batch on each side in turn (after one warm-up each; each timed batch of queries after an
+//! untimed one on the same side), so both see the same machine load; the medians are compared.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -59,6 +59,8 @@ impl Torch {
 }
 
 fn main() {
+    // As the agent's `main` does: candle's CPU thread settings.
+    docusearch_agent::embed::device::set_cpu_thread_env();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -150,10 +152,13 @@ fn main() {
         cp.push(candle_pages());
         tp.push(torch.run("pages"));
     }
-    candle_queries();
-    torch.run("queries");
+    // A batch of queries takes ~50 ms, about as long as the other side's threads keep
+    // busy-waiting after their last batch (libgomp spins for milliseconds), so each timed batch
+    // of queries follows an untimed one on the same side: both are timed in steady state.
     for _ in 0..rounds * 3 {
+        candle_queries();
         cq.push(candle_queries());
+        torch.run("queries");
         tq.push(torch.run("queries"));
     }
     drop(torch.stdin);

@@ -96,6 +96,27 @@ pub fn dtype_name(dtype: DType) -> String {
     }
 }
 
+/// candle reads two CPU settings from the environment; this sets them, unless the user did,
+/// before any candle op runs. Call it first thing in `main`, while the process has one thread:
+/// changing the environment while other threads may read it is unsound.
+///
+/// - `CANDLE_BARRIER_POOL_SPIN_LIMIT`: after each element-wise op candle's helper threads
+///   busy-wait 25,000 spins before sleeping. A background agent must not busy-wait, and on a
+///   few cores the spinning thread takes the core the next matrix product needs (a batch of
+///   queries was 12% slower on 2 cores; BENCHMARKS.md, ColPali). 1: sleep at once.
+/// - `RAYON_NUM_THREADS`: unless it is set, candle counts the physical cores again, by reading
+///   `/proc/cpuinfo`, on every matrix product. Set to that same count, once; rayon's pool, which
+///   the matrix products run on, then has one thread per physical core too.
+pub fn set_cpu_thread_env() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
+}
+
 /// Every candle op on the CPU allocates its output; glibc serves large blocks with fresh `mmap`s
 /// and unmaps them on free, so each forward pays a page fault per 4 KiB of every activation
 /// (~10% of a page's time, measured). Raising the thresholds keeps freed blocks in the heap for
