@@ -7,6 +7,8 @@
 //! tests/fixtures, a `chroma run` server started here).
 //! idle: CPU time the agent process uses over SECONDS (default 60) of idling, after work.
 
+#![allow(clippy::field_reassign_with_default)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

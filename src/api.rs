@@ -1,9 +1,10 @@
-//! The local status API: `GET /health`, `GET /status`, `GET /metrics`, `POST /rescan`, on
-//! 127.0.0.1 by default.
+//! The local status API: `GET /health`, `GET /status`, `GET /metrics`, `POST /rescan`,
+//! `POST /index`, on 127.0.0.1 by default.
 //!
 //! The agent builds one [`ApiState`], keeps a clone, and updates it as it works: the status
 //! snapshot through [`ApiState::update`] / [`ApiState::record_document`], counters through
-//! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`].
+//! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`],
+//! and carries out index requests from [`ApiState::take_index_requests`].
 //! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
 //! [`ApiClient`] is the other end, for commands that talk to a running agent.
 //!
@@ -45,7 +46,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use metrics::{
     render_prometheus, Counter, Gauge, Histogram, HistogramSnapshot, Metrics, RateCounter, Stage,
@@ -53,8 +54,8 @@ pub use metrics::{
 };
 pub use status::{
     AgentStatus, ChromaStatus, DocState, FailedDocument, Health, HealthState, IndexedCounts,
-    ModelState, ModelStatus, QueueCounts, RecentDocument, StoreStatus, LISTED_FAILURES,
-    RECENT_DOCUMENTS,
+    ModelState, ModelStatus, QueueCounts, QueuedPaths, RecentDocument, StoreStatus,
+    LISTED_FAILURES, RECENT_DOCUMENTS,
 };
 
 use crate::config::ApiConfig;
@@ -151,7 +152,21 @@ struct Inner {
     metrics: Arc<Metrics>,
     probe: ChromaProbe,
     rescan: Notify,
+    index_tx: mpsc::UnboundedSender<IndexRequest>,
+    index_rx: Mutex<Option<mpsc::UnboundedReceiver<IndexRequest>>>,
     started: Instant,
+}
+
+/// `POST /index`: paths the agent is asked to index now, and where its answer goes.
+pub struct IndexRequest {
+    pub paths: Vec<std::path::PathBuf>,
+    pub reply: oneshot::Sender<Result<QueuedPaths, String>>,
+}
+
+/// The body of `POST /index`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IndexBody {
+    pub paths: Vec<std::path::PathBuf>,
 }
 
 impl ApiState {
@@ -167,12 +182,15 @@ impl ApiState {
         if initial.version.is_empty() {
             initial.version = env!("CARGO_PKG_VERSION").to_string();
         }
+        let (index_tx, index_rx) = mpsc::unbounded_channel();
         ApiState {
             inner: Arc::new(Inner {
                 status: Mutex::new(initial),
                 metrics: Arc::new(Metrics::default()),
                 probe,
                 rescan: Notify::new(),
+                index_tx,
+                index_rx: Mutex::new(Some(index_rx)),
                 started: Instant::now(),
             }),
         }
@@ -235,6 +253,17 @@ impl ApiState {
     pub async fn rescan_requested(&self) {
         self.inner.rescan.notified().await;
         self.lock().rescan_pending = false;
+    }
+
+    /// The `POST /index` requests, for the one task that carries them out (the first caller
+    /// gets them; later calls get `None`). Until it is taken, or once it is dropped, requests
+    /// are answered 503.
+    pub fn take_index_requests(&self) -> Option<mpsc::UnboundedReceiver<IndexRequest>> {
+        self.inner
+            .index_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Checks Chroma now (recording the answer in the snapshot) and combines it with what the
@@ -364,6 +393,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/rescan", post(rescan))
+        .route("/index", post(index))
         .with_state(state)
 }
 
@@ -395,6 +425,45 @@ async fn rescan(State(state): State<ApiState>) -> Response {
         Json(serde_json::json!({"status": "accepted"})),
     )
         .into_response()
+}
+
+/// How long `POST /index` waits for the agent to file the jobs (a large folder is scanned).
+const INDEX_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+async fn index(State(state): State<ApiState>, Json(body): Json<IndexBody>) -> Response {
+    let error = |code: StatusCode, msg: String| {
+        (code, Json(serde_json::json!({ "error": msg }))).into_response()
+    };
+    let (reply, answer) = oneshot::channel();
+    let taken = state
+        .inner
+        .index_rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none();
+    let request = IndexRequest {
+        paths: body.paths,
+        reply,
+    };
+    if !taken || state.inner.index_tx.send(request).is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is not taking index requests (starting or stopping); try again".into(),
+        );
+    }
+    match tokio::time::timeout(INDEX_REPLY_TIMEOUT, answer).await {
+        Ok(Ok(Ok(queued))) => (StatusCode::ACCEPTED, Json(queued)).into_response(),
+        Ok(Ok(Err(msg))) => error(StatusCode::UNPROCESSABLE_ENTITY, msg),
+        Ok(Err(_)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent stopped before filing the jobs".into(),
+        ),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the agent did not file the jobs in time (still scanning?); `status` shows its queue"
+                .into(),
+        ),
+    }
 }
 
 /// Talks to a running agent's status API (for `status`, `service status`, `index` while the
@@ -464,6 +533,29 @@ impl ApiClient {
                 .await
                 .map(Some)
                 .map_err(|source| ApiError::Request { url, source }),
+        }
+    }
+
+    /// Asks the running agent to index `paths` (absolute, in its watched folders). `None` when
+    /// no agent listens; a path the agent refuses is an `ApiError::Response` with its reason.
+    pub async fn index(
+        &self,
+        paths: &[std::path::PathBuf],
+    ) -> Result<Option<QueuedPaths>, ApiError> {
+        let url = format!("{}/index", self.base);
+        let body = IndexBody {
+            paths: paths.to_vec(),
+        };
+        match self.client.post(&url).json(&body).send().await {
+            Err(e) if e.is_connect() => Ok(None),
+            Err(source) => Err(ApiError::Request { url, source }),
+            Ok(resp) => {
+                let resp = ok_or_error(&url, resp).await?;
+                resp.json()
+                    .await
+                    .map(Some)
+                    .map_err(|source| ApiError::Request { url, source })
+            }
         }
     }
 

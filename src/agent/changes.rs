@@ -35,6 +35,8 @@ pub struct ReconcileReport {
     pub deleted: usize,
     /// Files read in full (blake3) to decide.
     pub hashed: usize,
+    /// Files left alone because a job for them is already queued or running.
+    pub busy: usize,
 }
 
 impl ChangeTracker {
@@ -179,6 +181,7 @@ impl ChangeTracker {
         for (path, stamp) in found {
             let rec = known.remove(&path);
             if busy.contains(&path) {
+                report.busy += 1;
                 continue;
             }
             match rec {
@@ -274,6 +277,7 @@ impl ChangeTracker {
             total.moved += r.moved;
             total.deleted += r.deleted;
             total.hashed += r.hashed;
+            total.busy += r.busy;
         }
         Ok(total)
     }

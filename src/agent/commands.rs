@@ -28,7 +28,7 @@ fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
             let who = running_agent(cfg)
                 .map(|p| format!(" (pid {p})"))
                 .unwrap_or_default();
-            bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: it keeps its watched folders indexed itself (see `docusearch-agent status`, or POST /rescan on its status API to make it look again); to index other paths, stop it first")
+            bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: one agent per state directory. `docusearch-agent status` shows it; `docusearch-agent index PATH` hands it more files; stop it first to start another")
         }
         Err(e) => Err(e.into()),
     }
@@ -158,6 +158,96 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `index` while `run` is up: the agent files the jobs (`POST /index`), and this waits until
+/// its queue is empty, then reports the failures among the given paths.
+fn index_through_agent(cfg: &Config, args: &IndexArgs) -> anyhow::Result<ExitCode> {
+    let who = running_agent(cfg)
+        .map(|p| format!(" (pid {p})"))
+        .unwrap_or_default();
+    let paths = args
+        .paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = api::ApiClient::new(&cfg.api, Duration::from_secs(310))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let queued = match rt.block_on(client.index(&paths)) {
+        Ok(Some(q)) => q,
+        Ok(None) => bail!(
+            "the agent is running{who} and owns the state store, but its status API on port {} does not answer (api.enabled = false?), so `index` cannot hand it the paths. Fix: enable the API, or stop the agent and run `index` again",
+            cfg.api.port
+        ),
+        Err(api::ApiError::Response { body, .. }) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(body);
+            bail!("the running agent{who} refused: {msg}")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !args.json {
+        println!(
+            "the running agent{who} indexes these paths: {} file(s) queued, {} unchanged; waiting for its queue to empty (Ctrl-C stops waiting, not the agent)",
+            queued.queued, queued.unchanged
+        );
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let status = rt.block_on(async {
+        loop {
+            // A moment for the agent to pick the jobs up (new files wait out `settle_ms`).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(s) = client.status().await? else {
+                anyhow::bail!(
+                    "the agent stopped while indexing; its jobs stay queued for its next start"
+                );
+            };
+            let left = s.queue.queued + s.queue.in_progress;
+            bar.set_message(format!("{left} job(s) left in the agent's queue"));
+            bar.tick();
+            if left == 0 {
+                return anyhow::Ok(s);
+            }
+        }
+    })?;
+    bar.finish_and_clear();
+    let failed: Vec<_> = status
+        .failures
+        .iter()
+        .filter(|f| paths.iter().any(|p| f.path.starts_with(p)))
+        .collect();
+    if args.json {
+        let json = serde_json::json!({
+            "through_agent": true,
+            "queued": queued.queued,
+            "unchanged": queued.unchanged,
+            "failed": failed.iter().map(|f| serde_json::json!({"path": f.path, "reason": f.reason})).collect::<Vec<_>>(),
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!(
+            "done in {:.1} s: {} failed",
+            started.elapsed().as_secs_f64(),
+            failed.len()
+        );
+        for f in &failed {
+            println!("  failed: {}: {}", f.path.display(), f.reason);
+        }
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode> {
     let cfg = ctx.config.clone();
     for p in &args.paths {
@@ -165,7 +255,14 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
             bail!("{} does not exist", p.display());
         }
     }
-    let store = open_store(&cfg, "index")?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    let store = match Store::open(&cfg.store_dir()) {
+        Ok(s) => s,
+        // A running agent owns the store: it does the work.
+        Err(StoreError::Locked { .. }) => return index_through_agent(&cfg, &args),
+        Err(e) => return Err(e.into()),
+    };
     let (url, mut managed) = chroma(&cfg, true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,6 +1,6 @@
 //! Keeps the status API's snapshot (issue 7's `ApiState`) current from what the agent does:
 //! every job's outcome, the store's counts (at most once a second while busy, never while
-//! idle), the model's state, and `POST /rescan` requests.
+//! idle), the model's state, and `POST /rescan` and `POST /index` requests.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,9 +11,10 @@ use tokio::time::Instant;
 
 use super::changes::ChangeTracker;
 use super::pipeline::{Outcome, PipelineStats};
+use super::runtime::queue_paths_in_agent;
 use crate::api::{
-    now_iso, ApiState, DocState, FailedDocument, IndexedCounts, ModelState, QueueCounts,
-    RecentDocument,
+    now_iso, ApiState, DocState, FailedDocument, IndexRequest, IndexedCounts, ModelState,
+    QueueCounts, RecentDocument,
 };
 use crate::types::DocId;
 
@@ -96,6 +97,16 @@ fn refresh(state: &ApiState, tracker: &ChangeTracker, stats: &PipelineStats) {
     });
 }
 
+/// The next `POST /index` request; never resolves when there is no channel.
+async fn next_index_request(
+    rx: &mut Option<UnboundedReceiver<IndexRequest>>,
+) -> Option<IndexRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs until the outcome channel closes (the pipeline stopped).
 pub async fn report_loop(
     state: ApiState,
@@ -107,6 +118,7 @@ pub async fn report_loop(
     refresh(&state, &tracker, &stats);
     let mut last = Instant::now();
     let mut dirty = false;
+    let mut index_requests = state.take_index_requests();
     loop {
         let due = last + Duration::from_secs(1);
         // While work is in flight the model's state and the counts move without outcomes.
@@ -127,6 +139,18 @@ pub async fn report_loop(
                     Ok(Err(e)) => tracing::error!("requested rescan failed: {e}"),
                     Err(e) => tracing::error!("requested rescan failed: {e}"),
                 }
+                dirty = true;
+            }
+            r = next_index_request(&mut index_requests) => {
+                let Some(IndexRequest { paths, reply }) = r else {
+                    index_requests = None;
+                    continue;
+                };
+                let t = tracker.clone();
+                let queued = tokio::task::spawn_blocking(move || queue_paths_in_agent(&t, &paths))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
+                let _ = reply.send(queued);
                 dirty = true;
             }
             _ = tokio::time::sleep_until(due), if dirty || busy => dirty = true,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::changes::{ChangeTracker, ReconcileReport};
 use super::pipeline::{Mode, Outcome, Pipeline, PipelineSettings, PipelineStats};
 use super::stages::{EmbedLoader, Extract, Sink};
+use crate::api::QueuedPaths;
 use crate::config::Config;
 use crate::state::{FileStamp, JobKind, RetryPolicy, Store, StoreError};
 use crate::watch::{Filter, FsWatcher, WatchError};
@@ -177,6 +178,79 @@ impl Agent {
     }
 }
 
+/// Files the jobs for an explicit request to index `dirs` (reconciled with the store) and
+/// `files` (treated as changed); failed files among them are queued again, since they were asked
+/// for. Paths must be absolute and canonical. Blocking: run it off the async threads.
+pub fn queue_paths(
+    tracker: &ChangeTracker,
+    dirs: &[PathBuf],
+    files: &[PathBuf],
+) -> Result<QueuedPaths, StoreError> {
+    let t = tracker;
+    let mut out = QueuedPaths::default();
+    for d in dirs {
+        let r = t.reconcile(d)?;
+        out.unchanged += r.unchanged + r.touched;
+        out.queued += r.new + r.changed + r.moved + r.deleted + r.busy;
+    }
+    for (p, _) in t.store.failures()? {
+        let wanted = dirs.iter().any(|d| p.starts_with(d)) || files.contains(&p);
+        if let (true, Some(stamp)) = (wanted, FileStamp::of_path(&p)) {
+            t.store.enqueue(
+                JobKind::Index { path: p.clone() },
+                Some(stamp),
+                Duration::ZERO,
+            )?;
+            out.unchanged = out.unchanged.saturating_sub(1);
+            out.queued += 1;
+        }
+    }
+    for f in files {
+        if !t.filter.accepts_file(f) {
+            continue;
+        }
+        let before = t.store.job(f)?.is_some();
+        t.apply(crate::watch::FsEvent::Changed(f.clone()))?;
+        match (before, t.store.job(f)?.is_some()) {
+            (false, false) => out.unchanged += 1,
+            (false, true) => out.queued += 1,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `index PATH...` sent to the running agent (`POST /index`): its paths must lie in the
+/// watched folders, since the agent's store and watcher cover only those. Blocking.
+pub fn queue_paths_in_agent(
+    tracker: &ChangeTracker,
+    paths: &[PathBuf],
+) -> Result<QueuedPaths, String> {
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
+    for p in paths {
+        let c = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if tracker.filter.root_of(&c).is_none() {
+            let roots: Vec<String> = tracker
+                .filter
+                .roots()
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect();
+            return Err(format!(
+                "{} is not in a folder the running agent watches ({}). Fix: add its folder to watch.folders and restart the agent, or stop the agent and run `index` again",
+                c.display(),
+                roots.join(", ")
+            ));
+        }
+        if c.is_dir() {
+            dirs.push(c);
+        } else {
+            files.push(c);
+        }
+    }
+    queue_paths(tracker, &dirs, &files).map_err(|e| e.to_string())
+}
+
 /// What `index` did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct IndexSummary {
@@ -235,41 +309,10 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
         .filter(|p| p.is_dir())
         .collect();
     let t = tracker.clone();
-    let (report, unchanged_files) =
-        tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let mut total = ReconcileReport::default();
-            for d in &dirs {
-                let r = t.reconcile(d)?;
-                total.unchanged += r.unchanged + r.touched;
-            }
-            // Asked for explicitly: failed files are tried again.
-            for (p, _) in t.store.failures()? {
-                let wanted = dirs.iter().any(|d| p.starts_with(d)) || files.contains(&p);
-                if let (true, Some(stamp)) = (wanted, FileStamp::of_path(&p)) {
-                    t.store.enqueue(
-                        JobKind::Index { path: p.clone() },
-                        Some(stamp),
-                        Duration::ZERO,
-                    )?;
-                    total.unchanged = total.unchanged.saturating_sub(1);
-                }
-            }
-            let mut unchanged = 0;
-            for f in &files {
-                if !t.filter.accepts_file(f) {
-                    continue;
-                }
-                let before = t.store.job(f)?.is_some();
-                t.apply(crate::watch::FsEvent::Changed(f.clone()))?;
-                if !before && t.store.job(f)?.is_none() {
-                    unchanged += 1;
-                }
-            }
-            Ok((total, unchanged))
-        })
+    let queued = tokio::task::spawn_blocking(move || queue_paths(&t, &dirs, &files))
         .await
         .map_err(|e| AgentError::Scan(e.to_string()))??;
-    summary.unchanged = report.unchanged + unchanged_files;
+    summary.unchanged = queued.unchanged;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut pipeline = Pipeline::start(

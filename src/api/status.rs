@@ -36,6 +36,16 @@ pub struct AgentStatus {
     pub rescan_pending: bool,
 }
 
+/// What the agent did with a `POST /index` request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedPaths {
+    /// Files with a job: given one now (new, changed, moved, gone, or failed before and tried
+    /// again) or already queued.
+    pub queued: usize,
+    /// Files already indexed as they are.
+    pub unchanged: usize,
+}
+
 /// Jobs in the durable queue, by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCounts {

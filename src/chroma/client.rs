@@ -726,6 +726,9 @@ pub struct RawGetResult<'a> {
     pub metadatas: Option<Vec<Option<RawMetadata<'a>>>>,
 }
 
+/// One record's metadata.
+pub type Metadata = Map<String, Value>;
+
 /// One record's metadata, each value the JSON text the server sent.
 pub type RawMetadata<'a> = BTreeMap<String, &'a RawValue>;
 
@@ -738,7 +741,7 @@ pub struct QueryResult {
     #[serde(default)]
     pub documents: Option<Vec<Vec<Option<String>>>>,
     #[serde(default)]
-    pub metadatas: Option<Vec<Vec<Option<Map<String, Value>>>>>,
+    pub metadatas: Option<Vec<Vec<Option<Metadata>>>>,
     #[serde(default)]
     pub embeddings: Option<Vec<Vec<Option<Vec<f32>>>>>,
 }
@@ -1025,6 +1028,7 @@ fn snippet(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
 
@@ -1063,7 +1067,7 @@ mod tests {
 
     #[test]
     fn batch_body_is_the_json_serde_would_write() {
-        let records = vec![
+        let records = [
             Record {
                 id: "a".into(),
                 embedding: vec![0.5, -1.0],

@@ -448,6 +448,53 @@ async fn every_endpoint_answers_over_real_http() {
         2.0
     );
 
+    // POST /index: refused until the agent takes the requests; then its answer, or its reason.
+    let client = ApiClient::at(api.addr, Duration::from_secs(30)).expect("client");
+    let paths = vec![std::path::PathBuf::from("/watched/a.pdf")];
+    match client.index(&paths).await {
+        Err(docusearch_agent::api::ApiError::Response {
+            status: 503, body, ..
+        }) => {
+            assert!(body.contains("not taking index requests"), "{body}")
+        }
+        other => panic!("expected 503 before the agent listens, got {other:?}"),
+    }
+    let mut requests = state.take_index_requests().expect("the agent's end");
+    assert!(state.take_index_requests().is_none(), "one taker only");
+    let agent = tokio::spawn(async move {
+        let r = requests.recv().await.expect("a request");
+        assert_eq!(r.paths, vec![std::path::PathBuf::from("/watched/a.pdf")]);
+        let _ = r.reply.send(Ok(docusearch_agent::api::QueuedPaths {
+            queued: 1,
+            unchanged: 0,
+        }));
+        let r = requests.recv().await.expect("a second request");
+        let _ = r.reply.send(Err(
+            "/elsewhere is not in a folder the running agent watches".into(),
+        ));
+    });
+    let q = client
+        .index(&paths)
+        .await
+        .expect("index")
+        .expect("an agent answers");
+    assert_eq!((q.queued, q.unchanged), (1, 0));
+    match client
+        .index(&[std::path::PathBuf::from("/elsewhere")])
+        .await
+    {
+        Err(docusearch_agent::api::ApiError::Response {
+            status: 422, body, ..
+        }) => {
+            assert!(
+                body.contains("not in a folder the running agent watches"),
+                "{body}"
+            )
+        }
+        other => panic!("expected 422 with the reason, got {other:?}"),
+    }
+    agent.await.expect("the agent's side");
+
     // Wrong method and unknown path.
     let resp = http()
         .get(api.url("/rescan"))

@@ -624,6 +624,60 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     assert_eq!(live["files"]["indexed"], expected.len(), "{live}");
     assert_eq!(live["files"]["pages"], total, "{live}");
 
+    // `index` while the agent runs: handed to it through its API, and it returns only once the
+    // agent's queue is empty, so the new file is searchable when it does.
+    let index = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(worker_exe())
+            .arg("--config")
+            .arg(&config)
+            .arg("index")
+            .args(args)
+            .output()
+            .expect("index runs")
+    };
+    let late = rig.root.join("late.pdf");
+    write(&late, &pdf_pages("xfig-howto.pdf", 0, 1));
+    let out = index(&[late.as_os_str()]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "index through the agent failed: {said}"
+    );
+    assert!(said.contains("the running agent"), "{said}");
+    assert_eq!(
+        rt.block_on(counts(&s, &rig.doc_id("late.pdf"))).0,
+        2,
+        "indexed by the time `index` returned: {said}"
+    );
+    // The whole folder, as JSON: every file accounted for. Nothing changed, but the watcher's
+    // own event for late.pdf may still have it queued for a (no-op) check.
+    let out = index(&["--json".as_ref(), rig.root.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("index --json is JSON");
+    assert_eq!(j["through_agent"], true, "{j}");
+    let (queued, unchanged) = (
+        j["queued"].as_u64().unwrap(),
+        j["unchanged"].as_u64().unwrap(),
+    );
+    assert_eq!(queued + unchanged, expected.len() as u64 + 1, "{j}");
+    assert!(queued <= 1, "{j}");
+    assert_eq!(j["failed"], serde_json::json!([]), "{j}");
+    // A path outside the watched folder is refused, with the reason and the fix.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let out = index(&[outside.path().as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is not in a folder the running agent watches")
+            && err.contains("watch.folders"),
+        "{err}"
+    );
+
     agent.signal(libc::SIGTERM);
     let st = agent.wait();
     assert!(
