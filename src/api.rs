@@ -1,10 +1,10 @@
 //! The local status API: `GET /health`, `GET /status`, `GET /metrics`, `POST /rescan`,
-//! `POST /index`, on 127.0.0.1 by default.
+//! `POST /index`, `POST /repair`, on 127.0.0.1 by default.
 //!
 //! The agent builds one [`ApiState`], keeps a clone, and updates it as it works: the status
 //! snapshot through [`ApiState::update`] / [`ApiState::record_document`], counters through
 //! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`],
-//! and carries out index requests from [`ApiState::take_index_requests`].
+//! and carries out index and repair requests from [`ApiState::take_requests`].
 //! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
 //! [`ApiClient`] is the other end, for commands that talk to a running agent.
 //!
@@ -152,21 +152,38 @@ struct Inner {
     metrics: Arc<Metrics>,
     probe: ChromaProbe,
     rescan: Notify,
-    index_tx: mpsc::UnboundedSender<IndexRequest>,
-    index_rx: Mutex<Option<mpsc::UnboundedReceiver<IndexRequest>>>,
+    requests_tx: mpsc::UnboundedSender<AgentRequest>,
+    requests_rx: Mutex<Option<mpsc::UnboundedReceiver<AgentRequest>>>,
     started: Instant,
 }
 
-/// `POST /index`: paths the agent is asked to index now, and where its answer goes.
-pub struct IndexRequest {
-    pub paths: Vec<std::path::PathBuf>,
-    pub reply: oneshot::Sender<Result<QueuedPaths, String>>,
+/// Work the API asks of the agent, with where its answer goes (an error is the reason, for the
+/// user).
+pub enum AgentRequest {
+    /// `POST /index`: index these paths now.
+    Index {
+        paths: Vec<std::path::PathBuf>,
+        reply: oneshot::Sender<Result<QueuedPaths, String>>,
+    },
+    /// `POST /repair`: step 3 of `repair`, the reconcile of Chroma with the state store the
+    /// agent holds (its report as JSON).
+    Reconcile {
+        dry_run: bool,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
 }
 
 /// The body of `POST /index`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IndexBody {
     pub paths: Vec<std::path::PathBuf>,
+}
+
+/// The body of `POST /repair`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RepairBody {
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl ApiState {
@@ -182,15 +199,15 @@ impl ApiState {
         if initial.version.is_empty() {
             initial.version = env!("CARGO_PKG_VERSION").to_string();
         }
-        let (index_tx, index_rx) = mpsc::unbounded_channel();
+        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
         ApiState {
             inner: Arc::new(Inner {
                 status: Mutex::new(initial),
                 metrics: Arc::new(Metrics::default()),
                 probe,
                 rescan: Notify::new(),
-                index_tx,
-                index_rx: Mutex::new(Some(index_rx)),
+                requests_tx,
+                requests_rx: Mutex::new(Some(requests_rx)),
                 started: Instant::now(),
             }),
         }
@@ -255,15 +272,26 @@ impl ApiState {
         self.lock().rescan_pending = false;
     }
 
-    /// The `POST /index` requests, for the one task that carries them out (the first caller
-    /// gets them; later calls get `None`). Until it is taken, or once it is dropped, requests
-    /// are answered 503.
-    pub fn take_index_requests(&self) -> Option<mpsc::UnboundedReceiver<IndexRequest>> {
+    /// The `POST /index` and `POST /repair` requests, for the one task that carries them out
+    /// (the first caller gets them; later calls get `None`). Until it is taken, or once it is
+    /// dropped, requests are answered 503.
+    pub fn take_requests(&self) -> Option<mpsc::UnboundedReceiver<AgentRequest>> {
         self.inner
-            .index_rx
+            .requests_rx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// Hands `request` to the agent: `false` when nothing takes requests (yet, or any more).
+    fn send_request(&self, request: AgentRequest) -> bool {
+        let taken = self
+            .inner
+            .requests_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        taken && self.inner.requests_tx.send(request).is_ok()
     }
 
     /// Checks Chroma now (recording the answer in the snapshot) and combines it with what the
@@ -394,6 +422,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/rescan", post(rescan))
         .route("/index", post(index))
+        .route("/repair", post(repair))
         .with_state(state)
 }
 
@@ -427,43 +456,54 @@ async fn rescan(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-/// How long `POST /index` waits for the agent to file the jobs (a large folder is scanned).
-const INDEX_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `POST /index` and `POST /repair` wait for the agent's answer (a large folder is
+/// scanned; every record id of the agent is listed).
+const REQUEST_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
-async fn index(State(state): State<ApiState>, Json(body): Json<IndexBody>) -> Response {
-    let error = |code: StatusCode, msg: String| {
+/// Sends a request to the agent and answers with its reply: 202 with the result, 422 with the
+/// agent's reason, 503 when nothing takes requests, 504 when no answer comes in time.
+async fn ask_agent<T: serde::Serialize>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> AgentRequest,
+) -> Response {
+    let error = |code: StatusCode, msg: &str| {
         (code, Json(serde_json::json!({ "error": msg }))).into_response()
     };
     let (reply, answer) = oneshot::channel();
-    let taken = state
-        .inner
-        .index_rx
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_none();
-    let request = IndexRequest {
-        paths: body.paths,
-        reply,
-    };
-    if !taken || state.inner.index_tx.send(request).is_err() {
+    if !state.send_request(make(reply)) {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is not taking index requests (starting or stopping); try again".into(),
+            "the agent is not taking requests (starting or stopping); try again",
         );
     }
-    match tokio::time::timeout(INDEX_REPLY_TIMEOUT, answer).await {
-        Ok(Ok(Ok(queued))) => (StatusCode::ACCEPTED, Json(queued)).into_response(),
-        Ok(Ok(Err(msg))) => error(StatusCode::UNPROCESSABLE_ENTITY, msg),
+    match tokio::time::timeout(REQUEST_REPLY_TIMEOUT, answer).await {
+        Ok(Ok(Ok(result))) => (StatusCode::ACCEPTED, Json(result)).into_response(),
+        Ok(Ok(Err(msg))) => error(StatusCode::UNPROCESSABLE_ENTITY, &msg),
         Ok(Err(_)) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the agent stopped before filing the jobs".into(),
+            "the agent stopped before answering",
         ),
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
-            "the agent did not file the jobs in time (still scanning?); `status` shows its queue"
-                .into(),
+            "the agent did not answer in time (still working?); `status` shows its queue",
         ),
     }
+}
+
+async fn index(State(state): State<ApiState>, Json(body): Json<IndexBody>) -> Response {
+    ask_agent(&state, |reply| AgentRequest::Index {
+        paths: body.paths,
+        reply,
+    })
+    .await
+}
+
+async fn repair(State(state): State<ApiState>, Json(body): Json<RepairBody>) -> Response {
+    ask_agent(&state, |reply| AgentRequest::Reconcile {
+        dry_run: body.dry_run,
+        reply,
+    })
+    .await
 }
 
 /// Talks to a running agent's status API (for `status`, `service status`, `index` while the
@@ -542,11 +582,25 @@ impl ApiClient {
         &self,
         paths: &[std::path::PathBuf],
     ) -> Result<Option<QueuedPaths>, ApiError> {
-        let url = format!("{}/index", self.base);
         let body = IndexBody {
             paths: paths.to_vec(),
         };
-        match self.client.post(&url).json(&body).send().await {
+        self.post_json("/index", &body).await
+    }
+
+    /// Asks the running agent for step 3 of `repair` (its report as JSON). `None` when no agent
+    /// listens.
+    pub async fn repair(&self, dry_run: bool) -> Result<Option<serde_json::Value>, ApiError> {
+        self.post_json("/repair", &RepairBody { dry_run }).await
+    }
+
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<Option<T>, ApiError> {
+        let url = format!("{}{path}", self.base);
+        match self.client.post(&url).json(body).send().await {
             Err(e) if e.is_connect() => Ok(None),
             Err(source) => Err(ApiError::Request { url, source }),
             Ok(resp) => {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 
 use super::pipeline::Outcome;
 use super::real::{RealExtract, RealModelLoader, RealSink};
-use super::report::report_loop;
+use super::report::{report_loop, RepairTarget};
 use super::runtime::{index_paths, Agent};
 use super::status::{running_agent, PidFile};
 use crate::api::{self, ApiState, ChromaProbe};
@@ -102,6 +102,10 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let flush_store = store.clone();
     let result: anyhow::Result<()> = rt.block_on(async {
         let syncer = crate::sync::Syncer::connect(&url, &cfg).await?;
+        let repair = RepairTarget {
+            client: syncer.client().clone(),
+            chroma: cfg.chroma.clone(),
+        };
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };
@@ -135,6 +139,7 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             agent.stats.clone(),
             cfg.agent_id.clone(),
             orx,
+            Some(repair),
         ));
         tracing::info!(folders = ?folders, chroma = %url, "agent running");
         wait_for_signal().await;

@@ -1,6 +1,6 @@
 //! Keeps the status API's snapshot (issue 7's `ApiState`) current from what the agent does:
 //! every job's outcome, the store's counts (at most once a second while busy, never while
-//! idle), the model's state, and `POST /rescan` and `POST /index` requests.
+//! idle), the model's state, and `POST /rescan`, `POST /index` and `POST /repair` requests.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,9 +13,12 @@ use super::changes::ChangeTracker;
 use super::pipeline::{Outcome, PipelineStats};
 use super::runtime::queue_paths_in_agent;
 use crate::api::{
-    now_iso, ApiState, DocState, FailedDocument, IndexRequest, IndexedCounts, ModelState,
+    now_iso, AgentRequest, ApiState, DocState, FailedDocument, IndexedCounts, ModelState,
     QueueCounts, RecentDocument,
 };
+use crate::chroma::client::ChromaClient;
+use crate::config::ChromaConfig;
+use crate::search::repair::reconcile_with_store;
 use crate::types::DocId;
 
 fn recent(o: &Outcome, agent_id: &str) -> RecentDocument {
@@ -97,14 +100,18 @@ fn refresh(state: &ApiState, tracker: &ChangeTracker, stats: &PipelineStats) {
     });
 }
 
-/// The next `POST /index` request; never resolves when there is no channel.
-async fn next_index_request(
-    rx: &mut Option<UnboundedReceiver<IndexRequest>>,
-) -> Option<IndexRequest> {
+/// The next `POST /index` or `POST /repair` request; never resolves when there is no channel.
+async fn next_request(rx: &mut Option<UnboundedReceiver<AgentRequest>>) -> Option<AgentRequest> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Where `POST /repair` reconciles the store with (the agent's Chroma).
+pub struct RepairTarget {
+    pub client: ChromaClient,
+    pub chroma: ChromaConfig,
 }
 
 /// Runs until the outcome channel closes (the pipeline stopped).
@@ -114,11 +121,12 @@ pub async fn report_loop(
     stats: Arc<PipelineStats>,
     agent_id: String,
     mut outcomes: UnboundedReceiver<Outcome>,
+    repair: Option<RepairTarget>,
 ) {
     refresh(&state, &tracker, &stats);
     let mut last = Instant::now();
     let mut dirty = false;
-    let mut index_requests = state.take_index_requests();
+    let mut requests = state.take_requests();
     loop {
         let due = last + Duration::from_secs(1);
         // While work is in flight the model's state and the counts move without outcomes.
@@ -141,16 +149,34 @@ pub async fn report_loop(
                 }
                 dirty = true;
             }
-            r = next_index_request(&mut index_requests) => {
-                let Some(IndexRequest { paths, reply }) = r else {
-                    index_requests = None;
-                    continue;
-                };
-                let t = tracker.clone();
-                let queued = tokio::task::spawn_blocking(move || queue_paths_in_agent(&t, &paths))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
-                let _ = reply.send(queued);
+            r = next_request(&mut requests) => {
+                match r {
+                    Some(AgentRequest::Index { paths, reply }) => {
+                        let t = tracker.clone();
+                        let queued =
+                            tokio::task::spawn_blocking(move || queue_paths_in_agent(&t, &paths))
+                                .await
+                                .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
+                        let _ = reply.send(queued);
+                    }
+                    Some(AgentRequest::Reconcile { dry_run, reply }) => {
+                        let report = match &repair {
+                            Some(r) => reconcile_with_store(
+                                &r.client,
+                                &r.chroma,
+                                &agent_id,
+                                &tracker.store,
+                                dry_run,
+                            )
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+                            None => Err("this agent has no Chroma client for repairs".into()),
+                        };
+                        let _ = reply.send(report);
+                    }
+                    None => requests = None,
+                }
                 dirty = true;
             }
             _ = tokio::time::sleep_until(due), if dirty || busy => dirty = true,

@@ -9,14 +9,14 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::seq::SliceRandom;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::chroma::client::{ChromaClient, ChromaError, Collection, GetRequest, Include, Record};
 use crate::chroma::records::keys;
 use crate::cli::{Context, RepairArgs};
 use crate::config::ChromaConfig;
-use crate::state::{FileStamp, JobKind, Store, StoreError};
+use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
 use crate::types::DocId;
 
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +322,7 @@ pub async fn repair_collection(
 }
 
 /// Why records are called orphans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OrphanReason {
     /// The state store knows no file with this doc id.
@@ -332,7 +332,7 @@ pub enum OrphanReason {
 }
 
 /// One document's records in Chroma that belong to no live file.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrphanDocument {
     pub doc_id: String,
     /// From the store, or else from a record's metadata (read for the first few only).
@@ -343,7 +343,7 @@ pub struct OrphanDocument {
 }
 
 /// A file the store calls indexed whose records are (partly) missing from Chroma.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MissingRecords {
     pub path: PathBuf,
     pub pages_expected: u32,
@@ -354,7 +354,7 @@ pub struct MissingRecords {
 
 /// What step (3), the reconcile of Chroma with the state store, found (and, unless
 /// `dry_run`, did: orphans deleted, files re-queued, failed jobs retried).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoreReconcile {
     pub agent_id: String,
     pub dry_run: bool,
@@ -362,6 +362,8 @@ pub struct StoreReconcile {
     pub records: usize,
     /// Files the store knows.
     pub files: usize,
+    /// Paths with a job queued or running: left to the pipeline, not checked.
+    pub busy: Vec<PathBuf>,
     pub orphans: Vec<OrphanDocument>,
     /// Store entries of files gone from disk (forgotten with their records).
     pub gone_files: Vec<PathBuf>,
@@ -429,8 +431,9 @@ async fn ids_of_agent(
 /// Records whose doc id no file in the store has, or whose file is gone from disk, are deleted
 /// (and a gone file is forgotten); files the store calls indexed with records missing are
 /// queued again (their file record marked so the unchanged content is embedded anyway); failed
-/// jobs are queued again. With `dry_run` it only reports. The caller owns the store, so no
-/// agent can be writing meanwhile.
+/// jobs are queued again. With `dry_run` it only reports. Documents with a job queued or
+/// running are skipped, so this is safe while the agent's pipeline works (the running agent
+/// does it for `repair`, `POST /repair`).
 pub async fn reconcile_with_store(
     client: &ChromaClient,
     chroma: &ChromaConfig,
@@ -449,6 +452,24 @@ pub async fn reconcile_with_store(
         records += ids_of_agent(c, agent_id, &mut in_chroma, false).await?;
     }
 
+    // Documents with a job queued or running are the pipeline's: their records may be half
+    // written or half re-keyed right now. Read after the records were listed: the pipeline
+    // records a file before it drops its job, so a document whose records were listed above
+    // is now either known to the store or busy, never neither.
+    let mut busy_paths = Vec::new();
+    for (path, job) in store.all_jobs()? {
+        if job.state == JobState::Failed {
+            continue;
+        }
+        if let JobKind::Move { from, .. } = &job.kind {
+            busy_paths.push(from.clone());
+        }
+        busy_paths.push(path);
+    }
+    let busy: HashSet<String> = busy_paths
+        .iter()
+        .map(|p| DocId::new(agent_id, p).as_str().to_string())
+        .collect();
     // Every file the store knows (all paths are absolute, so all are under the root).
     let files = store.files_under(Path::new(std::path::MAIN_SEPARATOR_STR))?;
     let mut report = StoreReconcile {
@@ -456,6 +477,7 @@ pub async fn reconcile_with_store(
         dry_run,
         records,
         files: files.len(),
+        busy: busy_paths,
         orphans: Vec::new(),
         gone_files: Vec::new(),
         missing: Vec::new(),
@@ -470,6 +492,10 @@ pub async fn reconcile_with_store(
     let mut to_delete: Vec<&DocRecords> = Vec::new();
     for (path, rec) in &files {
         let doc = rec.doc_id.as_str().to_string();
+        if busy.contains(&doc) {
+            known.insert(doc);
+            continue;
+        }
         let held = in_chroma.get(&doc);
         let Some(stamp) = FileStamp::of_path(path) else {
             // Gone from disk: its records are orphans and the store forgets it.
@@ -530,7 +556,7 @@ pub async fn reconcile_with_store(
 
     // Documents no file in the store has.
     for (doc, held) in &in_chroma {
-        if known.contains(doc) {
+        if known.contains(doc) || busy.contains(doc) {
             continue;
         }
         let source_path = if report.orphans.len() < ORPHAN_PATHS_SHOWN {
@@ -592,8 +618,9 @@ async fn source_path_of(
         }))
 }
 
-/// Prints what step (3) found and did.
-fn print_reconcile(r: &StoreReconcile) {
+/// Prints what step (3) found and did (`by_agent`: the running agent did it, so its queued jobs
+/// run now).
+fn print_reconcile(r: &StoreReconcile, by_agent: bool) {
     let would = if r.dry_run { "would be " } else { "" };
     println!(
         "reconcile with the state store (agent id `{}`): {} records in Chroma, {} files in the store",
@@ -640,12 +667,18 @@ fn print_reconcile(r: &StoreReconcile) {
         r.failed_jobs.len(),
         if r.dry_run {
             " (dry run: nothing changed)"
-        } else if r.missing.is_empty() && r.failed_jobs.is_empty() {
+        } else if r.missing.is_empty() && r.failed_jobs.is_empty() || by_agent {
             ""
         } else {
             " (the queued jobs run when the agent next starts)"
         }
     );
+    if !r.busy.is_empty() {
+        println!(
+            "  {} file(s) with a job queued or running were left to the agent's pipeline",
+            r.busy.len()
+        );
+    }
 }
 
 pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCode> {
@@ -727,16 +760,32 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
                     &store,
                     args.dry_run,
                 ))?;
-                print_reconcile(&r);
+                print_reconcile(&r, false);
             }
+            // The running agent holds the store: it does this step (`POST /repair`).
             Err(StoreError::Locked { .. }) => {
                 let who = crate::agent::status::running_agent(cfg)
                     .map(|p| format!(" (pid {p})"))
                     .unwrap_or_default();
-                println!(
-                    "reconcile with the state store: skipped, the agent is running{who} and holds the state store; records with no file, files with no records and failed jobs were not checked. Fix: stop the agent and run `docusearch-agent repair` again"
-                );
-                problems = true;
+                let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(310))?;
+                match rt.block_on(client.repair(args.dry_run)) {
+                    Ok(Some(v)) => {
+                        let r: StoreReconcile = serde_json::from_value(v)?;
+                        println!("reconcile with the state store: done by the running agent{who}");
+                        print_reconcile(&r, true);
+                    }
+                    Ok(None) => {
+                        println!(
+                            "reconcile with the state store: skipped, the agent is running{who} and holds the state store, and its status API on port {} does not answer (api.enabled = false?); records with no file, files with no records and failed jobs were not checked. Fix: enable the API, or stop the agent, and run `docusearch-agent repair` again",
+                            cfg.api.port
+                        );
+                        problems = true;
+                    }
+                    Err(e) => {
+                        println!("reconcile with the state store: the running agent{who} could not do it: {e}");
+                        problems = true;
+                    }
+                }
             }
             Err(e) => return Err(e.into()),
         }

@@ -448,30 +448,39 @@ async fn every_endpoint_answers_over_real_http() {
         2.0
     );
 
-    // POST /index: refused until the agent takes the requests; then its answer, or its reason.
+    // POST /index and POST /repair: refused until the agent takes the requests; then its
+    // answer, or its reason.
+    use docusearch_agent::api::{AgentRequest, ApiError, QueuedPaths};
     let client = ApiClient::at(api.addr, Duration::from_secs(30)).expect("client");
     let paths = vec![std::path::PathBuf::from("/watched/a.pdf")];
     match client.index(&paths).await {
-        Err(docusearch_agent::api::ApiError::Response {
+        Err(ApiError::Response {
             status: 503, body, ..
-        }) => {
-            assert!(body.contains("not taking index requests"), "{body}")
-        }
+        }) => assert!(body.contains("not taking requests"), "{body}"),
         other => panic!("expected 503 before the agent listens, got {other:?}"),
     }
-    let mut requests = state.take_index_requests().expect("the agent's end");
-    assert!(state.take_index_requests().is_none(), "one taker only");
+    let mut requests = state.take_requests().expect("the agent's end");
+    assert!(state.take_requests().is_none(), "one taker only");
     let agent = tokio::spawn(async move {
-        let r = requests.recv().await.expect("a request");
-        assert_eq!(r.paths, vec![std::path::PathBuf::from("/watched/a.pdf")]);
-        let _ = r.reply.send(Ok(docusearch_agent::api::QueuedPaths {
+        let Some(AgentRequest::Index { paths, reply }) = requests.recv().await else {
+            panic!("an index request")
+        };
+        assert_eq!(paths, vec![std::path::PathBuf::from("/watched/a.pdf")]);
+        let _ = reply.send(Ok(QueuedPaths {
             queued: 1,
             unchanged: 0,
         }));
-        let r = requests.recv().await.expect("a second request");
-        let _ = r.reply.send(Err(
+        let Some(AgentRequest::Index { reply, .. }) = requests.recv().await else {
+            panic!("a second index request")
+        };
+        let _ = reply.send(Err(
             "/elsewhere is not in a folder the running agent watches".into(),
         ));
+        let Some(AgentRequest::Reconcile { dry_run, reply }) = requests.recv().await else {
+            panic!("a repair request")
+        };
+        assert!(dry_run);
+        let _ = reply.send(Ok(serde_json::json!({"orphans": []})));
     });
     let q = client
         .index(&paths)
@@ -483,16 +492,20 @@ async fn every_endpoint_answers_over_real_http() {
         .index(&[std::path::PathBuf::from("/elsewhere")])
         .await
     {
-        Err(docusearch_agent::api::ApiError::Response {
+        Err(ApiError::Response {
             status: 422, body, ..
-        }) => {
-            assert!(
-                body.contains("not in a folder the running agent watches"),
-                "{body}"
-            )
-        }
+        }) => assert!(
+            body.contains("not in a folder the running agent watches"),
+            "{body}"
+        ),
         other => panic!("expected 422 with the reason, got {other:?}"),
     }
+    let r = client
+        .repair(true)
+        .await
+        .expect("repair")
+        .expect("an agent answers");
+    assert_eq!(r, serde_json::json!({"orphans": []}));
     agent.await.expect("the agent's side");
 
     // Wrong method and unknown path.

@@ -678,6 +678,57 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
         "{err}"
     );
 
+    // `repair` while the agent runs: the agent reconciles its store with Chroma. An orphan
+    // (records of this agent id for a file it never had) goes; the live documents stay.
+    let ghost = rig.root.join("ghost.pdf");
+    let sample = rt.block_on(async {
+        let got = visual
+            .get_ids(
+                &[rig.doc_id("late.pdf").page_record_id(1)],
+                &[docusearch_agent::chroma::client::Include::Metadatas],
+            )
+            .await
+            .expect("get");
+        let m = got.metadatas.unwrap().remove(0).expect("metadata");
+        docusearch_agent::chroma::records::decode_full_embeddings(&m).expect("decodes")
+    });
+    let meta = docusearch_agent::sync::DocumentMeta {
+        doc_id: DocId::new(&rig.cfg.agent_id, &ghost),
+        source_path: ghost.clone(),
+        filename: "ghost.pdf".into(),
+        format: docusearch_agent::types::DocFormat::Pdf,
+        num_pages: 1,
+        content_hash: docusearch_agent::types::ContentHash::of_bytes(b"ghost"),
+        model: "test".into(),
+        timestamp: "2026-11-27T00:00:00Z".into(),
+    };
+    let page = docusearch_agent::sync::PageRecord {
+        page: 1,
+        text: "nobody's page".into(),
+        embedding: sample,
+    };
+    rt.block_on(s.upsert_pages(&meta, &[page]))
+        .expect("orphan written");
+    let live = total + 2;
+    assert_eq!(count(), live + 1);
+    let out = std::process::Command::new(worker_exe())
+        .arg("--config")
+        .arg(&config)
+        .arg("repair")
+        .output()
+        .expect("repair runs");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("done by the running agent"), "{said}");
+    assert!(said.contains("1 orphan documents"), "{said}");
+    assert_eq!(rt.block_on(counts(&s, &meta.doc_id)), (0, 0), "{said}");
+    assert_eq!(
+        count(),
+        live,
+        "the live documents keep every record: {said}"
+    );
+
     agent.signal(libc::SIGTERM);
     let st = agent.wait();
     assert!(
