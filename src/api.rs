@@ -549,17 +549,8 @@ impl ApiClient {
     /// `None` when no agent listens there (connection refused).
     pub async fn status(&self) -> Result<Option<AgentStatus>, ApiError> {
         let url = format!("{}/status", self.base);
-        match self.client.get(&url).send().await {
-            Err(e) if e.is_connect() => Ok(None),
-            Err(source) => Err(ApiError::Request { url, source }),
-            Ok(resp) => {
-                let resp = ok_or_error(&url, resp).await?;
-                resp.json()
-                    .await
-                    .map(Some)
-                    .map_err(|source| ApiError::Request { url, source })
-            }
-        }
+        let sent = self.client.get(&url).send().await;
+        json_answer(url, sent).await
     }
 
     /// `None` when no agent listens there. A degraded agent (503) is an answer, not an error.
@@ -600,17 +591,8 @@ impl ApiClient {
         body: &impl serde::Serialize,
     ) -> Result<Option<T>, ApiError> {
         let url = format!("{}{path}", self.base);
-        match self.client.post(&url).json(body).send().await {
-            Err(e) if e.is_connect() => Ok(None),
-            Err(source) => Err(ApiError::Request { url, source }),
-            Ok(resp) => {
-                let resp = ok_or_error(&url, resp).await?;
-                resp.json()
-                    .await
-                    .map(Some)
-                    .map_err(|source| ApiError::Request { url, source })
-            }
-        }
+        let sent = self.client.post(&url).json(body).send().await;
+        json_answer(url, sent).await
     }
 
     /// Asks the running agent for a reconcile. `false` when no agent listens.
@@ -620,6 +602,24 @@ impl ApiClient {
             Err(e) if e.is_connect() => Ok(false),
             Err(source) => Err(ApiError::Request { url, source }),
             Ok(resp) => ok_or_error(&url, resp).await.map(|_| true),
+        }
+    }
+}
+
+/// A successful answer's JSON; `None` when nothing listens (connection refused).
+async fn json_answer<T: serde::de::DeserializeOwned>(
+    url: String,
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Option<T>, ApiError> {
+    match sent {
+        Err(e) if e.is_connect() => Ok(None),
+        Err(source) => Err(ApiError::Request { url, source }),
+        Ok(resp) => {
+            let resp = ok_or_error(&url, resp).await?;
+            resp.json()
+                .await
+                .map(Some)
+                .map_err(|source| ApiError::Request { url, source })
         }
     }
 }

@@ -505,19 +505,6 @@ mod tests {
     fn bad_blobs_say_what_is_wrong() {
         let mv = sample(4, 8);
         let s = encode_multivector(&mv, MultivectorEncoding::F32GzipB64);
-        // Larger than the shape says: the real length is measured.
-        let err = decode_multivector(&s, MultivectorEncoding::F32GzipB64, 3, 8).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RecordError::ShapeMismatch {
-                    bytes: 128,
-                    expected: 96,
-                    ..
-                }
-            ),
-            "{err}"
-        );
         let err =
             decode_multivector("not base64!", MultivectorEncoding::F32GzipB64, 4, 8).unwrap_err();
         assert!(matches!(err, RecordError::Base64), "{err}");
@@ -533,18 +520,14 @@ mod tests {
     fn wrong_shape_is_reported() {
         let mv = sample(4, 8);
         let s = encode_multivector(&mv, MultivectorEncoding::F32GzipB64);
-        let err = decode_multivector(&s, MultivectorEncoding::F32GzipB64, 5, 8).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RecordError::ShapeMismatch {
-                    bytes: 128,
-                    expected: 160,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        // Fewer bytes than the shape says, and more (the real length is measured either way).
+        for (rows, expected) in [(5, 160), (3, 96)] {
+            let err = decode_multivector(&s, MultivectorEncoding::F32GzipB64, rows, 8).unwrap_err();
+            assert!(
+                matches!(err, RecordError::ShapeMismatch { bytes: 128, expected: e, .. } if e == expected),
+                "{err}"
+            );
+        }
     }
 
     #[test]
