@@ -687,7 +687,25 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
         .enable_all()
         .build()?;
     let chroma = &ctx.config.chroma;
+    let cfg = &ctx.config;
     let mut problems = false;
+    // The state store, opened first and held to the end: step (3) needs it, and while it is
+    // held no agent can start and write into a collection being rebuilt. If the running agent
+    // holds it, the rebuild waits for it to stop (its writes would go to the replaced
+    // collection and be lost) and step (3) is the agent's.
+    let store_dir = cfg.store_dir();
+    let store = if store_dir.exists() {
+        match Store::open(&store_dir) {
+            Ok(store) => Some(Ok(store)),
+            Err(StoreError::Locked { .. }) => Some(Err(crate::agent::status::running_agent(cfg)
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default())),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let agent_running = matches!(store, Some(Err(_)));
     println!(
         "Chroma at {}{}",
         conn.url,
@@ -698,7 +716,11 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
         }
     );
     for name in [&chroma.visual_collection, &chroma.text_collection] {
-        let result = rt.block_on(repair_collection(&conn.client, name, args.dry_run))?;
+        let result = rt.block_on(repair_collection(
+            &conn.client,
+            name,
+            args.dry_run || agent_running,
+        ))?;
         let Some(r) = result else {
             println!("{name}: no such collection, nothing to check");
             continue;
@@ -732,6 +754,12 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
                 );
                 problems |= !after.is_complete();
             }
+            _ if !r.before.is_complete() && agent_running && !args.dry_run => {
+                println!(
+                    "{name}: not rebuilt: the agent is running and writes into this collection; a rebuild now could lose its writes. Fix: stop the agent, run `docusearch-agent repair`, start the agent again"
+                );
+                problems = true;
+            }
             _ if !r.before.is_complete() => {
                 println!(
                     "{name}: would rebuild the collection from its own records (no re-embedding)"
@@ -741,53 +769,44 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
             _ => {}
         }
     }
-    // Step (3) needs the state store, which a running agent holds (sled's lock).
-    let cfg = &ctx.config;
-    let store_dir = cfg.store_dir();
-    if !store_dir.exists() {
-        println!(
+    // Step (3): with the store held here, or by the running agent.
+    match store {
+        None => println!(
             "reconcile with the state store: skipped, there is no state store at {} (agent `{}` has indexed nothing on this machine, or its state was deleted to be rebuilt): without it every record of this agent id would look orphaned",
             store_dir.display(),
             cfg.agent_id
-        );
-    } else {
-        match Store::open(&store_dir) {
-            Ok(store) => {
-                let r = rt.block_on(reconcile_with_store(
-                    &conn.client,
-                    chroma,
-                    &cfg.agent_id,
-                    &store,
-                    args.dry_run,
-                ))?;
-                print_reconcile(&r, false);
-            }
-            // The running agent holds the store: it does this step (`POST /repair`).
-            Err(StoreError::Locked { .. }) => {
-                let who = crate::agent::status::running_agent(cfg)
-                    .map(|p| format!(" (pid {p})"))
-                    .unwrap_or_default();
-                let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(310))?;
-                match rt.block_on(client.repair(args.dry_run)) {
-                    Ok(Some(v)) => {
-                        let r: StoreReconcile = serde_json::from_value(v)?;
-                        println!("reconcile with the state store: done by the running agent{who}");
-                        print_reconcile(&r, true);
-                    }
-                    Ok(None) => {
-                        println!(
-                            "reconcile with the state store: skipped, the agent is running{who} and holds the state store, and its status API on port {} does not answer (api.enabled = false?); records with no file, files with no records and failed jobs were not checked. Fix: enable the API, or stop the agent, and run `docusearch-agent repair` again",
-                            cfg.api.port
-                        );
-                        problems = true;
-                    }
-                    Err(e) => {
-                        println!("reconcile with the state store: the running agent{who} could not do it: {e}");
-                        problems = true;
-                    }
+        ),
+        Some(Ok(store)) => {
+            let r = rt.block_on(reconcile_with_store(
+                &conn.client,
+                chroma,
+                &cfg.agent_id,
+                &store,
+                args.dry_run,
+            ))?;
+            print_reconcile(&r, false);
+        }
+        // The running agent holds the store: it does this step (`POST /repair`).
+        Some(Err(who)) => {
+            let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(310))?;
+            match rt.block_on(client.repair(args.dry_run)) {
+                Ok(Some(v)) => {
+                    let r: StoreReconcile = serde_json::from_value(v)?;
+                    println!("reconcile with the state store: done by the running agent{who}");
+                    print_reconcile(&r, true);
+                }
+                Ok(None) => {
+                    println!(
+                        "reconcile with the state store: skipped, the agent is running{who} and holds the state store, and its status API on port {} does not answer (api.enabled = false?); records with no file, files with no records and failed jobs were not checked. Fix: enable the API, or stop the agent, and run `docusearch-agent repair` again",
+                        cfg.api.port
+                    );
+                    problems = true;
+                }
+                Err(e) => {
+                    println!("reconcile with the state store: the running agent{who} could not do it: {e}");
+                    problems = true;
                 }
             }
-            Err(e) => return Err(e.into()),
         }
     }
     Ok(if problems {

@@ -181,12 +181,41 @@ fn repair_brings_back_records_the_server_stopped_returning() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .arg("repair")
-        .output()
-        .expect("run the binary");
+    let run_repair = || {
+        Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("repair")
+            .output()
+            .expect("run the binary")
+    };
+    // While an agent holds the state store (here: this test), the collection is not rebuilt:
+    // the agent's writes would go to the replaced collection.
+    {
+        let store_dir = config.store_dir();
+        let client = ChromaClient::new(&chroma.url(), &config.chroma).unwrap();
+        let id = || {
+            rt.block_on(client.get_collection(&name))
+                .unwrap()
+                .expect("the collection")
+                .id
+        };
+        let id_before = id();
+        let held = docusearch_agent::state::Store::open(&store_dir).expect("store");
+        let out = run_repair();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("not rebuilt: the agent is running")
+                && stdout.contains("stop the agent"),
+            "{stdout}"
+        );
+        assert_eq!(id(), id_before, "no rebuild beside a running agent");
+        drop(held);
+        // An empty store would make every record look orphaned to step (3).
+        std::fs::remove_dir_all(&store_dir).expect("remove the test's store");
+    }
+    let out = run_repair();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
