@@ -270,20 +270,7 @@ impl Store {
     /// from the folders and Chroma ids are stable, so nothing is lost but time); jobs that were
     /// in progress when the last process died are queued again.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(|source| {
-            let locked = matches!(&source, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                || source.to_string().contains("could not acquire lock");
-            if locked {
-                StoreError::Locked {
-                    path: dir.to_path_buf(),
-                }
-            } else {
-                StoreError::Open {
-                    path: dir.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
+        let db = open_sled(dir)?;
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(io(format!("opening tree {name}")))
@@ -771,12 +758,42 @@ fn merge(old: Option<JobKind>, new: JobKind) -> JobKind {
     }
 }
 
+/// Opens the sled database in `dir`. sled lets go of its directory lock from a background
+/// thread a moment after the last handle is dropped, so a reopen in the same process (an agent
+/// restarted in place, tests) can find it still held: a lock is waited for up to 200 ms before
+/// it is taken to mean another process (a running agent) owns the store.
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let mut tries = 0;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(source) => {
+                let locked = matches!(&source, sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                    || source.to_string().contains("could not acquire lock");
+                if !locked {
+                    return Err(StoreError::Open {
+                        path: dir.to_path_buf(),
+                        source,
+                    });
+                }
+                tries += 1;
+                if tries >= 10 {
+                    return Err(StoreError::Locked {
+                        path: dir.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn write_version(dir: &Path, v: u32) {
-        let db = sled::open(dir).expect("open raw");
+        let db = open_sled(dir).expect("open raw");
         db.insert(META_SCHEMA, &v.to_be_bytes()).expect("write");
         db.flush().expect("flush");
     }
