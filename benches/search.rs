@@ -249,7 +249,7 @@ fn chroma_bench(records: usize, encoding: &str, precision: Precision) -> anyhow:
             "stage 1 p50/p95",
             "stage 2 p50/p95",
             "total p50/p95",
-            "CPU/query server/us"
+            "CPU/query server/client"
         );
         let server_pid = server.pid().unwrap_or(0);
         let own_pid = std::process::id();
