@@ -2,6 +2,7 @@
 //! reconcile, and an orderly stop. Generic over the stages, so tests and `run` share it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct Agent {
     pub tracker: ChangeTracker,
     /// What the start-up reconcile found.
     pub startup: ReconcileReport,
+    /// Changes the periodic rescan found that no file-system event had reported.
+    pub missed_changes: Arc<AtomicU64>,
     pipeline: Pipeline,
     watcher: Option<FsWatcher>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -124,15 +127,19 @@ impl Agent {
                 }
             }
         }));
+        let missed_changes = Arc::new(AtomicU64::new(0));
         if cfg.watch.rescan_interval_s > 0 {
             let t = tracker.clone();
             let every = Duration::from_secs(cfg.watch.rescan_interval_s);
+            let missed = missed_changes.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     let t = t.clone();
                     match tokio::task::spawn_blocking(move || t.reconcile_all()).await {
                         Ok(Ok(r)) if r.new + r.changed + r.moved + r.deleted > 0 => {
+                            let n = r.new + r.changed + r.moved + r.deleted;
+                            missed.fetch_add(n as u64, Ordering::SeqCst);
                             tracing::warn!(
                                 ?r,
                                 "the periodic rescan found changes the watcher missed"
@@ -157,6 +164,7 @@ impl Agent {
             stats: pipeline.stats.clone(),
             tracker,
             startup,
+            missed_changes,
             pipeline,
             watcher: Some(watcher),
             tasks,

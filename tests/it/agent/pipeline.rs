@@ -383,6 +383,41 @@ async fn changes_made_while_stopped_are_caught_up_at_start() {
     agent.shutdown().await.expect("shutdown");
 }
 
+/// A change no file-system event reports is found by the periodic rescan. The file is
+/// rewritten in place through a hard link in another folder: inotify tells the watchers of the
+/// folder the write went through, not of the watched one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_rescan_finds_a_change_no_event_reported() {
+    let mut rig = rig(200);
+    rig.cfg.watch.rescan_interval_s = 1;
+    let s = rig.syncer().await;
+    let doc = rig.root.join("linked.pdf");
+    write(&doc, &pdf_pages("asyRefCard.pdf", 0, 2));
+    let agent = rig.start().await;
+    let id = rig.doc_id("linked.pdf");
+    until("linked.pdf has 3 pages", || async {
+        counts(&s, &id).await.0 == 3
+    })
+    .await;
+    quiet(&agent).await;
+    assert_eq!(agent.missed_changes.load(Ordering::SeqCst), 0);
+
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let link = elsewhere.path().join("same-file.pdf");
+    std::fs::hard_link(&doc, &link).expect("hard link");
+    // Same inode, new content (and size and mtime).
+    std::fs::write(&link, pdf_pages("xfig-howto.pdf", 0, 0)).expect("write through the link");
+    until("linked.pdf re-indexed with 1 page", || async {
+        counts(&s, &id).await.0 == 1
+    })
+    .await;
+    assert!(
+        agent.missed_changes.load(Ordering::SeqCst) >= 1,
+        "the periodic rescan found it, not the watcher"
+    );
+    agent.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_files_at_once_with_bounded_memory() {
     let rig = rig(300);
