@@ -50,6 +50,16 @@ pub enum Command {
     ExtractWorker,
 }
 
+impl Command {
+    /// Whether the command may run ColPali (and so needs candle's CPU thread settings).
+    pub fn runs_the_model(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_) | Command::Index(_) | Command::Search(_) | Command::Embed(_)
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Folders to watch, replacing the configured ones.

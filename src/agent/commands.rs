@@ -11,7 +11,7 @@ use super::pipeline::Outcome;
 use super::real::{RealExtract, RealModelLoader, RealSink};
 use super::report::{report_loop, RepairTarget};
 use super::runtime::{index_paths, Agent};
-use super::status::{running_agent, PidFile};
+use super::status::{running_agent_label, PidFile};
 use crate::api::{self, ApiState, ChromaProbe};
 use crate::chroma::managed::ManagedChroma;
 use crate::cli::{Context, IndexArgs, RunArgs};
@@ -25,9 +25,7 @@ fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
     match Store::open(&cfg.store_dir()) {
         Ok(s) => Ok(s),
         Err(StoreError::Locked { .. }) => {
-            let who = running_agent(cfg)
-                .map(|p| format!(" (pid {p})"))
-                .unwrap_or_default();
+            let who = running_agent_label(cfg);
             bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: one agent per state directory. `docusearch-agent status` shows it; `docusearch-agent index PATH` hands it more files; stop it first to start another")
         }
         Err(e) => Err(e.into()),
@@ -166,9 +164,7 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
 /// `index` while `run` is up: the agent files the jobs (`POST /index`), and this waits until
 /// its queue is empty, then reports the failures among the given paths.
 fn index_through_agent(cfg: &Config, args: &IndexArgs) -> anyhow::Result<ExitCode> {
-    let who = running_agent(cfg)
-        .map(|p| format!(" (pid {p})"))
-        .unwrap_or_default();
+    let who = running_agent_label(cfg);
     let paths = args
         .paths
         .iter()

@@ -114,6 +114,36 @@ pub struct RepairTarget {
     pub chroma: ChromaConfig,
 }
 
+/// Does what a `POST /index` or `POST /repair` asked for and sends the answer back.
+async fn carry_out(
+    request: AgentRequest,
+    tracker: ChangeTracker,
+    repair: Option<Arc<RepairTarget>>,
+    agent_id: String,
+) {
+    match request {
+        AgentRequest::Index { paths, reply } => {
+            let queued =
+                tokio::task::spawn_blocking(move || queue_paths_in_agent(&tracker, &paths))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
+            let _ = reply.send(queued);
+        }
+        AgentRequest::Reconcile { dry_run, reply } => {
+            let report = match &repair {
+                Some(r) => {
+                    reconcile_with_store(&r.client, &r.chroma, &agent_id, &tracker.store, dry_run)
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+                }
+                None => Err("this agent has no Chroma client for repairs".into()),
+            };
+            let _ = reply.send(report);
+        }
+    }
+}
+
 /// Runs until the outcome channel closes (the pipeline stopped).
 pub async fn report_loop(
     state: ApiState,
@@ -123,6 +153,7 @@ pub async fn report_loop(
     mut outcomes: UnboundedReceiver<Outcome>,
     repair: Option<RepairTarget>,
 ) {
+    let repair = repair.map(Arc::new);
     refresh(&state, &tracker, &stats);
     let mut last = Instant::now();
     let mut dirty = false;
@@ -151,29 +182,9 @@ pub async fn report_loop(
             }
             r = next_request(&mut requests) => {
                 match r {
-                    Some(AgentRequest::Index { paths, reply }) => {
-                        let t = tracker.clone();
-                        let queued =
-                            tokio::task::spawn_blocking(move || queue_paths_in_agent(&t, &paths))
-                                .await
-                                .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
-                        let _ = reply.send(queued);
-                    }
-                    Some(AgentRequest::Reconcile { dry_run, reply }) => {
-                        let report = match &repair {
-                            Some(r) => reconcile_with_store(
-                                &r.client,
-                                &r.chroma,
-                                &agent_id,
-                                &tracker.store,
-                                dry_run,
-                            )
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
-                            None => Err("this agent has no Chroma client for repairs".into()),
-                        };
-                        let _ = reply.send(report);
+                    // Its own task: a folder scan or a repair must not stall the snapshot.
+                    Some(r) => {
+                        tokio::spawn(carry_out(r, tracker.clone(), repair.clone(), agent_id.clone()));
                     }
                     None => requests = None,
                 }

@@ -44,6 +44,13 @@ pub fn running_agent(cfg: &Config) -> Option<u32> {
     alive.then_some(pid as u32)
 }
 
+/// " (pid N)" when the agent's pid is known, for messages about the running agent.
+pub fn running_agent_label(cfg: &Config) -> String {
+    running_agent(cfg)
+        .map(|p| format!(" (pid {p})"))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub agent_running: bool,

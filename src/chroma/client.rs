@@ -691,6 +691,17 @@ pub struct GetRequest {
     pub offset: Option<usize>,
 }
 
+impl GetRequest {
+    /// The records with these ids.
+    pub fn by_ids(ids: &[String], include: &[Include]) -> GetRequest {
+        GetRequest {
+            ids: Some(ids.to_vec()),
+            include: include.to_vec(),
+            ..GetRequest::default()
+        }
+    }
+}
+
 /// Parallel arrays, one entry per record; fields not asked for are `None`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct GetResult {
@@ -712,6 +723,10 @@ pub struct RawGet {
 
 impl RawGet {
     pub fn parse(&self) -> Result<RawGetResult<'_>, ChromaError> {
+        self.parse_as()
+    }
+
+    fn parse_as<'a, T: Deserialize<'a>>(&'a self) -> Result<T, ChromaError> {
         parse(&self.what, &self.body)
     }
 }
@@ -882,11 +897,19 @@ impl Collection {
     /// One read request: by ids or `where`, with the fields in `include`. Large reads should be
     /// sliced by the caller (a page record in f32 is ~0.7 MB of JSON).
     pub async fn get(&self, request: &GetRequest) -> Result<GetResult, ChromaError> {
-        let body = serde_json::to_value(request).expect("GetRequest serializes");
+        self.get_raw(request).await?.parse_as()
+    }
+
+    /// `get` with the answer left unparsed: `RawGet::parse` then borrows the metadata values
+    /// from it (stage 2 of a search reads ~0.7 MB blobs it should not copy).
+    pub async fn get_raw(&self, request: &GetRequest) -> Result<RawGet, ChromaError> {
+        let body = serde_json::to_vec(request).expect("GetRequest serializes");
         let what = format!("reading records from `{}`", self.name);
-        self.client
-            .call(&what, Method::POST, self.url("get"), Some(&body))
-            .await
+        let body = self
+            .client
+            .send(&what, Method::POST, self.url("get"), Some(&body))
+            .await?;
+        Ok(RawGet { what, body })
     }
 
     pub async fn get_ids(
@@ -894,33 +917,16 @@ impl Collection {
         ids: &[String],
         include: &[Include],
     ) -> Result<GetResult, ChromaError> {
-        self.get(&GetRequest {
-            ids: Some(ids.to_vec()),
-            include: include.to_vec(),
-            ..GetRequest::default()
-        })
-        .await
+        self.get(&GetRequest::by_ids(ids, include)).await
     }
 
-    /// `get_ids` with the answer left unparsed: `RawGet::parse` then borrows the metadata
-    /// values from it (stage 2 of a search reads ~0.7 MB blobs it should not copy).
+    /// `get_ids`, unparsed (see `get_raw`).
     pub async fn get_ids_raw(
         &self,
         ids: &[String],
         include: &[Include],
     ) -> Result<RawGet, ChromaError> {
-        let request = GetRequest {
-            ids: Some(ids.to_vec()),
-            include: include.to_vec(),
-            ..GetRequest::default()
-        };
-        let body = serde_json::to_vec(&request).expect("GetRequest serializes");
-        let what = format!("reading records from `{}`", self.name);
-        let body = self
-            .client
-            .send(&what, Method::POST, self.url("get"), Some(&body))
-            .await?;
-        Ok(RawGet { what, body })
+        self.get_raw(&GetRequest::by_ids(ids, include)).await
     }
 
     pub async fn get_where(

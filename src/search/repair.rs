@@ -697,9 +697,9 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
     let store = if store_dir.exists() {
         match Store::open(&store_dir) {
             Ok(store) => Some(Ok(store)),
-            Err(StoreError::Locked { .. }) => Some(Err(crate::agent::status::running_agent(cfg)
-                .map(|p| format!(" (pid {p})"))
-                .unwrap_or_default())),
+            Err(StoreError::Locked { .. }) => {
+                Some(Err(crate::agent::status::running_agent_label(cfg)))
+            }
             Err(e) => return Err(e.into()),
         }
     } else {
