@@ -97,8 +97,8 @@ pub fn dtype_name(dtype: DType) -> String {
 }
 
 /// candle reads two CPU settings from the environment; this sets them, unless the user did,
-/// before any candle op runs. Call it in `main` before anything else starts, while the process has one thread:
-/// changing the environment while other threads may read it is unsound.
+/// before any candle op runs. Call it in `main` before anything else starts, while the process
+/// has one thread: changing the environment while other threads may read it is unsound.
 ///
 /// - `CANDLE_BARRIER_POOL_SPIN_LIMIT`: after each element-wise op candle's helper threads
 ///   busy-wait 25,000 spins before sleeping. A background agent must not busy-wait, and on a
