@@ -45,8 +45,8 @@ async fn main() -> anyhow::Result<()> {
         ChromaProbe::from_config(&config.chroma)?,
     );
     for i in 0..1000u64 {
-        state.metrics().embed_latency.observe(i as f64 / 100.0);
-        state.metrics().pages_embedded.inc_by(1);
+        state.telemetry().embed_latency.observe(i as f64 / 100.0);
+        state.telemetry().pages_embedded.inc_by(1);
     }
     let server = ApiServer::bind(&ApiConfig {
         port: 0,

@@ -1,16 +1,18 @@
 //! The local status API: `GET /health`, `GET /status`, `GET /metrics`, `POST /rescan`,
 //! `POST /index`, `POST /repair`, on 127.0.0.1 by default.
 //!
-//! The agent builds one [`ApiState`], keeps a clone, and updates it as it works: the status
-//! snapshot through [`ApiState::update`] / [`ApiState::record_document`], counters through
-//! [`ApiState::metrics`]. It waits for rescan requests with [`ApiState::rescan_requested`],
+//! The agent builds one [`ApiState`], keeps a clone, and updates it as it works: what it reads
+//! from its store through [`ApiState::update`] / [`ApiState::record_document`]; its stages
+//! record everything else in the [`Telemetry`] of [`ApiState::telemetry`], which every
+//! snapshot reads. It waits for rescan requests with [`ApiState::rescan_requested`],
 //! and carries out index and repair requests from [`ApiState::take_requests`].
 //! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
 //! [`ApiClient`] is the other end, for commands that talk to a running agent.
 //!
 //! ```no_run
 //! # async fn agent(config: docusearch_agent::config::Config) -> anyhow::Result<()> {
-//! use docusearch_agent::api::{self, ApiState, ChromaProbe, Stage};
+//! use docusearch_agent::api::{self, ApiState, ChromaProbe};
+//! use docusearch_agent::telemetry::Stage;
 //! let state = ApiState::new(api::initial_status(&config), ChromaProbe::from_config(&config.chroma)?);
 //! let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
 //! let server = tokio::spawn({
@@ -20,9 +22,9 @@
 //! // The managed Chroma is up: health checks can reach it.
 //! state.update(|s| s.chroma.url = "http://127.0.0.1:8123".into());
 //! // Stages count what they do.
-//! state.metrics().pages_embedded.inc_by(4);
-//! state.metrics().embed_latency.observe(1.7);
-//! state.metrics().failures.inc(Stage::Extract);
+//! state.telemetry().pages_embedded.inc_by(4);
+//! state.telemetry().embed_latency.observe(1.7);
+//! state.telemetry().failures.inc(Stage::Extract);
 //! // The reconcile loop also wakes up on `POST /rescan`.
 //! tokio::select! {
 //!     _ = state.rescan_requested() => { /* reconcile every watched folder */ }
@@ -48,17 +50,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-pub use metrics::{
-    render_prometheus, Counter, Gauge, Histogram, HistogramSnapshot, Metrics, RateCounter, Stage,
-    StageCounters, LATENCY_BUCKETS_S, PROMETHEUS_CONTENT_TYPE, RATE_WINDOW_S,
-};
+pub use metrics::{render_prometheus, PROMETHEUS_CONTENT_TYPE};
 pub use status::{
-    AgentStatus, ChromaStatus, DocState, FailedDocument, Health, HealthState, IndexedCounts,
-    ModelState, ModelStatus, QueueCounts, QueuedPaths, RecentDocument, StoreStatus,
-    LISTED_FAILURES, RECENT_DOCUMENTS,
+    AgentStatus, ChromaStatus, CounterSnapshot, DocStage, DocState, DocumentProgress,
+    FailedDocument, Health, HealthState, IndexedCounts, ModelState, ModelStatus, QueueCounts,
+    QueuedPaths, RecentDocument, StoreStatus, TaskFailure, LISTED_FAILURES, RECENT_DOCUMENTS,
 };
 
 use crate::config::ApiConfig;
+pub use crate::telemetry::now_iso;
+use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -149,11 +150,12 @@ pub struct ApiState {
 
 struct Inner {
     status: Mutex<AgentStatus>,
-    metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
     probe: ChromaProbe,
     rescan: Notify,
     requests_tx: mpsc::UnboundedSender<AgentRequest>,
     requests_rx: Mutex<Option<mpsc::UnboundedReceiver<AgentRequest>>>,
+    index_requests_done: std::sync::atomic::AtomicU64,
     started: Instant,
 }
 
@@ -188,8 +190,19 @@ pub struct RepairBody {
 
 impl ApiState {
     /// `initial` is the agent's first snapshot (agent id, version, Chroma URL, model name...);
-    /// `pid`, `started_at` and `version` are filled in when left empty.
-    pub fn new(mut initial: AgentStatus, probe: ChromaProbe) -> ApiState {
+    /// `pid`, `started_at` and `version` are filled in when left empty. The state keeps a
+    /// [`Telemetry`] for the agent's stages to record into ([`ApiState::telemetry`]).
+    pub fn new(initial: AgentStatus, probe: ChromaProbe) -> ApiState {
+        let telemetry = Arc::new(Telemetry::new(&initial.model.name));
+        Self::with_telemetry(initial, probe, telemetry)
+    }
+
+    /// [`ApiState::new`] reading the given telemetry.
+    pub fn with_telemetry(
+        mut initial: AgentStatus,
+        probe: ChromaProbe,
+        telemetry: Arc<Telemetry>,
+    ) -> ApiState {
         if initial.pid == 0 {
             initial.pid = std::process::id();
         }
@@ -203,19 +216,20 @@ impl ApiState {
         ApiState {
             inner: Arc::new(Inner {
                 status: Mutex::new(initial),
-                metrics: Arc::new(Metrics::default()),
+                telemetry,
                 probe,
                 rescan: Notify::new(),
                 requests_tx,
                 requests_rx: Mutex::new(Some(requests_rx)),
+                index_requests_done: std::sync::atomic::AtomicU64::new(0),
                 started: Instant::now(),
             }),
         }
     }
 
-    /// The counters the pipeline stages update.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.inner.metrics
+    /// What the agent's stages record; [`ApiState::snapshot`] reads it.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AgentStatus> {
@@ -250,18 +264,47 @@ impl ApiState {
         self.lock().failures.retain(|d| d.path != path);
     }
 
-    /// A copy of the snapshot, with its uptime brought up to date.
+    /// A copy of the snapshot: what the agent refreshed from its store, with what the
+    /// telemetry records now (model, documents in progress, counters, failed tasks).
     pub fn snapshot(&self) -> AgentStatus {
         let mut s = self.lock().clone();
-        s.uptime_s = self.inner.started.elapsed().as_secs();
+        self.overlay(&mut s);
         s
+    }
+
+    fn overlay(&self, s: &mut AgentStatus) {
+        let t = &self.inner.telemetry;
+        s.uptime_s = self.inner.started.elapsed().as_secs();
+        let name = std::mem::take(&mut s.model.name);
+        s.model = t.model();
+        if s.model.name.is_empty() {
+            s.model.name = name;
+        }
+        s.in_progress = t.documents();
+        s.counters = t.counters();
+        s.task_failures = t.task_failures();
+    }
+
+    /// Numbers a `POST /index` request whose jobs are now in the store (see
+    /// [`QueuedPaths::request`]).
+    pub fn index_request_done(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.inner.index_requests_done.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// How many `POST /index` requests have their jobs in the store. Read it before reading
+    /// the store's counts into the snapshot.
+    pub fn index_requests_done(&self) -> u64 {
+        self.inner
+            .index_requests_done
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Asks the agent for a reconcile. Requests made before the agent gets to them coalesce
     /// into one.
     pub fn request_rescan(&self) {
         self.lock().rescan_pending = true;
-        self.inner.metrics.rescans_requested.inc();
+        self.inner.telemetry.rescans_requested.inc();
         self.inner.rescan.notify_one();
     }
 
@@ -303,10 +346,14 @@ impl ApiState {
         } else {
             self.inner.probe.heartbeat(&url).await
         };
-        let mut s = self.lock();
-        s.chroma.last_checked = Some(now_iso());
-        s.chroma.reachable = Some(chroma.is_ok());
-        s.chroma.error = chroma.as_ref().err().cloned();
+        let mut s = {
+            let mut s = self.lock();
+            s.chroma.last_checked = Some(now_iso());
+            s.chroma.reachable = Some(chroma.is_ok());
+            s.chroma.error = chroma.as_ref().err().cloned();
+            s.clone()
+        };
+        self.overlay(&mut s);
         let mut reasons = Vec::new();
         match chroma {
             Err(e) if url.is_empty() => reasons.push(format!("chroma unreachable: {e}")),
@@ -347,10 +394,6 @@ pub fn initial_status(config: &crate::config::Config) -> AgentStatus {
     }
 }
 
-/// Now, as ISO 8601 UTC with seconds (`2026-01-02T03:04:05Z`).
-pub fn now_iso() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
 
 /// The address to listen on: loopback unless non-loopback was asked for explicitly.
 pub fn bind_addr(cfg: &ApiConfig) -> Result<SocketAddr, ApiError> {
@@ -443,7 +486,8 @@ async fn status(State(state): State<ApiState>) -> Json<AgentStatus> {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = render_prometheus(state.metrics(), &state.snapshot());
+    state.check_health().await;
+    let body = render_prometheus(state.telemetry(), &state.snapshot());
     ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], body).into_response()
 }
 

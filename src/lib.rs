@@ -18,6 +18,8 @@ pub mod runtime_paths;
 pub mod search;
 pub mod service;
 pub mod state;
+pub mod supervisor;
 pub mod sync;
+pub mod telemetry;
 pub mod types;
 pub mod watch;

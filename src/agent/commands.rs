@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -17,6 +17,11 @@ use crate::chroma::managed::ManagedChroma;
 use crate::cli::{Context, IndexArgs, RunArgs};
 use crate::config::{ChromaTarget, Config};
 use crate::state::{Store, StoreError};
+use crate::supervisor::Supervisor;
+use crate::telemetry::Telemetry;
+
+/// How long a failed agent keeps answering `/health` (503, with the reason) before it exits.
+const FAILED_LINGER: Duration = Duration::from_secs(2);
 
 /// Opens the store, or says plainly that a running agent owns it.
 fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
@@ -108,49 +113,59 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };
         let folders = cfg.watch.folders.clone();
-        // The status API answers from the start (a failure to listen is reported, not fatal:
-        // indexing matters more than its dashboard).
-        let api_state = ApiState::new(api::initial_status(&cfg), ChromaProbe::from_config(&cfg.chroma)?);
+        let supervisor = Supervisor::new(Arc::new(Telemetry::new(&cfg.model.name)));
+        let api_state = ApiState::with_telemetry(
+            api::initial_status(&cfg),
+            ChromaProbe::from_config(&cfg.chroma)?,
+            supervisor.telemetry().clone(),
+        );
         api_state.update(|s| {
             s.chroma.url = url.clone();
             s.watched_folders = folders.clone();
         });
-        let (api_stop, api_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let api_task = cfg.api.enabled.then(|| {
-            let (api_cfg, st) = (cfg.api.clone(), api_state.clone());
-            tokio::spawn(async move {
-                if let Err(e) = api::serve(&api_cfg, st, async {
-                    let _ = api_stop_rx.await;
-                })
-                .await
-                {
+        // The status API answers from the start (a failure to listen is reported, not fatal:
+        // indexing matters more than its dashboard).
+        if cfg.api.enabled {
+            let (api_cfg, st, token) = (cfg.api.clone(), api_state.clone(), supervisor.token().clone());
+            supervisor.spawn("api", async move {
+                if let Err(e) = api::serve(&api_cfg, st, token.cancelled_owned()).await {
                     tracing::warn!("status API not available: {e}");
                 }
-            })
-        });
+                Ok(())
+            });
+        }
         let (otx, orx) = tokio::sync::mpsc::unbounded_channel();
-        let agent = Agent::start_reporting(&cfg, &folders, store, extract, loader, RealSink(syncer), Some(otx)).await?;
+        let agent = Agent::start_supervised(&supervisor, &cfg, &folders, store, extract, loader, RealSink(syncer), Some(otx)).await?;
         api_state.update(|s| s.last_reconcile = Some(api::now_iso()));
-        let reporter = tokio::spawn(report_loop(
-            api_state.clone(),
-            agent.tracker.clone(),
-            agent.stats.clone(),
-            cfg.agent_id.clone(),
-            orx,
-            Some(repair),
-        ));
+        supervisor.spawn(
+            "report",
+            report_loop(
+                api_state.clone(),
+                agent.tracker.clone(),
+                cfg.agent_id.clone(),
+                orx,
+                Some(repair),
+                supervisor.clone(),
+            ),
+        );
         tracing::info!(folders = ?folders, chroma = %url, "agent running");
-        wait_for_signal().await;
+        let failure = tokio::select! {
+            _ = wait_for_signal() => None,
+            f = supervisor.failed() => Some(f),
+        };
+        if let Some(f) = &failure {
+            tracing::error!(task = %f.task, "{}; the agent stops so that its service manager starts it again", f.reason);
+            // Meanwhile `/health` answers 503 with the reason, for whoever looks.
+            tokio::time::sleep(FAILED_LINGER).await;
+        }
         // Leave time within the 10 s service managers allow to stop Chroma and exit.
         if tokio::time::timeout(Duration::from_secs(7), agent.shutdown()).await.is_err() {
             tracing::warn!("the batch in flight did not finish in time; its jobs are re-queued at the next start");
         }
-        reporter.abort();
-        let _ = api_stop.send(());
-        if let Some(t) = api_task {
-            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        match failure {
+            Some(f) => Err(anyhow::anyhow!("the agent's {} task failed: {}", f.task, f.reason)),
+            None => Ok(()),
         }
-        Ok(())
     });
     let _ = flush_store.flush();
     rt.shutdown_timeout(Duration::from_millis(500));
@@ -212,7 +227,8 @@ fn index_through_agent(cfg: &Config, args: &IndexArgs) -> anyhow::Result<ExitCod
             let left = s.queue.queued + s.queue.in_progress;
             bar.set_message(format!("{left} job(s) left in the agent's queue"));
             bar.tick();
-            if left == 0 {
+            // Only a snapshot taken after the agent queued these paths can say they are done.
+            if left == 0 && s.index_requests_done >= queued.request {
                 return anyhow::Ok(s);
             }
         }
@@ -247,6 +263,26 @@ fn index_through_agent(cfg: &Config, args: &IndexArgs) -> anyhow::Result<ExitCod
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// "120 pages · 1.9 pages/s · report.pdf page 37/300": pages embedded so far, and where the
+/// documents in progress are.
+fn page_progress(t: &Telemetry, started: Instant) -> String {
+    let pages = t.pages_embedded.total();
+    let rate = pages as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    let mut msg = format!("{pages} pages · {rate:.1} pages/s");
+    for d in t.documents().iter().take(2) {
+        let name = d
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match d.num_pages {
+            Some(n) => msg.push_str(&format!(" · {name} page {}/{n}", d.pages_embedded)),
+            None => msg.push_str(&format!(" · {name}")),
+        }
+    }
+    msg
 }
 
 pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode> {
@@ -284,6 +320,18 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
             cfg: cfg.model.clone(),
         };
         let paths: Vec<PathBuf> = args.paths.clone();
+        let telemetry = Arc::new(Telemetry::new(&cfg.model.name));
+        // Pages as well as files: one long PDF on a CPU takes hours, and a bar that counts
+        // files would stand still all that time.
+        let ticker = {
+            let (bar, t) = (bar.clone(), telemetry.clone());
+            tokio::spawn(async move {
+                loop {
+                    bar.set_message(page_progress(&t, started));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
         let s = index_paths(
             &cfg,
             &paths,
@@ -291,23 +339,23 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
             extract,
             loader,
             RealSink(syncer),
-            |o, stats| {
+            telemetry,
+            |o, t| {
                 let pending = q
                     .queue_counts()
                     .map(|c| c.queued + c.in_progress)
                     .unwrap_or(0) as u64;
                 bar.inc(1);
                 bar.set_length(bar.position() + pending);
-                let pages = stats.pages_embedded.load(Ordering::SeqCst);
-                let rate = pages as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                bar.set_message(format!("{pages} pages · {rate:.1} pages/s"));
+                bar.set_message(page_progress(t, started));
                 if let Outcome::Failed { path, reason } = o {
                     bar.println(format!("failed: {}: {reason}", path.display()));
                 }
             },
         )
-        .await?;
-        anyhow::Ok(s)
+        .await;
+        ticker.abort();
+        anyhow::Ok(s?)
     });
     bar.finish_and_clear();
     rt.shutdown_timeout(Duration::from_millis(500));

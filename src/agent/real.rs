@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::stages::{
     Chunk, ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted,
-    PageContent, PageRecord, Sink, StageError,
+    PageContent, PageRecord, Placement, Sink, Stage, StageError,
 };
 use crate::config::{Config, ExtractConfig, ModelConfig};
 use crate::embed::Embedder;
@@ -26,7 +26,7 @@ impl RealExtract {
     /// `worker_exe` is the `docusearch-agent` executable (it runs `extract-worker`).
     pub fn new(cfg: &Config, worker_exe: PathBuf) -> Result<RealExtract, StageError> {
         let image_size = crate::embed::model_image_size(&cfg.model)
-            .map_err(|e| StageError::permanent("model", e.to_string()))?;
+            .map_err(|e| StageError::permanent(Stage::Model, e.to_string()))?;
         Self::with_image_size(&cfg.extract, image_size, worker_exe)
     }
 
@@ -37,7 +37,7 @@ impl RealExtract {
     ) -> Result<RealExtract, StageError> {
         let opts = ExtractOptions::from_config(cfg, image_size, worker_exe);
         let extractor =
-            Extractor::new(opts).map_err(|e| StageError::permanent("extract", e.to_string()))?;
+            Extractor::new(opts).map_err(|e| StageError::permanent(Stage::Extract, e.to_string()))?;
         Ok(RealExtract {
             extractor,
             chunk_size: cfg.chunk_size,
@@ -91,7 +91,7 @@ impl Extract for RealExtract {
                 num_pages: info.num_pages,
             }),
             Err(e) => Err(StageError {
-                stage: "extract",
+                stage: Stage::Extract,
                 reason: e.reason(),
                 permanent: e.is_permanent(),
             }),
@@ -110,7 +110,7 @@ impl EmbedLoader for RealModelLoader {
     type Model = RealModel;
     fn load(&self) -> Result<RealModel, StageError> {
         let e =
-            Embedder::load(&self.cfg).map_err(|e| StageError::transient("model", e.to_string()))?;
+            Embedder::load(&self.cfg).map_err(|e| StageError::transient(Stage::Model, e.to_string()))?;
         tracing::info!(model = %e.model_id(), device = %e.device_name(), dtype = %e.dtype_name(), "model loaded");
         Ok(RealModel(e))
     }
@@ -123,15 +123,19 @@ impl Embed for RealModel {
     fn embed_images(&self, images: &[image::RgbImage]) -> Result<Vec<MultiVector>, StageError> {
         self.0
             .embed_images(images)
-            .map_err(|e| StageError::transient("embed", e.to_string()))
+            .map_err(|e| StageError::transient(Stage::Embed, e.to_string()))
     }
     fn embed_texts(&self, texts: &[&str]) -> Result<Vec<MultiVector>, StageError> {
         self.0
             .embed_queries(texts)
-            .map_err(|e| StageError::transient("embed", e.to_string()))
+            .map_err(|e| StageError::transient(Stage::Embed, e.to_string()))
     }
-    fn device(&self) -> String {
-        self.0.device_name()
+    fn placement(&self) -> Placement {
+        Placement {
+            device: self.0.device_name(),
+            dtype: self.0.dtype_name(),
+            fell_back_to_cpu: self.0.fell_back_to_cpu(),
+        }
     }
 }
 
@@ -140,7 +144,7 @@ pub struct RealSink(pub Syncer);
 
 fn sync_err(e: SyncError) -> StageError {
     StageError {
-        stage: "sync",
+        stage: Stage::Sync,
         permanent: !e.is_transient(),
         reason: e.to_string(),
     }

@@ -1,8 +1,9 @@
-//! Keeps the status API's snapshot (issue 7's `ApiState`) current from what the agent does:
-//! every job's outcome, the store's counts (at most once a second while busy, never while
-//! idle), the model's state, and `POST /rescan`, `POST /index` and `POST /repair` requests.
+//! Keeps the status API's snapshot current with what only the store knows: every job's
+//! outcome, the queue and index counts (refreshed whenever the telemetry says something
+//! changed, at most once a second, and never while nothing happens), and carries out
+//! `POST /rescan`, `POST /index` and `POST /repair` requests. Everything else in the snapshot
+//! (model, documents in progress, counters) is read live from the telemetry.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,15 +11,16 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
 use super::changes::ChangeTracker;
-use super::pipeline::{Outcome, PipelineStats};
+use super::pipeline::Outcome;
 use super::runtime::queue_paths_in_agent;
 use crate::api::{
-    now_iso, AgentRequest, ApiState, DocState, FailedDocument, IndexedCounts, ModelState,
-    QueueCounts, RecentDocument,
+    now_iso, AgentRequest, ApiState, DocState, FailedDocument, IndexedCounts, QueueCounts,
+    QueuedPaths, RecentDocument,
 };
 use crate::chroma::client::ChromaClient;
 use crate::config::ChromaConfig;
 use crate::search::repair::reconcile_with_store;
+use crate::supervisor::{Supervisor, TaskError};
 use crate::types::DocId;
 
 fn recent(o: &Outcome, agent_id: &str) -> RecentDocument {
@@ -50,16 +52,16 @@ fn recent(o: &Outcome, agent_id: &str) -> RecentDocument {
     }
 }
 
-/// Copies the store's counts and the model's state into the snapshot.
-fn refresh(state: &ApiState, tracker: &ChangeTracker, stats: &PipelineStats) {
+/// Copies the store's counts into the snapshot.
+fn refresh(state: &ApiState, tracker: &ChangeTracker) {
+    // Before the counts: every request counted done has its jobs in them.
+    let requests_done = state.index_requests_done();
     let store = &tracker.store;
     let queue = store.queue_counts();
     let files = store.file_counts();
     let failures = store.all_jobs();
-    let loaded = stats.model_loaded.load(Ordering::SeqCst);
-    let loads = stats.model_loads.load(Ordering::SeqCst);
-    let device = stats.device.lock().ok().and_then(|d| d.clone());
     state.update(|s| {
+        s.index_requests_done = requests_done;
         match (&queue, &files) {
             (Ok(q), Ok(f)) => {
                 s.queue = QueueCounts {
@@ -75,14 +77,6 @@ fn refresh(state: &ApiState, tracker: &ChangeTracker, stats: &PipelineStats) {
                 s.store.error = None;
             }
             (Err(e), _) | (_, Err(e)) => s.store.error = Some(e.to_string()),
-        }
-        s.model.state = match (loaded, loads) {
-            (true, _) => ModelState::Loaded,
-            (false, 0) => ModelState::NotLoaded,
-            (false, _) => ModelState::Unloaded,
-        };
-        if device.is_some() {
-            s.model.device = device.clone();
         }
         if let Ok(jobs) = &failures {
             s.failures = jobs
@@ -117,6 +111,7 @@ pub struct RepairTarget {
 /// Does what a `POST /index` or `POST /repair` asked for and sends the answer back.
 async fn carry_out(
     request: AgentRequest,
+    state: ApiState,
     tracker: ChangeTracker,
     repair: Option<Arc<RepairTarget>>,
     agent_id: String,
@@ -126,7 +121,12 @@ async fn carry_out(
             let queued =
                 tokio::task::spawn_blocking(move || queue_paths_in_agent(&tracker, &paths))
                     .await
-                    .unwrap_or_else(|e| Err(format!("the index request failed: {e}")));
+                    .unwrap_or_else(|e| Err(format!("the index request failed: {e}")))
+                    .map(|q| QueuedPaths {
+                        request: state.index_request_done(),
+                        ..q
+                    });
+            state.telemetry().poke();
             let _ = reply.send(queued);
         }
         AgentRequest::Reconcile { dry_run, reply } => {
@@ -144,25 +144,29 @@ async fn carry_out(
     }
 }
 
-/// Runs until the outcome channel closes (the pipeline stopped).
+/// How often, at most, the store's counts are read again while the agent works.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until `token` is cancelled or the outcome channel closes (the pipeline stopped).
 pub async fn report_loop(
     state: ApiState,
     tracker: ChangeTracker,
-    stats: Arc<PipelineStats>,
     agent_id: String,
     mut outcomes: UnboundedReceiver<Outcome>,
     repair: Option<RepairTarget>,
-) {
+    supervisor: Supervisor,
+) -> Result<(), TaskError> {
+    let token = supervisor.token().clone();
     let repair = repair.map(Arc::new);
-    refresh(&state, &tracker, &stats);
+    let telemetry = state.telemetry().clone();
+    let (t, st) = (tracker.clone(), state.clone());
+    let _ = tokio::task::spawn_blocking(move || refresh(&st, &t)).await;
     let mut last = Instant::now();
     let mut dirty = false;
     let mut requests = state.take_requests();
     loop {
-        let due = last + Duration::from_secs(1);
-        // While work is in flight the model's state and the counts move without outcomes.
-        let busy = stats.in_flight.load(Ordering::SeqCst) > 0;
         tokio::select! {
+            _ = token.cancelled() => break,
             o = outcomes.recv() => {
                 let Some(o) = o else { break };
                 state.record_document(recent(&o, &agent_id));
@@ -171,6 +175,9 @@ pub async fn report_loop(
                 }
                 dirty = true;
             }
+            // A job was taken, a document moved on, the model changed, a file event queued
+            // a job: the counts may have moved.
+            _ = telemetry.changed() => dirty = true,
             _ = state.rescan_requested() => {
                 let t = tracker.clone();
                 match tokio::task::spawn_blocking(move || t.reconcile_all()).await {
@@ -184,19 +191,24 @@ pub async fn report_loop(
                 match r {
                     // Its own task: a folder scan or a repair must not stall the snapshot.
                     Some(r) => {
-                        tokio::spawn(carry_out(r, tracker.clone(), repair.clone(), agent_id.clone()));
+                        let request = carry_out(r, state.clone(), tracker.clone(), repair.clone(), agent_id.clone());
+                        supervisor.spawn("request", async move {
+                            request.await;
+                            Ok(())
+                        });
                     }
                     None => requests = None,
                 }
                 dirty = true;
             }
-            _ = tokio::time::sleep_until(due), if dirty || busy => dirty = true,
+            _ = tokio::time::sleep_until(last + REFRESH_EVERY), if dirty => {}
         }
-        if dirty && Instant::now() >= due {
-            let (t, st, s) = (tracker.clone(), state.clone(), stats.clone());
-            let _ = tokio::task::spawn_blocking(move || refresh(&st, &t, &s)).await;
+        if dirty && Instant::now() >= last + REFRESH_EVERY {
+            let (t, st) = (tracker.clone(), state.clone());
+            let _ = tokio::task::spawn_blocking(move || refresh(&st, &t)).await;
             last = Instant::now();
             dirty = false;
         }
     }
+    Ok(())
 }

@@ -2,16 +2,17 @@
 //! reconcile, and an orderly stop. Generic over the stages, so tests and `run` share it.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::changes::{ChangeTracker, ReconcileReport};
-use super::pipeline::{Mode, Outcome, Pipeline, PipelineSettings, PipelineStats};
+use super::pipeline::{self, FailPoint, Mode, Outcome, PipelineSettings};
 use super::stages::{EmbedLoader, Extract, Sink};
 use crate::api::QueuedPaths;
 use crate::config::Config;
 use crate::state::{FileStamp, JobKind, RetryPolicy, Store, StoreError};
+use crate::supervisor::{Supervisor, TaskError};
+use crate::telemetry::{Stage, TaskFailure, Telemetry};
 use crate::watch::{Filter, FsWatcher, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum AgentError {
     Watch(#[from] WatchError),
     #[error("the start-up scan stopped: {0}")]
     Scan(String),
+    #[error("the {} stage failed: {}", .0.task, .0.reason)]
+    Task(TaskFailure),
 }
 
 /// The pipeline settings the configuration asks for.
@@ -39,6 +42,7 @@ pub fn pipeline_settings(cfg: &Config) -> PipelineSettings {
         idle_unload: (cfg.model.idle_unload_s > 0)
             .then(|| Duration::from_secs(cfg.model.idle_unload_s)),
         upsert_pages: 8,
+        fail_point: FailPoint::from_env(),
     }
 }
 
@@ -49,20 +53,17 @@ fn debounce(settle: Duration) -> Duration {
 
 /// A running agent.
 pub struct Agent {
-    pub stats: Arc<PipelineStats>,
+    pub telemetry: Arc<Telemetry>,
     pub tracker: ChangeTracker,
     /// What the start-up reconcile found.
     pub startup: ReconcileReport,
-    /// Changes the periodic rescan found that no file-system event had reported.
-    pub missed_changes: Arc<AtomicU64>,
-    pipeline: Pipeline,
+    supervisor: Supervisor,
     watcher: Option<FsWatcher>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
-    /// Starts watching `folders`, reconciles them with the store, and starts the pipeline.
-    /// Must be called inside a tokio runtime.
+    /// Starts watching `folders`, reconciles them with the store, and starts the pipeline, as
+    /// tasks of a supervisor of its own. Must be called inside a tokio runtime.
     pub async fn start<X: Extract, L: EmbedLoader, S: Sink>(
         cfg: &Config,
         folders: &[PathBuf],
@@ -71,11 +72,16 @@ impl Agent {
         loader: L,
         sink: S,
     ) -> Result<Agent, AgentError> {
-        Self::start_reporting(cfg, folders, store, extractor, loader, sink, None).await
+        let supervisor = Supervisor::new(Arc::new(Telemetry::new(&loader.model_id())));
+        Self::start_supervised(&supervisor, cfg, folders, store, extractor, loader, sink, None)
+            .await
     }
 
-    /// [`Agent::start`], sending every job's outcome to `outcomes` (for the status API).
-    pub async fn start_reporting<X: Extract, L: EmbedLoader, S: Sink>(
+    /// [`Agent::start`] with the tasks under `supervisor` (whose telemetry the status API
+    /// reads), sending every job's outcome to `outcomes`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_supervised<X: Extract, L: EmbedLoader, S: Sink>(
+        supervisor: &Supervisor,
         cfg: &Config,
         folders: &[PathBuf],
         store: Store,
@@ -84,6 +90,7 @@ impl Agent {
         sink: S,
         outcomes: Option<tokio::sync::mpsc::UnboundedSender<Outcome>>,
     ) -> Result<Agent, AgentError> {
+        let telemetry = supervisor.telemetry().clone();
         let filter = Filter::new(folders, &cfg.watch.include, &cfg.watch.exclude)?;
         let settings = pipeline_settings(cfg);
         let tracker = ChangeTracker {
@@ -109,49 +116,58 @@ impl Agent {
             "start-up reconcile done"
         );
 
-        let mut tasks = Vec::new();
-        let t = tracker.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                let t = t.clone();
-                let r = tokio::task::spawn_blocking(move || {
+        let (t, tel, token) = (tracker.clone(), telemetry.clone(), supervisor.token().clone());
+        supervisor.spawn("watch", async move {
+            loop {
+                let batch = tokio::select! {
+                    b = rx.recv() => b,
+                    _ = token.cancelled() => None,
+                };
+                let Some(batch) = batch else { return Ok(()) };
+                let (t, tel2) = (t.clone(), tel.clone());
+                tokio::task::spawn_blocking(move || {
                     for e in batch {
                         if let Err(err) = t.apply(e) {
+                            tel2.failures.inc(Stage::Store);
                             tracing::error!("could not record a file change: {err}");
                         }
                     }
                 })
-                .await;
-                if let Err(e) = r {
-                    tracing::error!("file change handler failed: {e}");
-                }
+                .await
+                .map_err(|e| TaskError::new(format!("the file change handler failed: {e}")))?;
+                // The queue changed: the status snapshot shows it.
+                tel.poke();
             }
-        }));
-        let missed_changes = Arc::new(AtomicU64::new(0));
+        });
         if cfg.watch.rescan_interval_s > 0 {
-            let t = tracker.clone();
+            let (t, tel, token) = (tracker.clone(), telemetry.clone(), supervisor.token().clone());
             let every = Duration::from_secs(cfg.watch.rescan_interval_s);
-            let missed = missed_changes.clone();
-            tasks.push(tokio::spawn(async move {
+            supervisor.spawn("rescan", async move {
                 loop {
-                    tokio::time::sleep(every).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = token.cancelled() => return Ok(()),
+                    }
                     let t = t.clone();
                     match tokio::task::spawn_blocking(move || t.reconcile_all()).await {
                         Ok(Ok(r)) if r.new + r.changed + r.moved + r.deleted > 0 => {
                             let n = r.new + r.changed + r.moved + r.deleted;
-                            missed.fetch_add(n as u64, Ordering::SeqCst);
+                            tel.missed_changes.inc_by(n as u64);
+                            tel.poke();
                             tracing::warn!(
                                 ?r,
                                 "the periodic rescan found changes the watcher missed"
                             )
                         }
                         Ok(Err(e)) => tracing::error!("periodic rescan failed: {e}"),
+                        Err(e) => tracing::error!("periodic rescan failed: {e}"),
                         _ => {}
                     }
                 }
-            }));
+            });
         }
-        let pipeline = Pipeline::start(
+        pipeline::start(
+            supervisor,
             store,
             extractor,
             loader,
@@ -161,13 +177,11 @@ impl Agent {
             outcomes,
         );
         Ok(Agent {
-            stats: pipeline.stats.clone(),
+            telemetry,
             tracker,
             startup,
-            missed_changes,
-            pipeline,
+            supervisor: supervisor.clone(),
             watcher: Some(watcher),
-            tasks,
         })
     }
 
@@ -175,13 +189,16 @@ impl Agent {
         &self.tracker.store
     }
 
-    /// Stops taking work, checkpoints what is in flight, and flushes the store.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Stops taking work, checkpoints what is in flight, waits for every task, and flushes
+    /// the store.
     pub async fn shutdown(mut self) -> Result<(), StoreError> {
         self.watcher.take();
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-        self.pipeline.shutdown().await;
+        self.supervisor.shutdown();
+        self.supervisor.wait().await;
         self.tracker.store.flush()
     }
 }
@@ -279,7 +296,8 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
     extractor: X,
     loader: L,
     sink: S,
-    mut progress: impl FnMut(&Outcome, &PipelineStats),
+    telemetry: Arc<Telemetry>,
+    mut progress: impl FnMut(&Outcome, &Telemetry),
 ) -> Result<IndexSummary, AgentError> {
     let mut roots = Vec::new();
     let mut files = Vec::new();
@@ -323,7 +341,9 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
     summary.unchanged = queued.unchanged;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut pipeline = Pipeline::start(
+    let supervisor = Supervisor::new(telemetry.clone());
+    pipeline::start(
+        &supervisor,
         store,
         extractor,
         loader,
@@ -332,10 +352,9 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
         Mode::UntilIdle,
         Some(tx),
     );
-    let stats = pipeline.stats.clone();
     let collector = async {
         while let Some(o) = rx.recv().await {
-            progress(&o, &stats);
+            progress(&o, &telemetry);
             match o {
                 Outcome::Indexed { path, pages, .. } => {
                     summary.pages += pages as u64;
@@ -351,8 +370,18 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
             }
         }
     };
-    // The pipeline holds the sender until its stages end.
-    let (_, ()) = tokio::join!(pipeline.join(), collector);
+    // The pipeline holds the sender until its stages end. A stage that fails ends the run.
+    let ended = async {
+        tokio::select! {
+            _ = supervisor.wait() => {}
+            _ = supervisor.failed() => supervisor.shutdown(),
+        }
+        supervisor.wait().await;
+    };
+    let ((), ()) = tokio::join!(ended, collector);
     tracker.store.flush()?;
+    if let Some(f) = supervisor.first_failure() {
+        return Err(AgentError::Task(f));
+    }
     Ok(summary)
 }

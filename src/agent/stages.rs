@@ -6,27 +6,28 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::path::Path;
 
+pub use crate::telemetry::Stage;
 use crate::types::{DocFormat, DocId, MultiVector};
 
 /// A stage failure: what failed and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{stage}: {reason}")]
 pub struct StageError {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub reason: String,
     /// Retrying will not help until the file changes (a corrupt or encrypted document).
     pub permanent: bool,
 }
 
 impl StageError {
-    pub fn transient(stage: &'static str, reason: impl Into<String>) -> StageError {
+    pub fn transient(stage: Stage, reason: impl Into<String>) -> StageError {
         StageError {
             stage,
             reason: reason.into(),
             permanent: false,
         }
     }
-    pub fn permanent(stage: &'static str, reason: impl Into<String>) -> StageError {
+    pub fn permanent(stage: Stage, reason: impl Into<String>) -> StageError {
         StageError {
             stage,
             reason: reason.into(),
@@ -82,7 +83,16 @@ pub trait Embed: Send + 'static {
     fn embed_images(&self, images: &[image::RgbImage]) -> Result<Vec<MultiVector>, StageError>;
     /// Text chunks go through the query prompt, as DocuSearch does.
     fn embed_texts(&self, texts: &[&str]) -> Result<Vec<MultiVector>, StageError>;
-    fn device(&self) -> String;
+    /// Where it runs, in what, and whether that is a fall-back to the CPU.
+    fn placement(&self) -> Placement;
+}
+
+/// Where a loaded model runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub device: String,
+    pub dtype: String,
+    pub fell_back_to_cpu: bool,
 }
 
 /// Loads the model when the first page needs it (the agent unloads it when idle).

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::api::{CounterSnapshot, DocumentProgress, Health, ModelState, ModelStatus};
 use crate::config::{ChromaTarget, Config};
 use crate::state::{FileCounts, QueueCounts, Store, StoreError};
 
@@ -59,7 +60,14 @@ pub struct Status {
     pub files: Option<FileCounts>,
     pub queue: Option<QueueCounts>,
     pub failures: Vec<Failure>,
+    /// The running agent's model; `not_loaded` when no agent runs.
     pub model: ModelStatus,
+    /// Documents the running agent is working on, with their stage.
+    pub in_progress: Vec<DocumentProgress>,
+    /// What the running agent counted since it started (the numbers of its `/metrics`).
+    pub counters: Option<CounterSnapshot>,
+    /// The running agent's `/health`.
+    pub health: Option<Health>,
     pub chroma: ChromaStatus,
     /// What could not be told, and why.
     pub notes: Vec<String>,
@@ -69,14 +77,6 @@ pub struct Status {
 pub struct Failure {
     pub path: PathBuf,
     pub reason: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ModelStatus {
-    pub name: String,
-    /// Only a running agent holds a model.
-    pub loaded: bool,
-    pub device: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,10 +116,12 @@ async fn chroma_status(cfg: &Config) -> ChromaStatus {
     }
 }
 
-/// The running agent's own snapshot, through its status API.
-async fn live_status(cfg: &Config) -> Option<crate::api::AgentStatus> {
+/// The running agent's own snapshot and health, through its status API.
+async fn live_status(cfg: &Config) -> Option<(crate::api::AgentStatus, Option<Health>)> {
     let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(3)).ok()?;
-    client.status().await.ok().flatten()
+    let status = client.status().await.ok().flatten()?;
+    let health = client.health().await.ok().flatten();
+    Some((status, health))
 }
 
 /// Gathers the status. `store_dir` is normally `cfg.store_dir()`.
@@ -133,9 +135,11 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
         failures: Vec::new(),
         model: ModelStatus {
             name: cfg.model.name.clone(),
-            loaded: false,
-            device: None,
+            ..Default::default()
         },
+        in_progress: Vec::new(),
+        counters: None,
+        health: None,
         chroma,
         notes: Vec::new(),
     };
@@ -163,7 +167,8 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
             status.agent_running = true;
             status.agent_pid = running_agent(cfg);
             match live_status(cfg).await {
-                Some(live) => {
+                Some((live, health)) => {
+                    status.health = health;
                     status.agent_pid = Some(live.pid);
                     status.files = Some(FileCounts {
                         indexed: live.indexed.files as usize,
@@ -181,8 +186,9 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
                         .iter()
                         .map(|f| Failure { path: f.path.clone(), reason: f.reason.clone() })
                         .collect();
-                    status.model.loaded = live.model.state == crate::api::ModelState::Loaded;
-                    status.model.device = live.model.device.clone();
+                    status.model = live.model.clone();
+                    status.in_progress = live.in_progress.clone();
+                    status.counters = Some(live.counters.clone());
                     if !live.chroma.url.is_empty() {
                         status.chroma.url = Some(live.chroma.url.clone());
                     }
@@ -235,6 +241,16 @@ pub fn render(s: &Status) -> String {
             ),
         );
     }
+    for d in &s.in_progress {
+        let pages = match d.num_pages {
+            Some(n) => format!(", page {}/{n}", d.pages_embedded),
+            None => String::new(),
+        };
+        line(
+            &mut out,
+            format!("  {:?}{pages}: {}", d.stage, d.path.display()).to_lowercase(),
+        );
+    }
     for f in &s.failures {
         line(
             &mut out,
@@ -243,15 +259,7 @@ pub fn render(s: &Status) -> String {
     }
     line(
         &mut out,
-        format!(
-            "model:   {} ({})",
-            s.model.name,
-            if s.model.loaded {
-                format!("loaded on {}", s.model.device.clone().unwrap_or_default())
-            } else {
-                "not loaded".into()
-            }
-        ),
+        format!("model:   {} ({})", s.model.name, model_state(&s.model)),
     );
     line(
         &mut out,
@@ -274,8 +282,41 @@ pub fn render(s: &Status) -> String {
             }
         ),
     );
+    if let Some(h) = &s.health {
+        if h.is_healthy() {
+            line(&mut out, "health:  healthy".into());
+        }
+        for r in &h.reasons {
+            line(&mut out, format!("health:  degraded: {r}"));
+        }
+    }
     for n in &s.notes {
         line(&mut out, format!("note:    {n}"));
     }
     out
+}
+
+/// "loaded on cpu, f32 (a GPU was asked for: running on the CPU)", "failed: why", ...
+fn model_state(m: &ModelStatus) -> String {
+    let place = || {
+        let mut p = format!(
+            "on {}, {}",
+            m.device.as_deref().unwrap_or("?"),
+            m.dtype.as_deref().unwrap_or("?")
+        );
+        if m.fell_back_to_cpu {
+            p.push_str(": no usable GPU, so the CPU is used");
+        }
+        p
+    };
+    match (m.state, &m.error) {
+        (ModelState::Loaded, _) => format!("loaded {}", place()),
+        (ModelState::Failed, Some(e)) | (ModelState::Loading, Some(e)) => {
+            format!("failed to load: {e}")
+        }
+        (ModelState::Failed, None) => "failed to load".into(),
+        (ModelState::Loading, None) => "loading".into(),
+        (ModelState::Unloaded, _) => format!("unloaded while idle; ran {}", place()),
+        (ModelState::NotLoaded, _) => "not loaded".into(),
+    }
 }

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::telemetry::{
+    CounterSnapshot, DocStage, DocumentProgress, ModelState, ModelStatus, TaskFailure,
+};
 use crate::types::DocId;
 
 /// How many recent documents `/status` lists.
@@ -23,6 +26,12 @@ pub struct AgentStatus {
     pub watched_folders: Vec<PathBuf>,
     pub queue: QueueCounts,
     pub indexed: IndexedCounts,
+    /// Documents in the pipeline now, with their stage, oldest first.
+    #[serde(default)]
+    pub in_progress: Vec<DocumentProgress>,
+    /// What the agent counted since it started (the same numbers as `/metrics`).
+    #[serde(default)]
+    pub counters: CounterSnapshot,
     /// Newest first.
     pub recent: Vec<RecentDocument>,
     /// Documents marked failed, with why. Newest first.
@@ -34,6 +43,13 @@ pub struct AgentStatus {
     pub last_reconcile: Option<String>,
     /// A reconcile was asked for (`POST /rescan`) and has not started yet.
     pub rescan_pending: bool,
+    /// `POST /index` requests whose jobs are counted in `queue` (see `QueuedPaths::request`).
+    #[serde(default)]
+    pub index_requests_done: u64,
+    /// Tasks of the agent that stopped with an error or panicked: the agent is degraded and
+    /// exits, for its service manager to start it again.
+    #[serde(default)]
+    pub task_failures: Vec<TaskFailure>,
 }
 
 /// What the agent did with a `POST /index` request.
@@ -44,6 +60,10 @@ pub struct QueuedPaths {
     pub queued: usize,
     /// Files already indexed as they are.
     pub unchanged: usize,
+    /// This request's number: a `/status` whose `index_requests_done` has reached it counts
+    /// its jobs in `queue`.
+    #[serde(default)]
+    pub request: u64,
 }
 
 /// Jobs in the durable queue, by state.
@@ -63,14 +83,12 @@ pub struct IndexedCounts {
     pub chunks: u64,
 }
 
-/// Where a document is in the pipeline.
+/// What last happened to a document (those in the pipeline now are in `in_progress`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DocState {
+    /// Back in the queue: to be retried after a failure, or after a shutdown interrupted it.
     Queued,
-    Extracting,
-    Embedding,
-    Syncing,
     Indexed,
     Unchanged,
     Moved,
@@ -98,32 +116,6 @@ pub struct FailedDocument {
     pub attempts: u32,
     /// When it last failed (ISO 8601 UTC).
     pub at: String,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelState {
-    /// Not loaded yet (it loads on the first job).
-    #[default]
-    NotLoaded,
-    Loading,
-    Loaded,
-    /// Unloaded after the idle period; loads again on the next job.
-    Unloaded,
-    /// Loading failed; `ModelStatus::error` says why. Makes `/health` degraded.
-    Failed,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ModelStatus {
-    pub name: String,
-    pub state: ModelState,
-    /// `cpu`, `cuda:0`, `metal`: where it runs (or will).
-    pub device: Option<String>,
-    pub dtype: Option<String>,
-    /// A GPU was asked for (or `auto` found none) and the CPU is used instead.
-    pub fell_back_to_cpu: bool,
-    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -184,11 +176,20 @@ impl AgentStatus {
     /// see `ApiState::check_health`).
     pub fn degraded_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        if self.model.state == ModelState::Failed {
+        // Until a load works: a failed load is retried with the next document.
+        if self.model.state == ModelState::Failed
+            || (self.model.state == ModelState::Loading && self.model.error.is_some())
+        {
             reasons.push(format!(
                 "model {} failed to load: {}",
                 self.model.name,
                 self.model.error.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        for f in &self.task_failures {
+            reasons.push(format!(
+                "the {} task stopped: {} (the agent exits; its service manager restarts it)",
+                f.task, f.reason
             ));
         }
         if let Some(e) = &self.store.error {

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use docusearch_agent::telemetry::Stage;
 use docusearch_agent::api::{
     AgentStatus, ApiClient, ApiError, ApiServer, ApiState, ChromaProbe, ChromaStatus, DocState,
     FailedDocument, Health, HealthState, ModelState, ModelStatus, QueueCounts, RecentDocument,
-    Stage, StoreStatus,
+    StoreStatus,
 };
 use docusearch_agent::config::{ApiConfig, Config};
 use docusearch_agent::types::DocId;
@@ -32,11 +33,7 @@ fn initial_status(chroma_url: &str) -> AgentStatus {
         watched_folders: vec![PathBuf::from("/watched")],
         model: ModelStatus {
             name: "tiny-colpali".into(),
-            state: ModelState::Loaded,
-            device: Some("cpu".into()),
-            dtype: Some("f32".into()),
-            fell_back_to_cpu: true,
-            error: None,
+            ..Default::default()
         },
         chroma: ChromaStatus {
             url: chroma_url.into(),
@@ -292,8 +289,10 @@ async fn every_endpoint_answers_over_real_http() {
         initial_status(&chroma.url()),
         ChromaProbe::new(None, Duration::from_secs(5)).expect("probe"),
     );
-    // What the pipeline would report.
-    let m = state.metrics();
+    // What the pipeline would record (the running agent's own numbers are checked in
+    // tests/it/agent/telemetry.rs).
+    let m = state.telemetry();
+    m.model_loaded("cpu".into(), "f32".into(), true, 0.5);
     m.files_indexed.inc();
     m.pages_indexed.inc_by(12);
     m.chunks_indexed.inc_by(3);
@@ -303,7 +302,6 @@ async fn every_endpoint_answers_over_real_http() {
     m.sync_latency.observe(0.02);
     m.failures.inc(Stage::Extract);
     m.chroma_errors.inc();
-    m.queue_depth.set(3);
     state.update(|s| {
         s.queue = QueueCounts {
             queued: 3,
@@ -316,7 +314,7 @@ async fn every_endpoint_answers_over_real_http() {
     state.record_document(RecentDocument {
         path: PathBuf::from("/watched/a.pdf"),
         doc_id: Some(DocId::from_string("0123456789abcdef0123456789abcdef")),
-        state: DocState::Embedding,
+        state: DocState::Queued,
         pages: Some(12),
         chunks: None,
         at: docusearch_agent::api::now_iso(),
@@ -469,6 +467,7 @@ async fn every_endpoint_answers_over_real_http() {
         let _ = reply.send(Ok(QueuedPaths {
             queued: 1,
             unchanged: 0,
+            request: 1,
         }));
         let Some(AgentRequest::Index { reply, .. }) = requests.recv().await else {
             panic!("a second index request")
@@ -539,10 +538,9 @@ async fn every_endpoint_answers_over_real_http() {
     assert!(client.rescan().await.expect("rescan"));
 
     // A model that failed to load, or a store error, degrade the agent; fixing them heals it.
-    state.update(|s| {
-        s.model.state = ModelState::Failed;
-        s.model.error = Some("config.json not found in /models/tiny".into());
-    });
+    state
+        .telemetry()
+        .model_failed("config.json not found in /models/tiny".into());
     let (code, health, _) = get_health(&api).await;
     assert_eq!(code, 503);
     assert_eq!(health.status, HealthState::Degraded);
@@ -552,11 +550,10 @@ async fn every_endpoint_answers_over_real_http() {
         "{:?}",
         health.reasons
     );
-    state.update(|s| {
-        s.model.state = ModelState::Loaded;
-        s.model.error = None;
-        s.store.error = Some("I/O error: disk full".into());
-    });
+    state
+        .telemetry()
+        .model_loaded("cpu".into(), "f32".into(), true, 0.5);
+    state.update(|s| s.store.error = Some("I/O error: disk full".into()));
     let (code, health, _) = get_health(&api).await;
     assert_eq!(code, 503);
     assert!(

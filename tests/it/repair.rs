@@ -638,6 +638,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
                 cfg: rig.cfg.model.clone(),
             },
             RealSink(rig.syncer().await),
+            std::sync::Arc::new(docusearch_agent::telemetry::Telemetry::new("tiny")),
             |_, _| {},
         )
         .await

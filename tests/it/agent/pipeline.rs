@@ -3,13 +3,14 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::runtime::{index_paths, Agent};
 use docusearch_agent::config::{Config, DeviceChoice};
 use docusearch_agent::state::Store;
+use docusearch_agent::telemetry::{ModelState, Telemetry};
 use docusearch_agent::sync::Syncer;
 use docusearch_agent::types::DocId;
 
@@ -174,7 +175,7 @@ pub async fn counts(s: &Syncer, id: &DocId) -> (usize, usize) {
 async fn quiet(agent: &Agent) {
     until("the queue to drain", || async {
         let c = agent.store().queue_counts().expect("counts");
-        c.queued == 0 && c.in_progress == 0 && agent.stats.in_flight.load(Ordering::SeqCst) == 0
+        c.queued == 0 && c.in_progress == 0 && agent.telemetry.in_flight.get() == 0
     })
     .await;
 }
@@ -198,7 +199,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     until("a.pdf indexed", || async { counts(&s, &a).await.0 == 2 }).await;
     quiet(&agent).await;
     assert!(counts(&s, &a).await.1 > 0, "text chunks are indexed too");
-    let extracted = agent.stats.documents_extracted.load(Ordering::SeqCst);
+    let extracted = agent.telemetry.files_extracted.get();
 
     // Edited in place: the same doc_id, one page less, nothing stale left.
     write(&rig.root.join("a.pdf"), &pdf_pages("asyRefCard.pdf", 2, 2));
@@ -208,7 +209,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     .await;
     quiet(&agent).await;
     assert_eq!(
-        agent.stats.documents_extracted.load(Ordering::SeqCst),
+        agent.telemetry.files_extracted.get(),
         extracted + 1
     );
 
@@ -224,13 +225,13 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     quiet(&agent).await;
     assert_eq!(
-        agent.stats.documents_extracted.load(Ordering::SeqCst),
+        agent.telemetry.files_extracted.get(),
         extracted + 2,
         "an atomic save is one change"
     );
 
     // Renamed: re-keyed, the model not called.
-    let calls = agent.stats.embed_calls.load(Ordering::SeqCst);
+    let calls = agent.telemetry.embed_calls.get();
     std::fs::rename(rig.root.join("a.pdf"), rig.root.join("b.pdf")).expect("rename");
     let b = rig.doc_id("b.pdf");
     until("b.pdf holds a.pdf's records", || async {
@@ -244,11 +245,11 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
         "nothing left under the old name"
     );
     assert_eq!(
-        agent.stats.embed_calls.load(Ordering::SeqCst),
+        agent.telemetry.embed_calls.get(),
         calls,
         "a rename must not call the model"
     );
-    assert_eq!(agent.stats.documents_moved.load(Ordering::SeqCst), 1);
+    assert_eq!(agent.telemetry.files_moved.get(), 1);
 
     // Moved out of the watched folder: gone.
     let (_o, outside) = canonical_tempdir();
@@ -306,11 +307,11 @@ async fn a_large_file_copied_in_slowly_is_indexed_once_after_the_copy_ends() {
     .await;
     quiet(&agent).await;
     assert_eq!(
-        agent.stats.documents_extracted.load(Ordering::SeqCst),
+        agent.telemetry.files_extracted.get(),
         1,
         "extracted once, complete"
     );
-    assert_eq!(agent.stats.documents_failed.load(Ordering::SeqCst), 0);
+    assert_eq!(agent.telemetry.files_failed.get(), 0);
     assert!(agent.store().failures().expect("failures").is_empty());
     agent.shutdown().await.expect("shutdown");
 }
@@ -366,7 +367,7 @@ async fn changes_made_while_stopped_are_caught_up_at_start() {
         (1, 1, 1, 1, 1),
         "{r:?}"
     );
-    let calls_before = agent.stats.embed_calls.load(Ordering::SeqCst);
+    let calls_before = agent.telemetry.embed_calls.get();
     quiet(&agent).await;
     assert_eq!(counts(&s, &rig.doc_id("edit.pdf")).await.0, 2);
     assert_eq!(counts(&s, &rig.doc_id("gone.pdf")).await, (0, 0));
@@ -374,9 +375,9 @@ async fn changes_made_while_stopped_are_caught_up_at_start() {
     assert_eq!(counts(&s, &rig.doc_id("moved.pdf")).await.0, 1);
     assert_eq!(counts(&s, &rig.doc_id("new.pdf")).await.0, 1);
     assert_eq!(counts(&s, &rig.doc_id("keep.pdf")).await.0, 1);
-    assert_eq!(agent.stats.documents_moved.load(Ordering::SeqCst), 1);
+    assert_eq!(agent.telemetry.files_moved.get(), 1);
     assert_eq!(
-        agent.stats.documents_extracted.load(Ordering::SeqCst),
+        agent.telemetry.files_extracted.get(),
         2,
         "only edit.pdf and new.pdf are read; {calls_before}"
     );
@@ -400,7 +401,7 @@ async fn the_periodic_rescan_finds_a_change_no_event_reported() {
     })
     .await;
     quiet(&agent).await;
-    assert_eq!(agent.missed_changes.load(Ordering::SeqCst), 0);
+    assert_eq!(agent.telemetry.missed_changes.get(), 0);
 
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let link = elsewhere.path().join("same-file.pdf");
@@ -412,7 +413,7 @@ async fn the_periodic_rescan_finds_a_change_no_event_reported() {
     })
     .await;
     assert!(
-        agent.missed_changes.load(Ordering::SeqCst) >= 1,
+        agent.telemetry.missed_changes.get() >= 1,
         "the periodic rescan found it, not the watcher"
     );
     agent.shutdown().await.expect("shutdown");
@@ -438,8 +439,8 @@ async fn two_hundred_files_at_once_with_bounded_memory() {
     quiet(&agent).await;
     assert_eq!(agent.store().file_counts().expect("counts").indexed, 200);
     // Pages from several documents share a model batch.
-    let batches = agent.stats.image_batches.load(Ordering::SeqCst);
-    let pages = agent.stats.pages_embedded.load(Ordering::SeqCst);
+    let batches = agent.telemetry.image_batches.get();
+    let pages = agent.telemetry.pages_embedded.total();
     assert_eq!(pages, 200);
     assert!(
         batches < pages,
@@ -488,6 +489,7 @@ async fn index_command_driver_indexes_reports_and_fails_cleanly() {
             extract,
             loader,
             RealSink(rig.syncer().await),
+            Arc::new(Telemetry::new("tiny")),
             |_, _| seen += 1,
         )
         .await
@@ -785,7 +787,7 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     let agent = rig.start().await;
     quiet(&agent).await;
     assert_eq!(
-        agent.stats.model_loads.load(Ordering::SeqCst),
+        agent.telemetry.model().loads,
         0,
         "no work, no model"
     );
@@ -793,9 +795,9 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     write(&rig.root.join("a.pdf"), &pdf_pages("first", 0, 0));
     let a = rig.doc_id("a.pdf");
     until("a.pdf indexed", || async { counts(&s, &a).await.0 == 1 }).await;
-    assert_eq!(agent.stats.model_loads.load(Ordering::SeqCst), 1);
+    assert_eq!(agent.telemetry.model().loads, 1);
     until("the model unloaded after the idle period", || async {
-        !agent.stats.model_loaded.load(Ordering::SeqCst)
+        !(agent.telemetry.model().state == ModelState::Loaded)
     })
     .await;
 
@@ -803,7 +805,7 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     let b = rig.doc_id("b.pdf");
     until("b.pdf indexed", || async { counts(&s, &b).await.0 == 1 }).await;
     assert_eq!(
-        agent.stats.model_loads.load(Ordering::SeqCst),
+        agent.telemetry.model().loads,
         2,
         "loaded again for new work"
     );
@@ -836,6 +838,6 @@ async fn a_file_changed_while_being_processed_ends_with_its_last_content() {
         2,
         "no page of the old content is left"
     );
-    assert!(agent.stats.documents_extracted.load(Ordering::SeqCst) >= 1);
+    assert!(agent.telemetry.files_extracted.get() >= 1);
     agent.shutdown().await.expect("shutdown");
 }
