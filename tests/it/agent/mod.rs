@@ -263,3 +263,4 @@ async fn live_events_become_jobs() {
     .await;
 }
 pub(crate) mod pipeline;
+mod telemetry;

@@ -1,0 +1,428 @@
+//! What the running agent says about itself, checked against what it did: the real `run`
+//! binary on real documents, read through `/status`, `/metrics`, `/health` and `status --json`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use docusearch_agent::api::{AgentStatus, ApiClient, DocStage, Health, ModelState};
+use docusearch_agent::config::{Config, DeviceChoice};
+
+use super::pipeline::{counts, pdf_pages, rig, worker_exe, Rig};
+use crate::common;
+
+/// `run` on the rig's folder with its status API on a free port, and `env` set.
+struct Agent {
+    child: Child,
+    api: ApiClient,
+    addr: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Agent {
+    fn start(rig: &Rig, cfg: &Config, env: &[(&str, &str)]) -> Agent {
+        let mut cfg = cfg.clone();
+        cfg.api.port = free_port();
+        let config = rig.cfg.state_dir.join("config.toml");
+        std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML"))
+            .expect("write config");
+        let log = rig.cfg.state_dir.join("agent.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut cmd = Command::new(worker_exe());
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .arg(&rig.root)
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the agent");
+        let addr = SocketAddr::from(([127, 0, 0, 1], cfg.api.port));
+        let api = ApiClient::at(addr, Duration::from_secs(10)).expect("API client");
+        let agent = Agent {
+            child,
+            api,
+            addr,
+            config,
+            log,
+        };
+        agent.wait_for_api();
+        agent
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    fn wait_for_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = Self::rt().block_on(self.api.status()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the agent's API never answered; log:\n{}", self.log_text());
+    }
+
+    fn status(&self) -> AgentStatus {
+        Self::rt()
+            .block_on(self.api.status())
+            .expect("GET /status")
+            .expect("the agent answers")
+    }
+
+    /// `None` once nothing listens.
+    fn health(&self) -> Option<Health> {
+        Self::rt().block_on(self.api.health()).ok().flatten()
+    }
+
+    fn metrics(&self) -> HashMap<String, f64> {
+        let body = Self::rt().block_on(async {
+            reqwest::Client::new()
+                .get(format!("http://{}/metrics", self.addr))
+                .send()
+                .await
+                .expect("GET /metrics")
+                .text()
+                .await
+                .expect("body")
+        });
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// `status --json`, the command a user types.
+    fn status_command(&self) -> serde_json::Value {
+        let out = Command::new(worker_exe())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .output()
+            .expect("status runs");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait_exit(Duration::from_secs(30))
+            .expect("the agent exits after SIGTERM")
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).expect("write file");
+}
+
+/// Polls `f` every 100 ms until it gives `Some`, for at most `limit`.
+fn poll<T>(what: &str, limit: Duration, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}; log:\n{}", agent.log_text());
+}
+
+#[test]
+fn status_and_metrics_follow_a_long_document_and_end_equal_to_what_was_indexed() {
+    let rig = rig(200);
+    let agent = Agent::start(&rig, &rig.cfg, &[]);
+    // An idle spell first: the snapshot must wake up by itself when work arrives.
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = agent.status();
+    assert_eq!(idle.model.state, ModelState::NotLoaded, "{idle:?}");
+    assert!(idle.in_progress.is_empty());
+
+    std::fs::copy(
+        common::corpus().join("R-intro.pdf"),
+        rig.root.join("big.pdf"),
+    )
+    .expect("copy");
+    write(&rig.root.join("small.pdf"), &pdf_pages("telemetry", 0, 2));
+    let expected_pages = 113 + 3;
+
+    let mut stages = Vec::new();
+    let mut models = Vec::new();
+    let mut saw_queue = false;
+    let mut saw_pages_move = false;
+    let done = poll("both documents indexed", Duration::from_secs(240), &agent, || {
+        let s = agent.status();
+        models.push(s.model.state);
+        saw_queue |= s.queue.queued + s.queue.in_progress > 0;
+        for d in &s.in_progress {
+            if d.path.ends_with("big.pdf") {
+                stages.push(d.stage);
+                saw_pages_move |= d.num_pages == Some(113) && d.pages_embedded > 0;
+            }
+        }
+        (s.indexed.files == 2
+            && s.queue.queued + s.queue.in_progress == 0
+            && s.in_progress.is_empty())
+        .then_some(s)
+    });
+    assert!(saw_queue, "the queue was seen non-empty while the agent worked");
+    assert!(
+        stages.contains(&DocStage::Embedding),
+        "big.pdf was seen with the model: {stages:?}"
+    );
+    assert!(
+        saw_pages_move,
+        "big.pdf's progress was seen in pages (113 known, some embedded)"
+    );
+    assert!(
+        models.contains(&ModelState::Loaded),
+        "the model was seen loaded while it worked: {models:?}"
+    );
+    assert_eq!(done.model.state, ModelState::Loaded);
+    assert_eq!(done.model.loads, 1);
+    assert!(done.model.load_seconds.is_some());
+    assert_eq!(done.model.device.as_deref(), Some("cpu"));
+    assert_eq!(done.model.dtype.as_deref(), Some("f32"));
+    assert!(!done.model.fell_back_to_cpu, "DEVICE=cpu was asked for");
+
+    // What Chroma holds is what every surface says.
+    let rt = Agent::rt();
+    let s = rt.block_on(rig.syncer());
+    let (big_pages, big_chunks) = rt.block_on(counts(&s, &rig.doc_id("big.pdf")));
+    let (small_pages, small_chunks) = rt.block_on(counts(&s, &rig.doc_id("small.pdf")));
+    assert_eq!(big_pages + small_pages, expected_pages);
+    let chunks = (big_chunks + small_chunks) as u64;
+    assert!(chunks > 0);
+    assert_eq!(done.indexed.files, 2);
+    assert_eq!(done.indexed.pages, expected_pages as u64);
+    assert_eq!(done.indexed.chunks, chunks);
+    let c = &done.counters;
+    assert_eq!(c.files_indexed, 2, "{c:?}");
+    assert_eq!(c.pages_indexed, expected_pages as u64, "{c:?}");
+    assert_eq!(c.chunks_indexed, chunks, "{c:?}");
+    assert_eq!(c.pages_embedded, expected_pages as u64, "{c:?}");
+    assert_eq!(c.chunks_embedded, chunks, "{c:?}");
+    assert_eq!(c.failures.values().sum::<u64>(), 0, "{c:?}");
+
+    let m = agent.metrics();
+    for (series, want) in [
+        ("docusearch_files_indexed_total", 2.0),
+        ("docusearch_pages_indexed_total", expected_pages as f64),
+        ("docusearch_chunks_indexed_total", chunks as f64),
+        ("docusearch_pages_embedded_total", expected_pages as f64),
+        ("docusearch_chunks_embedded_total", chunks as f64),
+        ("docusearch_queue_depth", 0.0),
+        ("docusearch_jobs_in_progress", 0.0),
+        ("docusearch_model_loaded", 1.0),
+        ("docusearch_model_failed", 0.0),
+        ("docusearch_failures_total{stage=\"extract\"}", 0.0),
+        ("docusearch_task_failures", 0.0),
+        ("docusearch_chroma_up", 1.0),
+        ("docusearch_extract_seconds_count", 2.0),
+        ("docusearch_sync_seconds_count", 2.0),
+    ] {
+        assert_eq!(m.get(series), Some(&want), "{series} in /metrics");
+    }
+    assert!(m["docusearch_embed_batch_seconds_count"] >= 1.0);
+    assert!(m["docusearch_model_load_seconds"] > 0.0);
+
+    // `status --json` reads the same snapshot.
+    let cli = agent.status_command();
+    assert_eq!(cli["agent_running"], true, "{cli}");
+    assert_eq!(cli["files"]["indexed"], 2, "{cli}");
+    assert_eq!(cli["files"]["pages"], expected_pages, "{cli}");
+    assert_eq!(cli["files"]["chunks"], chunks, "{cli}");
+    assert_eq!(cli["queue"]["queued"], 0, "{cli}");
+    assert_eq!(cli["model"]["state"], "loaded", "{cli}");
+    assert_eq!(cli["model"]["device"], "cpu", "{cli}");
+    for key in [
+        "files_indexed",
+        "pages_indexed",
+        "chunks_indexed",
+        "pages_embedded",
+        "chunks_embedded",
+    ] {
+        assert_eq!(
+            cli["counters"][key],
+            serde_json::to_value(agent.status().counters).unwrap()[key],
+            "{key}: status --json and /status"
+        );
+    }
+    assert_eq!(cli["health"]["status"], "healthy", "{cli}");
+
+    let st = agent.stop();
+    assert!(st.success(), "SIGTERM exits 0: {st:?}");
+}
+
+#[test]
+fn a_model_that_fails_to_load_degrades_health_and_keeps_what_was_indexed() {
+    let rig = rig(200);
+    // The tiny checkpoint, copied so that it can be broken after a first document is indexed.
+    let model = rig.cfg.state_dir.join("model");
+    std::fs::create_dir_all(&model).expect("model dir");
+    for f in std::fs::read_dir(common::fixture("tiny-colpali")).expect("fixture") {
+        let f = f.expect("entry").path();
+        if f.is_file() {
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).expect("copy");
+        }
+    }
+    let mut cfg = rig.cfg.clone();
+    cfg.model.name = model.to_string_lossy().into_owned();
+    cfg.pipeline.max_attempts = 2;
+
+    write(&rig.root.join("kept.pdf"), &pdf_pages("kept", 0, 1));
+    let agent = Agent::start(&rig, &cfg, &[]);
+    poll("kept.pdf indexed", Duration::from_secs(120), &agent, || {
+        (agent.status().indexed.files == 1).then_some(())
+    });
+    assert!(agent.stop().success());
+    let rt = Agent::rt();
+    let s = rt.block_on(rig.syncer());
+    let kept = rig.doc_id("kept.pdf");
+    assert_eq!(rt.block_on(counts(&s, &kept)).0, 2);
+
+    // The weights are damaged; a new document arrives.
+    write(&model.join("model.safetensors"), b"not a safetensors file at all");
+    let agent = Agent::start(&rig, &cfg, &[]);
+    write(&rig.root.join("new.pdf"), &pdf_pages("new", 0, 0));
+    let health = poll("/health degraded", Duration::from_secs(120), &agent, || {
+        agent.health().filter(|h| !h.is_healthy())
+    });
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|r| r.contains("failed to load") && r.contains("model")),
+        "{health:?}"
+    );
+    let status = agent.status();
+    assert_eq!(status.model.state, ModelState::Failed, "{:?}", status.model);
+    let error = status.model.error.clone().expect("the reason is in /status");
+    assert!(error.contains("safetensors"), "{error}");
+    let m = agent.metrics();
+    assert_eq!(m.get("docusearch_model_failed"), Some(&1.0));
+    assert!(m["docusearch_failures_total{stage=\"model\"}"] >= 1.0);
+
+    let cli = agent.status_command();
+    assert_eq!(cli["model"]["state"], "failed", "{cli}");
+    assert_eq!(cli["model"]["error"], error.as_str(), "{cli}");
+    assert_eq!(cli["health"]["status"], "degraded", "{cli}");
+
+    // Nothing indexed is lost, and the new document's job is kept (retried, then failed).
+    assert_eq!(rt.block_on(counts(&s, &kept)).0, 2);
+    let after = poll("new.pdf marked failed", Duration::from_secs(60), &agent, || {
+        let s = agent.status();
+        (s.queue.failed == 1).then_some(s)
+    });
+    assert_eq!(after.indexed.files, 1, "kept.pdf is still indexed");
+    assert!(after.failures[0].path.ends_with("new.pdf"), "{after:?}");
+    assert!(after.failures[0].reason.contains("safetensors"), "{after:?}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_device_this_build_lacks_shows_in_status_as_the_model_failing_with_why() {
+    let rig = rig(200);
+    let mut cfg = rig.cfg.clone();
+    cfg.model.device = DeviceChoice::Auto;
+    // `DEVICE` overrides the file, as under launchd.
+    let agent = Agent::start(&rig, &cfg, &[("DEVICE", "cuda")]);
+    write(&rig.root.join("doc.pdf"), &pdf_pages("device", 0, 0));
+    let status = poll("the model's state", Duration::from_secs(120), &agent, || {
+        let s = agent.status();
+        (s.model.state == ModelState::Failed).then_some(s)
+    });
+    let error = status.model.error.clone().unwrap_or_default();
+    assert!(error.to_lowercase().contains("cuda"), "{error}");
+    assert!(!status.model.fell_back_to_cpu, "a forced device never falls back");
+    let health = agent.health().expect("answers");
+    assert!(!health.is_healthy(), "{health:?}");
+    let cli = agent.status_command();
+    assert_eq!(cli["model"]["state"], "failed", "{cli}");
+    assert!(
+        cli["model"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("cuda"),
+        "{cli}"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_stage_that_fails_fatally_degrades_health_then_run_exits_non_zero() {
+    for point in ["sync", "extract:panic"] {
+        let rig = rig(200);
+        let mut agent = Agent::start(&rig, &rig.cfg, &[("DOCUSEARCH_FAILPOINT", point)]);
+        write(&rig.root.join("doc.pdf"), &pdf_pages("fatal", 0, 0));
+        let health = poll("/health degraded", Duration::from_secs(120), &agent, || {
+            agent.health().filter(|h| !h.is_healthy())
+        });
+        let stage = point.split(':').next().unwrap();
+        assert!(
+            health
+                .reasons
+                .iter()
+                .any(|r| r.contains(&format!("the {stage} task stopped"))),
+            "{point}: {health:?}"
+        );
+        let st = agent
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{point}: run did not exit; log:\n{}", agent.log_text()));
+        assert!(!st.success(), "{point}: a dead pipeline exits non-zero: {st:?}");
+        let log = agent.log_text();
+        assert!(log.contains("failure point"), "{point}: the log says why:\n{log}");
+    }
+}
