@@ -2,7 +2,10 @@
 
 use std::io::IsTerminal;
 
+use tracing::{span, Dispatch, Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LoggingConfig;
@@ -21,7 +24,7 @@ pub fn init(config: &LoggingConfig) {
     #[cfg(target_os = "macos")]
     if !to_terminal {
         let _ = registry
-            .with(per_category(|category| {
+            .with(ByCategory::new(|category| {
                 tracing_oslog::OsLogger::new(OSLOG_SUBSYSTEM, category)
             }))
             .try_init();
@@ -48,37 +51,120 @@ pub const LOG_CATEGORIES: &[&str] = &[
 /// The category of an event from its target (module path): `docusearch_agent::embed::model`
 /// → `embed`.
 pub fn category_for(target: &str) -> &'static str {
+    LOG_CATEGORIES[category_index(target)]
+}
+
+/// Where [`category_for`] is in [`LOG_CATEGORIES`].
+fn category_index(target: &str) -> usize {
     let stage = target
         .strip_prefix("docusearch_agent::")
         .and_then(|rest| rest.split("::").next())
         .unwrap_or("");
     LOG_CATEGORIES
         .iter()
-        .copied()
-        .find(|c| *c == stage)
-        .unwrap_or("agent")
+        .position(|c| *c == stage)
+        .unwrap_or(LOG_CATEGORIES.len() - 1)
 }
 
-/// One layer per category, each seeing only its own events. Generic over the layer so the
-/// routing is tested with a plain formatter on every platform.
+/// One logger per category behind a single layer: an event goes to the logger of its own
+/// category, a span's callbacks to the logger of the span's category only.
+///
+/// Not one filtered layer per category: a per-layer filter hides the spans of other categories
+/// from a layer, yet `Context::current_span` still names them (tokio-rs/tracing#2396), and
+/// tracing-oslog 0.3 looks the current span up with `expect` (Absolucy/tracing-oslog#20), so
+/// the first `embed` event inside an `extract` span (or a dependency's span under
+/// `RUST_LOG=debug`) would panic. Nor every logger told of every span: OsLogger keeps a span's
+/// os_activity in the span's extensions, which all layers share, and removes it on close with
+/// `expect`, so a second logger closing the same span would panic. Here the context is
+/// unfiltered, so every logger sees every span, and exactly one of them owns each span's state.
+///
+/// Generic over the logger so the routing is compiled and tested on every platform. A logger
+/// must keep what it attaches to a span in the span's extensions (as OsLogger does), so that
+/// the loggers of other categories find it, and be a plain layer: levels are filtered before
+/// this one, by the subscriber's `EnvFilter`, never per logger.
 #[cfg_attr(not(target_os = "macos"), allow(dead_code))]
-fn per_category<S, L>(
-    make: impl Fn(&'static str) -> L,
-) -> Vec<Box<dyn tracing_subscriber::Layer<S> + Send + Sync>>
+pub(crate) struct ByCategory<L> {
+    /// Indexed like [`LOG_CATEGORIES`].
+    loggers: Vec<L>,
+}
+
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+impl<L> ByCategory<L> {
+    pub(crate) fn new(make: impl Fn(&'static str) -> L) -> Self {
+        ByCategory {
+            loggers: LOG_CATEGORIES.iter().map(|&c| make(c)).collect(),
+        }
+    }
+
+    fn for_target(&self, target: &str) -> &L {
+        &self.loggers[category_index(target)]
+    }
+
+    /// The logger that owns a span; `None` once the registry no longer knows it.
+    fn for_span<S>(&self, id: &span::Id, ctx: &Context<'_, S>) -> Option<&L>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        ctx.metadata(id).map(|meta| self.for_target(meta.target()))
+    }
+}
+
+impl<S, L> Layer<S> for ByCategory<L>
 where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    L: tracing_subscriber::Layer<S> + Send + Sync + 'static,
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    L: Layer<S>,
 {
-    LOG_CATEGORIES
-        .iter()
-        .map(|&category| {
-            make(category)
-                .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
-                    category_for(meta.target()) == category
-                }))
-                .boxed()
-        })
-        .collect()
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        for l in &self.loggers {
+            l.on_register_dispatch(subscriber);
+        }
+    }
+
+    fn on_layer(&mut self, subscriber: &mut S) {
+        for l in &mut self.loggers {
+            l.on_layer(subscriber);
+        }
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.for_target(attrs.metadata().target())
+            .on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(l) = self.for_span(id, &ctx) {
+            l.on_record(id, values, ctx);
+        }
+    }
+
+    fn on_follows_from(&self, id: &span::Id, follows: &span::Id, ctx: Context<'_, S>) {
+        if let Some(l) = self.for_span(id, &ctx) {
+            l.on_follows_from(id, follows, ctx);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        self.for_target(event.metadata().target())
+            .on_event(event, ctx);
+    }
+
+    fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        if let Some(l) = self.for_span(id, &ctx) {
+            l.on_enter(id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
+        if let Some(l) = self.for_span(id, &ctx) {
+            l.on_exit(id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        if let Some(l) = self.for_span(&id, &ctx) {
+            l.on_close(id, ctx);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -108,7 +194,7 @@ mod tests {
                     seen: seen.clone(),
                 })
         };
-        let subscriber = tracing_subscriber::registry().with(per_category(make));
+        let subscriber = tracing_subscriber::registry().with(ByCategory::new(make));
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(target: "docusearch_agent::embed::model", "embedded");
             tracing::warn!(target: "docusearch_agent::sync", "synced");
@@ -130,6 +216,135 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![("agent", true), ("embed", true), ("sync", true)]);
+    }
+
+    /// What the stand-in loggers were told: `(category, message)` per event and
+    /// `(category, span name, "new" | "close")` per span callback.
+    #[derive(Default)]
+    struct Told {
+        events: Vec<(&'static str, String)>,
+        spans: Vec<(&'static str, &'static str, &'static str)>,
+    }
+
+    /// Stand-in for `tracing_oslog::OsLogger` (0.3.0, `src/logger.rs`): the same span look-ups
+    /// with the same `expect`s, a marker where OsLogger keeps the span's os_activity, and a
+    /// record of what it was told instead of a call to os_log.
+    struct LikeOsLogger {
+        category: &'static str,
+        told: Arc<Mutex<Told>>,
+    }
+
+    /// Where OsLogger keeps its `Activity`.
+    struct Activity;
+
+    struct Message(String);
+
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl<S> Layer<S> for LikeOsLogger
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        fn on_new_span(&self, _: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+            let span = ctx.span(id).expect("invalid span, this shouldn't happen");
+            let mut extensions = span.extensions_mut();
+            if extensions.get_mut::<Activity>().is_none() {
+                if let Some(parent) = span.parent() {
+                    parent
+                        .extensions()
+                        .get::<Activity>()
+                        .expect("parent span didn't contain activity wtf");
+                }
+                extensions.insert(Activity);
+            }
+            let told = (self.category, span.name(), "new");
+            self.told.lock().unwrap().spans.push(told);
+        }
+
+        fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+            if let Some(parent_id) = ctx.current_span().id() {
+                let span = ctx
+                    .span(parent_id)
+                    .expect("invalid span, this shouldn't happen");
+                let mut extensions = span.extensions_mut();
+                extensions
+                    .get_mut::<Activity>()
+                    .expect("span didn't contain activity wtf");
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let told = (self.category, message.0);
+            self.told.lock().unwrap().events.push(told);
+        }
+
+        fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+            let span = ctx.span(&id).expect("invalid span, this shouldn't happen");
+            let mut extensions = span.extensions_mut();
+            extensions
+                .remove::<Activity>()
+                .expect("span didn't contain activity wtf");
+            let told = (self.category, span.name(), "close");
+            self.told.lock().unwrap().spans.push(told);
+        }
+    }
+
+    /// The first event of one stage inside a span of another (or of a dependency, as under
+    /// `RUST_LOG=debug`) reaches exactly its own category's logger, and nothing panics on a
+    /// span a logger was not told about.
+    #[test]
+    fn an_event_inside_another_stages_span_reaches_its_own_logger() {
+        let told: Arc<Mutex<Told>> = Arc::default();
+        let make = |category: &'static str| LikeOsLogger {
+            category,
+            told: told.clone(),
+        };
+        // As `init` builds it, under RUST_LOG=debug.
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new("debug"))
+            .with(ByCategory::new(make));
+        tracing::subscriber::with_default(subscriber, || {
+            let render = tracing::info_span!(target: "docusearch_agent::extract", "render");
+            let _in_render = render.enter();
+            tracing::info!(target: "docusearch_agent::embed", "embedded");
+            {
+                let request = tracing::debug_span!(target: "hyper::client", "request");
+                let _in_request = request.enter();
+                tracing::info!(target: "docusearch_agent::chroma", "upserted");
+                let sync = tracing::info_span!(target: "docusearch_agent::sync", "sync");
+                let _in_sync = sync.enter();
+                tracing::warn!(target: "docusearch_agent::sync", "synced");
+            }
+            tracing::info!(target: "docusearch_agent::extract", "rendered");
+        });
+        let told = told.lock().unwrap();
+        let events: Vec<(&str, &str)> = told.events.iter().map(|(c, m)| (*c, m.as_str())).collect();
+        assert_eq!(
+            events,
+            vec![
+                ("embed", "embedded"),
+                ("chroma", "upserted"),
+                ("sync", "synced"),
+                ("extract", "rendered"),
+            ]
+        );
+        assert_eq!(
+            told.spans,
+            vec![
+                ("extract", "render", "new"),
+                ("agent", "request", "new"),
+                ("sync", "sync", "new"),
+                ("sync", "sync", "close"),
+                ("agent", "request", "close"),
+                ("extract", "render", "close"),
+            ],
+            "each span is told to its own category's logger, once"
+        );
     }
 
     struct Tagged {

@@ -7,6 +7,10 @@
 //!
 //! One process owns the store (sled locks it); inside that process every mutation goes through
 //! one mutex, so a job and its in-memory index never disagree.
+//!
+//! The store's format has its own version ([`STORE_VERSION`]); an older store is brought
+//! forward at open through `MIGRATIONS`, one version at a time, never dropped: dropping it
+//! would embed every file again (hours on a CPU).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ContentHash, DocId, SCHEMA_VERSION};
+use crate::types::{ContentHash, DocId};
 
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,19 @@ pub enum StoreError {
         path: PathBuf,
         found: u32,
         supported: u32,
+    },
+    #[error("the state store at {path} has schema version {found}, older than any this program can upgrade (it upgrades versions {oldest} to {supported}) — open it once with a docusearch-agent release that upgrades version {found}, then with this one; or delete the folder to rebuild it from the watched folders (every file is then embedded again)")]
+    TooOld {
+        path: PathBuf,
+        found: u32,
+        oldest: u32,
+        supported: u32,
+    },
+    #[error("upgrading the state store at {path} from schema version {from} to {} failed, and it stays at version {from}: {source}", from + 1)]
+    Upgrade {
+        path: PathBuf,
+        from: u32,
+        source: Box<StoreError>,
     },
     #[error("the state store failed while {doing}: {source} — the disk may be full or the folder removed")]
     Io { doing: String, source: sled::Error },
@@ -200,7 +217,110 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-const META_SCHEMA: &[u8] = b"schema_version";
+/// The on-disk format of this store. Independent of [`crate::types::SCHEMA_VERSION`], the
+/// format of the Chroma records: a change to one does not touch the other. Bumped together
+/// with a `Migration` from the version before, appended to `MIGRATIONS`.
+pub const STORE_VERSION: u32 = 1;
+
+/// Where the store's version is kept (big-endian u32, in sled's default tree).
+const META_VERSION: &[u8] = b"schema_version";
+
+/// One step of the format forward: turns a store at version `from` into one at `from + 1`.
+/// It runs over the whole database before the store is used. A crash after the step and before
+/// its version is written runs it again, so a step must be safe to repeat.
+struct Migration {
+    from: u32,
+    /// What changes, for the log.
+    what: &'static str,
+    apply: fn(&sled::Db) -> Result<(), StoreError>,
+}
+
+/// Every step, oldest first, each starting where the one before ends, the last ending at
+/// [`STORE_VERSION`]. The first step's `from` is the oldest store this program opens. Empty:
+/// version 1 is the first format (the one every release so far has written).
+const MIGRATIONS: &[Migration] = &[];
+
+fn read_version(db: &sled::Db) -> Result<Option<u32>, StoreError> {
+    Ok(db
+        .get(META_VERSION)
+        .map_err(io("reading the schema version"))?
+        .map(|v| {
+            let mut b = [0u8; 4];
+            if v.len() == 4 {
+                b.copy_from_slice(&v);
+            }
+            u32::from_be_bytes(b)
+        }))
+}
+
+fn write_version(db: &sled::Db, version: u32) -> Result<(), StoreError> {
+    db.insert(META_VERSION, &version.to_be_bytes())
+        .map_err(io("writing the schema version"))?;
+    db.flush().map_err(io("flushing the schema version"))?;
+    Ok(())
+}
+
+/// Whether any tree holds a record (a new store holds none).
+fn holds_data(db: &sled::Db) -> Result<bool, StoreError> {
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).map_err(io("listing trees"))?;
+        if !tree.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Brings the store to `target` through `steps`, one version at a time, as meilisearch's
+/// index-scheduler `upgrade/` does: each step logged, and the version written (and flushed)
+/// after it, so an interrupted upgrade goes on from the step that did not finish. Nothing is
+/// changed when there is no path from the store's version to `target`.
+fn upgrade(db: &sled::Db, dir: &Path, target: u32, steps: &[Migration]) -> Result<(), StoreError> {
+    let found = match read_version(db)? {
+        Some(v) => v,
+        None if !holds_data(db)? => return write_version(db, target),
+        // Records without a version: older than any format we know.
+        None => 0,
+    };
+    if found > target {
+        return Err(StoreError::Newer {
+            path: dir.to_path_buf(),
+            found,
+            supported: target,
+        });
+    }
+    let plan: Option<Vec<&Migration>> = (found..target)
+        .map(|v| steps.iter().find(|s| s.from == v))
+        .collect();
+    let Some(plan) = plan else {
+        return Err(StoreError::TooOld {
+            path: dir.to_path_buf(),
+            found,
+            oldest: steps.first().map_or(target, |s| s.from),
+            supported: target,
+        });
+    };
+    for step in plan {
+        let to = step.from + 1;
+        tracing::info!(
+            store = %dir.display(),
+            from = step.from,
+            to,
+            "upgrading the state store: {}",
+            step.what
+        );
+        (step.apply)(db).map_err(|e| StoreError::Upgrade {
+            path: dir.to_path_buf(),
+            from: step.from,
+            source: Box::new(e),
+        })?;
+        write_version(db, to)?;
+    }
+    if found < target {
+        tracing::info!(store = %dir.display(), from = found, to = target, "state store upgraded");
+    }
+    Ok(())
+}
 
 struct Inner {
     /// Queued jobs by (due, seq): the dispatcher takes the first one that is due.
@@ -266,11 +386,16 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. An older store is rebuilt (its state is derived
-    /// from the folders and Chroma ids are stable, so nothing is lost but time); jobs that were
-    /// in progress when the last process died are queued again.
+    /// Opens (or creates) the store in `dir`. An older store is upgraded through
+    /// `MIGRATIONS`; one newer than this program, or too old for any step, is refused. Jobs
+    /// that were in progress when the last process died are queued again.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, STORE_VERSION, MIGRATIONS)
+    }
+
+    fn open_with(dir: &Path, version: u32, steps: &[Migration]) -> Result<Store, StoreError> {
         let db = open_sled(dir)?;
+        upgrade(&db, dir, version, steps)?;
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(io(format!("opening tree {name}")))
@@ -278,42 +403,6 @@ impl Store {
         let files = tree("files")?;
         let hashes = tree("hashes")?;
         let jobs = tree("jobs")?;
-        let found = db
-            .get(META_SCHEMA)
-            .map_err(io("reading the schema version"))?
-            .map(|v| {
-                let mut b = [0u8; 4];
-                if v.len() == 4 {
-                    b.copy_from_slice(&v);
-                }
-                u32::from_be_bytes(b)
-            });
-        match found {
-            Some(v) if v > SCHEMA_VERSION => {
-                return Err(StoreError::Newer {
-                    path: dir.to_path_buf(),
-                    found: v,
-                    supported: SCHEMA_VERSION,
-                })
-            }
-            Some(v) if v == SCHEMA_VERSION => {}
-            Some(v) => {
-                // Versioned migrations go here when a format changes; until one exists the
-                // older state is dropped and rebuilt by the start-up reconcile.
-                tracing::warn!(
-                    found = v,
-                    now = SCHEMA_VERSION,
-                    "state store is older: rebuilding it from the watched folders"
-                );
-                for t in [&files, &hashes, &jobs] {
-                    t.clear().map_err(io("clearing an old store"))?;
-                }
-            }
-            None => {}
-        }
-        db.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())
-            .map_err(io("writing the schema version"))?;
-
         let store = Store {
             db,
             files,
@@ -792,41 +881,234 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
 mod tests {
     use super::*;
 
-    fn write_version(dir: &Path, v: u32) {
+    fn set_version(dir: &Path, v: u32) {
         let db = open_sled(dir).expect("open raw");
-        db.insert(META_SCHEMA, &v.to_be_bytes()).expect("write");
-        db.flush().expect("flush");
+        write_version(&db, v).expect("write version");
+    }
+
+    fn version_of(dir: &Path) -> Option<u32> {
+        read_version(&open_sled(dir).expect("open raw")).expect("read version")
+    }
+
+    /// How often each test step ran, kept in the store itself (a step is a plain `fn`).
+    fn ran(db: &sled::Db, step: &str) -> u32 {
+        let tree = db.open_tree("test-steps").expect("tree");
+        tree.get(step).expect("read").map_or(0, |v| {
+            u32::from_be_bytes(v.as_ref().try_into().expect("u32"))
+        })
+    }
+
+    fn count_run(db: &sled::Db, step: &str) {
+        let n = ran(db, step) + 1;
+        let tree = db.open_tree("test-steps").expect("tree");
+        tree.insert(step, &n.to_be_bytes()).expect("write");
+    }
+
+    /// A step of the kind a real one is: every file record rewritten in place.
+    fn v1_to_v2(db: &sled::Db) -> Result<(), StoreError> {
+        count_run(db, "1→2");
+        let files = db.open_tree("files").map_err(io("opening files"))?;
+        for item in files.iter() {
+            let (k, v) = item.map_err(io("reading files"))?;
+            let mut rec: serde_json::Value = decode("file", &k, &v)?;
+            rec["model"] = "upgraded".into();
+            files.insert(k, encode(&rec)).map_err(io("writing files"))?;
+        }
+        Ok(())
+    }
+
+    fn v2_to_v3(db: &sled::Db) -> Result<(), StoreError> {
+        count_run(db, "2→3");
+        Ok(())
+    }
+
+    fn v2_to_v3_fails(db: &sled::Db) -> Result<(), StoreError> {
+        count_run(db, "2→3 (fails)");
+        Err(StoreError::Corrupt {
+            what: "test",
+            key: "k".into(),
+            message: "this step fails".into(),
+        })
+    }
+
+    const STEP_1: Migration = Migration {
+        from: 1,
+        what: "test: every file's model rewritten",
+        apply: v1_to_v2,
+    };
+    const STEP_2: Migration = Migration {
+        from: 2,
+        what: "test: nothing",
+        apply: v2_to_v3,
+    };
+    const STEP_2_FAILS: Migration = Migration {
+        from: 2,
+        what: "test: fails",
+        apply: v2_to_v3_fails,
+    };
+
+    fn record(content: &[u8]) -> FileRecord {
+        FileRecord {
+            stamp: FileStamp {
+                size: content.len() as u64,
+                mtime_ns: 1,
+            },
+            content_hash: ContentHash::of_bytes(content),
+            doc_id: DocId::from_string("d"),
+            num_pages: 2,
+            num_chunks: 1,
+            model: "m".into(),
+            schema_version: crate::types::SCHEMA_VERSION,
+            indexed_at: None,
+            last_error: None,
+        }
+    }
+
+    /// A version-1 store with one file and one queued job.
+    fn v1_store(dir: &Path) {
+        let s = Store::open_with(dir, 1, &[]).expect("open");
+        s.put_file(Path::new("/w/a.pdf"), &record(b"a"))
+            .expect("put");
+        s.enqueue(
+            JobKind::Index {
+                path: "/w/b.pdf".into(),
+            },
+            None,
+            Duration::ZERO,
+        )
+        .expect("enqueue");
+        s.flush().expect("flush");
     }
 
     #[test]
-    fn a_newer_store_is_refused_and_an_older_one_rebuilt() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let s = Store::open(dir.path()).expect("open");
-            s.enqueue(
-                JobKind::Index {
-                    path: "/w/a.pdf".into(),
-                },
-                None,
-                Duration::ZERO,
-            )
-            .expect("enqueue");
-            s.flush().expect("flush");
+    fn the_steps_lead_from_the_oldest_version_to_store_version() {
+        for pair in MIGRATIONS.windows(2) {
+            assert_eq!(
+                pair[1].from,
+                pair[0].from + 1,
+                "{} follows {}",
+                pair[1].what,
+                pair[0].what
+            );
         }
-        write_version(dir.path(), SCHEMA_VERSION + 1);
+        if let Some(last) = MIGRATIONS.last() {
+            assert_eq!(
+                last.from + 1,
+                STORE_VERSION,
+                "the last step ends at STORE_VERSION"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_store_gets_the_current_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        assert_eq!(version_of(dir.path()), Some(STORE_VERSION));
+    }
+
+    #[test]
+    fn an_older_store_is_upgraded_through_its_step_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        v1_store(dir.path());
+        let s = Store::open_with(dir.path(), 2, &[STEP_1]).expect("upgraded");
+        let rec = s.file(Path::new("/w/a.pdf")).expect("read").expect("kept");
+        assert_eq!(rec.model, "upgraded", "the step ran over the records");
+        assert_eq!(
+            rec.content_hash,
+            ContentHash::of_bytes(b"a"),
+            "nothing else changed"
+        );
+        assert_eq!(s.all_jobs().expect("jobs").len(), 1, "the queue is kept");
+        assert_eq!(ran(&s.db, "1→2"), 1);
+        drop(s);
+        assert_eq!(version_of(dir.path()), Some(2));
+
+        let s = Store::open_with(dir.path(), 2, &[STEP_1]).expect("reopened");
+        assert_eq!(
+            ran(&s.db, "1→2"),
+            1,
+            "an upgraded store is not upgraded again"
+        );
+    }
+
+    #[test]
+    fn the_version_is_written_after_each_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        v1_store(dir.path());
+        match Store::open_with(dir.path(), 3, &[STEP_1, STEP_2_FAILS]) {
+            Err(StoreError::Upgrade { from: 2, .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a failed step was ignored"),
+        }
+        assert_eq!(
+            version_of(dir.path()),
+            Some(2),
+            "the step that finished counts"
+        );
+
+        let s = Store::open_with(dir.path(), 3, &[STEP_1, STEP_2]).expect("goes on");
+        assert_eq!(ran(&s.db, "1→2"), 1, "the finished step is not repeated");
+        assert_eq!(ran(&s.db, "2→3"), 1);
+        drop(s);
+        assert_eq!(version_of(dir.path()), Some(3));
+    }
+
+    #[test]
+    fn a_newer_store_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        v1_store(dir.path());
+        set_version(dir.path(), STORE_VERSION + 1);
         match Store::open(dir.path()) {
-            Err(StoreError::Newer { found, .. }) => assert_eq!(found, SCHEMA_VERSION + 1),
+            Err(StoreError::Newer { found, .. }) => assert_eq!(found, STORE_VERSION + 1),
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("a store from a newer version was opened"),
         }
-        write_version(dir.path(), SCHEMA_VERSION - 1);
-        let s = Store::open(dir.path()).expect("older store opens");
-        assert!(
-            s.all_jobs().expect("jobs").is_empty(),
-            "an older store is rebuilt, not misread"
+        assert_eq!(
+            version_of(dir.path()),
+            Some(STORE_VERSION + 1),
+            "left as it was"
         );
-        drop(s);
-        let s = Store::open(dir.path()).expect("reopen");
-        assert!(s.all_jobs().expect("jobs").is_empty());
+    }
+
+    #[test]
+    fn a_store_too_old_for_any_step_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        v1_store(dir.path());
+        set_version(dir.path(), 0);
+        let err = match Store::open_with(dir.path(), 3, &[STEP_1, STEP_2]) {
+            Err(
+                e @ StoreError::TooOld {
+                    found: 0,
+                    oldest: 1,
+                    supported: 3,
+                    ..
+                },
+            ) => e,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a store with no path forward was opened"),
+        };
+        assert!(err.to_string().contains("delete the folder"), "{err}");
+        assert_eq!(version_of(dir.path()), Some(0));
+        let s = Store::open_with(dir.path(), 0, &[]).expect("still readable as it was");
+        assert_eq!(s.all_jobs().expect("jobs").len(), 1, "nothing was dropped");
+        assert!(s.file(Path::new("/w/a.pdf")).expect("read").is_some());
+        assert_eq!(ran(&s.db, "1→2"), 0, "no step ran");
+    }
+
+    #[test]
+    fn records_without_a_version_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        v1_store(dir.path());
+        {
+            let db = open_sled(dir.path()).expect("open raw");
+            db.remove(META_VERSION).expect("remove");
+            db.flush().expect("flush");
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::TooOld { found: 0, .. }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("records of an unknown format were opened"),
+        }
     }
 }

@@ -6,7 +6,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the record format and of the state store; bumped on any incompatible change.
+/// Version of the Chroma record format (the records' `schema_version` key, and
+/// `FileRecord::schema_version`: which format a file's records were written in); bumped on any
+/// incompatible change. The state store's own format is versioned apart, by
+/// `state::STORE_VERSION`, so that bumping this one does not touch the store.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// A document's identity: the first 32 hex chars of blake3(agent_id, NUL, canonical path).

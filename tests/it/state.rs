@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use docusearch_agent::state::{
-    now_ms, FileRecord, FileStamp, JobKind, JobState, RetryPolicy, Store, StoreError,
+    now_ms, FileRecord, FileStamp, Job, JobKind, JobState, RetryPolicy, Store, StoreError,
 };
 use docusearch_agent::types::{ContentHash, DocId, SCHEMA_VERSION};
 
@@ -317,4 +317,190 @@ fn one_process_owns_the_store() {
         Err(e) => panic!("expected a lock error, got {e}"),
         Ok(_) => panic!("a second open of a locked store succeeded"),
     }
+}
+
+// ---- a store written by an earlier release ----
+
+/// A state store as release 1 (store format version 1) wrote it; see its README.
+fn fixture_v1() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state-store-v1/state.sled")
+}
+
+/// The file records the version-1 fixture holds, by path.
+fn v1_files() -> Vec<(PathBuf, FileRecord)> {
+    let indexed = |name: &str, content: &[u8], size, pages, chunks| {
+        let path = p(name);
+        let rec = FileRecord {
+            stamp: FileStamp {
+                size,
+                mtime_ns: 1_717_236_000_123_456_789,
+            },
+            content_hash: ContentHash::of_bytes(content),
+            doc_id: DocId::new("fixture-host", &path),
+            num_pages: pages,
+            num_chunks: chunks,
+            model: "vidore/colpali-v1.2-merged".into(),
+            schema_version: 1,
+            indexed_at: Some("2024-06-01T10:00:00Z".into()),
+            last_error: None,
+        };
+        (path, rec)
+    };
+    let mut files = vec![
+        indexed("report.pdf", b"report", 482_113, 12, 31),
+        // A copy: two paths under one content hash.
+        indexed("archive/report copy.pdf", b"report", 482_113, 12, 31),
+        indexed("scan.png", b"scan", 90_210, 1, 0),
+        indexed("notes.md", b"notes", 2_048, 1, 3),
+        indexed("Überblick 2024.pdf", b"overview", 1_000_000, 40, 120),
+    ];
+    let (path, mut broken) = indexed("broken.pdf", b"broken", 17, 0, 0);
+    broken.indexed_at = None;
+    broken.last_error = Some("not a PDF: PDFium could not open it — check the file".into());
+    files.push((path, broken));
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+/// Writes the version-1 fixture (run once, by release 1): the files of [`v1_files`] and one
+/// job in each state through the public API, then prints the jobs, whose sequence numbers and
+/// due times [`a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was`] holds.
+#[test]
+#[ignore = "writes the state-store fixture: see tests/fixtures/state-store-v1/README.md"]
+fn write_state_store_fixture_v1() {
+    let out = std::env::var_os("STATE_STORE_FIXTURE")
+        .map(PathBuf::from)
+        .expect("set STATE_STORE_FIXTURE to the folder to write");
+    assert!(!out.exists(), "{} exists: remove it first", out.display());
+    let store = Store::open(&out).expect("open");
+    for (path, rec) in v1_files() {
+        store.put_file(&path, &rec).expect("put");
+    }
+    store
+        .enqueue(index("broken.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let job = store.take_due(now_ms()).expect("take").expect("job");
+    let reason = "not a PDF: PDFium could not open it — check the file";
+    store.fail(&job, reason, true, POLICY).expect("fail");
+    store
+        .enqueue(index("big.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let _in_progress = store.take_due(now_ms()).expect("take").expect("job");
+    let seen = FileStamp {
+        size: 4_096,
+        mtime_ns: 1_717_236_100_000_000_000,
+    };
+    store
+        .enqueue(index("new.pdf"), Some(seen), Duration::from_secs(2))
+        .expect("enqueue");
+    store
+        .enqueue(
+            JobKind::Delete {
+                path: p("gone.pdf"),
+            },
+            None,
+            Duration::from_secs(4),
+        )
+        .expect("enqueue");
+    let moved = JobKind::Move {
+        from: p("old name.pdf"),
+        to: p("new name.pdf"),
+    };
+    store
+        .enqueue(moved, None, Duration::from_secs(4))
+        .expect("enqueue");
+    store.flush().expect("flush");
+    for (path, job) in store.all_jobs().expect("jobs") {
+        println!("{path:?}: {job:?}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read fixture") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// After an upgrade the agent finds every file unchanged (same hash, doc id, page counts: it
+/// embeds nothing again) and the queue as it was (the job that was running is queued again).
+#[test]
+fn a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_dir(&fixture_v1(), dir.path());
+    let store = Store::open(dir.path()).expect("the release-1 store opens");
+
+    assert_eq!(
+        store.files_under(Path::new("/")).expect("files"),
+        v1_files()
+    );
+    for (path, rec) in v1_files() {
+        assert!(
+            store
+                .paths_with_hash(&rec.content_hash)
+                .expect("hash index")
+                .contains(&path),
+            "{} is found by its content",
+            path.display()
+        );
+    }
+
+    let job = |seq, kind, state, attempts, due_ms, seen, last_error: Option<&str>| Job {
+        seq,
+        kind,
+        state,
+        attempts,
+        due_ms,
+        seen,
+        pending: None,
+        last_error: last_error.map(String::from),
+    };
+    let written_at = 1_796_166_262_664;
+    let failed = "not a PDF: PDFium could not open it — check the file";
+    let seen = FileStamp {
+        size: 4_096,
+        mtime_ns: 1_717_236_100_000_000_000,
+    };
+    let moved = JobKind::Move {
+        from: p("old name.pdf"),
+        to: p("new name.pdf"),
+    };
+    let delete = JobKind::Delete {
+        path: p("gone.pdf"),
+    };
+    #[rustfmt::skip]
+    let expected = vec![
+        // In progress when the store was closed: queued again.
+        (p("big.pdf"), job(1, index("big.pdf"), JobState::Queued, 0, written_at, None, None)),
+        (p("broken.pdf"), job(0, index("broken.pdf"), JobState::Failed, 1, written_at, None, Some(failed))),
+        (p("gone.pdf"), job(3, delete, JobState::Queued, 0, written_at + 4_000, None, None)),
+        (p("new name.pdf"), job(4, moved, JobState::Queued, 0, written_at + 4_000, None, None)),
+        (p("new.pdf"), job(2, index("new.pdf"), JobState::Queued, 0, written_at + 2_000, Some(seen), None)),
+    ];
+    assert_eq!(store.all_jobs().expect("jobs"), expected);
+    assert_eq!(
+        store.failures().expect("failures"),
+        vec![(p("broken.pdf"), failed.to_string())]
+    );
+    let due: Vec<PathBuf> = std::iter::from_fn(|| store.take_due(u64::MAX).expect("take"))
+        .map(|j| j.kind.path().to_path_buf())
+        .collect();
+    assert_eq!(
+        due,
+        vec![p("big.pdf"), p("new.pdf"), p("gone.pdf"), p("new name.pdf")],
+        "queued jobs come due in the order they were filed"
+    );
+
+    // Sequence numbers go on increasing after the upgrade.
+    store
+        .enqueue(index("later.pdf"), None, Duration::ZERO)
+        .expect("enqueue");
+    let later = store.job(&p("later.pdf")).expect("job").expect("queued");
+    assert!(later.seq > 4, "seq {} after the fixture's 4", later.seq);
 }
