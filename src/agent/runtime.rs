@@ -289,6 +289,7 @@ pub struct IndexSummary {
 
 /// `index PATH...` without the terminal: files the jobs for `paths` (files or folders), runs
 /// the pipeline until the queue is empty, and reports every outcome to `progress`.
+#[allow(clippy::too_many_arguments)]
 pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
     cfg: &Config,
     paths: &[PathBuf],

@@ -7,7 +7,7 @@
 //! change that a reader would want to see wakes [`Telemetry::changed`], so the status snapshot
 //! is refreshed while work happens and sleeps while none does.
 
-mod instruments;
+mod rate;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,9 +16,21 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use instruments::{
-    Counter, Gauge, Histogram, HistogramSnapshot, RateCounter, LATENCY_BUCKETS_S, RATE_WINDOW_S,
-};
+/// The instruments are Prometheus' own (the official client), so `/metrics` is encoded by it.
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
+pub use rate::{RateCounter, RATE_WINDOW_S};
+
+/// Latency bucket upper bounds in seconds: from a fast Chroma upsert (~5 ms) to a CPU batch
+/// of real ColPali pages (~30 s per page, see BENCHMARKS.md).
+pub const LATENCY_BUCKETS_S: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_S.iter().copied())
+}
 
 /// Where in the data flow something happened (failures are counted by it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,9 +88,6 @@ impl StageCounters {
     }
     pub fn get(&self, stage: Stage) -> u64 {
         self.0[stage as usize].get()
-    }
-    pub fn total(&self) -> u64 {
-        self.0.iter().map(Counter::get).sum()
     }
 }
 
@@ -234,9 +243,9 @@ impl Telemetry {
             chroma_errors: Counter::default(),
             missed_changes: Counter::default(),
             rescans_requested: Counter::default(),
-            extract_latency: Histogram::new(LATENCY_BUCKETS_S),
-            embed_latency: Histogram::new(LATENCY_BUCKETS_S),
-            sync_latency: Histogram::new(LATENCY_BUCKETS_S),
+            extract_latency: latency_histogram(),
+            embed_latency: latency_histogram(),
+            sync_latency: latency_histogram(),
             in_flight: Gauge::default(),
             extracting: Gauge::default(),
             model: Mutex::new(ModelStatus {

@@ -121,16 +121,17 @@ async fn get_metrics(api: &RunningApi) -> BTreeMap<String, f64> {
         .unwrap_or_default()
         .to_string();
     assert!(
-        ctype.starts_with("text/plain; version=0.0.4"),
-        "Prometheus text content type, got {ctype:?}"
+        ctype.starts_with("application/openmetrics-text; version=1.0.0"),
+        "OpenMetrics text content type, got {ctype:?}"
     );
     let text = resp.text().await.expect("/metrics body");
     parse_exposition(&text)
 }
 
-/// Parses Prometheus text format 0.0.4 strictly enough to catch what a scraper would refuse:
-/// every sample belongs to a family declared by `# TYPE` before it, families are contiguous,
-/// names are valid, values are numbers, histograms are cumulative and end at `+Inf` = `_count`.
+/// Parses the OpenMetrics text format strictly enough to catch what a scraper would refuse:
+/// every sample belongs to a family declared by `# TYPE` before it (counters as `_total`, info
+/// as `_info`), families are contiguous, names are valid, values are numbers, histograms are
+/// cumulative and end at `+Inf` = `_count`, and the text ends with `# EOF`.
 /// Returns `name{labels}` → value.
 fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
     let valid_name = |n: &str| {
@@ -146,8 +147,8 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
     let mut current: Option<String> = None;
     let mut samples = BTreeMap::new();
     let mut buckets: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    assert!(text.ends_with('\n'), "the exposition ends with a newline");
-    for line in text.lines() {
+    assert!(text.ends_with("# EOF\n"), "the exposition ends with # EOF");
+    for line in text.lines().filter(|l| *l != "# EOF") {
         assert!(
             !line.is_empty(),
             "no blank lines expected in our exposition"
@@ -166,7 +167,8 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
                 "HELP" => assert!(!value.is_empty(), "empty HELP for {name}"),
                 "TYPE" => {
                     assert!(
-                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&value),
+                        ["counter", "gauge", "histogram", "info", "summary", "unknown"]
+                            .contains(&value),
                         "bad TYPE {value:?} for {name}"
                     );
                     assert!(
@@ -205,15 +207,16 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
             .clone()
             .unwrap_or_else(|| panic!("sample {line:?} before any TYPE"));
         let kind = types[&family].as_str();
-        let belongs = if kind == "histogram" {
-            [
+        let belongs = match kind {
+            "histogram" => [
                 format!("{family}_bucket"),
                 format!("{family}_sum"),
                 format!("{family}_count"),
             ]
-            .contains(&name.to_string())
-        } else {
-            name == family
+            .contains(&name.to_string()),
+            "counter" => name == format!("{family}_total"),
+            "info" => name == format!("{family}_info"),
+            _ => name == family,
         };
         assert!(
             belongs,
@@ -405,7 +408,7 @@ async fn every_endpoint_answers_over_real_http() {
         ("docusearch_chroma_up", 1.0),
         ("docusearch_embed_batch_seconds_count", 2.0),
         ("docusearch_embed_batch_seconds_bucket{le=\"0.5\"}", 1.0),
-        ("docusearch_embed_batch_seconds_bucket{le=\"5\"}", 2.0),
+        ("docusearch_embed_batch_seconds_bucket{le=\"5.0\"}", 2.0),
         ("docusearch_sync_seconds_count", 1.0),
         ("docusearch_rescans_requested_total", 0.0),
     ];

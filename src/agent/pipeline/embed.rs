@@ -212,7 +212,7 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
             telemetry.image_batches.inc();
             let started = Instant::now();
             let vecs = m.embed_images(&images)?;
-            telemetry.embed_latency.observe_duration(started.elapsed());
+            telemetry.embed_latency.observe(started.elapsed().as_secs_f64());
             if vecs.len() != images.len() {
                 return Err(StageError::transient(
                     Stage::Embed,
@@ -253,7 +253,7 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
             telemetry.embed_calls.inc();
             let started = Instant::now();
             let vecs = m.embed_texts(&texts)?;
-            telemetry.embed_latency.observe_duration(started.elapsed());
+            telemetry.embed_latency.observe(started.elapsed().as_secs_f64());
             if vecs.len() != texts.len() {
                 return Err(StageError::transient(
                     Stage::Embed,

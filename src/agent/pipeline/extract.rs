@@ -58,7 +58,7 @@ pub(super) fn run<X: Extract, S>(
                 }
             }
         });
-        telemetry.extract_latency.observe_duration(started.elapsed());
+        telemetry.extract_latency.observe(started.elapsed().as_secs_f64());
         if let Ok(info) = &result {
             let _ = doc.info.set(info.clone());
             telemetry.document_pages(doc.job.seq, info.num_pages);

@@ -155,7 +155,7 @@ async fn finish<S: Sink>(
     };
     shared.store.put_file(&doc.path, &rec)?;
     let t = &shared.telemetry;
-    t.sync_latency.observe_duration(buf.sync_time);
+    t.sync_latency.observe(buf.sync_time.as_secs_f64());
     t.files_indexed.inc();
     t.pages_indexed.inc_by(num_pages as u64);
     t.chunks_indexed.inc_by(buf.num_chunks as u64);
