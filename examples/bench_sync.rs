@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use docusearch_agent::chroma::client::{ChromaClient, CollectionOptions, Record};
 use docusearch_agent::chroma::managed::ManagedChroma;
-use docusearch_agent::chroma::records::{self, DocumentFields};
 use docusearch_agent::config::{ChromaConfig, MultivectorEncoding};
+use docusearch_agent::records::{self, DocumentFields};
 use docusearch_agent::types::{DocId, MultiVector};
 use rand::{Rng, SeedableRng};
 
@@ -63,16 +63,10 @@ async fn run(
     let mut server = ManagedChroma::start(&chroma_bin, &data)?;
     let empty = disk_bytes(&data);
     let client = ChromaClient::new(&server.url(), &ChromaConfig::default())?;
-    let options = CollectionOptions {
-        unindexed_string_keys: if index_blobs {
-            Vec::new()
-        } else {
-            records::UNINDEXED_STRING_KEYS
-                .iter()
-                .map(|k| k.to_string())
-                .collect()
-        },
-        dimension: None,
+    let options = if index_blobs {
+        CollectionOptions::default()
+    } else {
+        records::collection_options()
     };
     let col = client
         .get_or_create_collection_with("visual_collection", &options)
@@ -109,7 +103,7 @@ async fn run(
                     .as_str()
                     .map_or(0, str::len);
                 Record {
-                    id: doc_id.page_record_id(page),
+                    id: records::page_id(&doc_id, page),
                     embedding: mv.mean_normalized(),
                     document: Some(String::new()),
                     metadata,

@@ -125,20 +125,12 @@ impl ChromaProbe {
 
     /// `Ok` when the server answers 200; otherwise what went wrong, for a person to read.
     pub async fn heartbeat(&self, base_url: &str) -> Result<(), String> {
-        let url = format!("{}/api/v2/heartbeat", base_url.trim_end_matches('/'));
-        let mut req = self.client.get(&url);
-        if let Some(token) = &self.auth_token {
-            req = req
-                .bearer_auth(token)
-                .header("X-Chroma-Token", token.as_str());
-        }
-        match req.send().await {
-            Ok(resp) if resp.status().is_success() => Ok(()),
-            Ok(resp) => Err(format!("heartbeat answered HTTP {}", resp.status())),
-            Err(e) if e.is_timeout() => Err("no answer to the heartbeat in time".to_string()),
-            Err(e) if e.is_connect() => Err("connection refused or unreachable".to_string()),
-            Err(e) => Err(format!("heartbeat failed: {e}")),
-        }
+        use crate::chroma::client::{ChromaClient, RetryPolicy};
+        let token = self.auth_token.as_deref();
+        let client = ChromaClient::with_http(self.client.clone(), base_url, token)
+            .map_err(|e| e.heartbeat_reason())?;
+        let once = client.with_retry(RetryPolicy::no_retry());
+        once.heartbeat().await.map_err(|e| e.heartbeat_reason())
     }
 }
 

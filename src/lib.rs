@@ -3,7 +3,8 @@
 //! The modules follow the data flow (see `docs/` and DESIGN.md):
 //! `watch` → `state` (files, jobs) → `extract` (pages, text) → `embed` (ColPali) →
 //! `sync` (Chroma records) ; `search` reads them back; `agent` runs the stages; `service` and
-//! `api` make it a well-behaved background process.
+//! `api` make it a well-behaved background process. `records` is DocuSearch's record format
+//! (ids, metadata keys, encodings); `chroma` a generic client for the server that holds them.
 
 pub mod agent;
 pub mod api;
@@ -14,6 +15,7 @@ pub mod doctor;
 pub mod embed;
 pub mod extract;
 pub mod logging;
+pub mod records;
 pub mod runtime_paths;
 pub mod search;
 pub mod service;

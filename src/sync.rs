@@ -8,14 +8,12 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use rayon::prelude::*;
-use serde_json::{json, Value};
 
-use crate::chroma::client::{ChromaClient, ChromaError, Collection, Include, Record};
-use crate::chroma::records::{
-    self, chunk_of_record_id, keys, page_of_record_id, DocumentFields, RecordError,
-};
-use crate::config::MultivectorEncoding;
+use crate::chroma::client::{ChromaClient, ChromaError, Collection, GetResult, Include, Record};
+use crate::records::{self, DocumentFields, MultivectorEncoding, RecordError, RecordKind};
 use crate::types::{ContentHash, DocFormat, DocId, MultiVector};
+
+pub use crate::records::{ChunkRecord, PageRecord};
 
 /// Records read back per request when re-keying a moved document (~0.7 MB each in f32).
 const MOVE_SLICE: usize = 16;
@@ -75,26 +73,6 @@ pub struct DocumentMeta {
     pub timestamp: String,
 }
 
-/// One rendered page and its multi-vector.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PageRecord {
-    /// 1-based.
-    pub page: u32,
-    pub text: String,
-    pub embedding: MultiVector,
-}
-
-/// One text chunk and its multi-vector (embedded through the query prompt).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChunkRecord {
-    pub chunk_index: u32,
-    /// The (1-based) page the chunk starts on.
-    pub page: u32,
-    pub text: String,
-    pub word_count: usize,
-    pub embedding: MultiVector,
-}
-
 /// Writes documents into the visual (pages) and text (chunks) collections.
 #[derive(Debug, Clone)]
 pub struct Syncer {
@@ -122,12 +100,13 @@ impl Syncer {
             .ensure_tenant_and_database()
             .await
             .map_err(SyncError::Connect)?;
+        let options = records::collection_options();
         let visual = client
-            .get_or_create_collection(&cfg.chroma.visual_collection)
+            .get_or_create_collection_with(&cfg.chroma.visual_collection, &options)
             .await
             .map_err(SyncError::Connect)?;
         let text = client
-            .get_or_create_collection(&cfg.chroma.text_collection)
+            .get_or_create_collection_with(&cfg.chroma.text_collection, &options)
             .await
             .map_err(SyncError::Connect)?;
         Ok(Syncer {
@@ -213,18 +192,13 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let path = doc.source_path.to_string_lossy();
         for p in pages {
-            self.check_embedding(&path, &doc.doc_id.page_record_id(p.page), &p.embedding)?;
+            self.check_embedding(&path, &records::page_id(&doc.doc_id, p.page), &p.embedding)?;
         }
         let fields = self.fields(doc, &path);
         // Encoding (gzip, base64) is CPU work: spread it over the cores.
         let records: Vec<Record> = pages
             .par_iter()
-            .map(|p| Record {
-                id: doc.doc_id.page_record_id(p.page),
-                embedding: p.embedding.mean_normalized(),
-                document: Some(p.text.clone()),
-                metadata: records::page_metadata(&fields, p.page, &p.embedding, self.encoding),
-            })
+            .map(|p| records::page_record(&fields, p, self.encoding))
             .collect();
         let requests = self
             .visual
@@ -245,27 +219,14 @@ impl Syncer {
         for c in chunks {
             self.check_embedding(
                 &path,
-                &doc.doc_id.chunk_record_id(c.chunk_index),
+                &records::chunk_id(&doc.doc_id, c.chunk_index),
                 &c.embedding,
             )?;
         }
         let fields = self.fields(doc, &path);
         let records: Vec<Record> = chunks
             .par_iter()
-            .map(|c| Record {
-                id: doc.doc_id.chunk_record_id(c.chunk_index),
-                embedding: c.embedding.mean_normalized(),
-                document: Some(c.text.clone()),
-                metadata: records::chunk_metadata(
-                    &fields,
-                    c.chunk_index,
-                    c.page,
-                    &c.text,
-                    c.word_count,
-                    &c.embedding,
-                    self.encoding,
-                ),
-            })
+            .map(|c| records::chunk_record(&fields, c, self.encoding))
             .collect();
         let requests = self
             .text
@@ -286,10 +247,10 @@ impl Syncer {
     ) -> Result<(), SyncError> {
         let path = doc.source_path.to_string_lossy();
         let keep_pages: HashSet<String> = (1..=num_pages)
-            .map(|p| doc.doc_id.page_record_id(p))
+            .map(|p| records::page_id(&doc.doc_id, p))
             .collect();
         let keep_chunks: HashSet<String> = (0..num_chunks)
-            .map(|c| doc.doc_id.chunk_record_id(c))
+            .map(|c| records::chunk_id(&doc.doc_id, c))
             .collect();
         let pruned_pages = prune(&self.visual, &doc.doc_id, &keep_pages)
             .await
@@ -303,7 +264,7 @@ impl Syncer {
 
     /// Removes every record of a document from both collections.
     pub async fn delete_document(&self, doc_id: &DocId) -> Result<(), SyncError> {
-        let filter = doc_filter(doc_id);
+        let filter = records::where_document(doc_id);
         for c in [&self.visual, &self.text] {
             c.delete_where(filter.clone()).await.map_err(|source| {
                 chroma_err("deleting a document's records", doc_id.as_str(), source)
@@ -318,7 +279,10 @@ impl Syncer {
     pub async fn move_document(&self, old: &DocId, new: &DocumentMeta) -> Result<bool, SyncError> {
         let path = new.source_path.to_string_lossy();
         let mut found = false;
-        for (collection, is_pages) in [(&self.visual, true), (&self.text, false)] {
+        for (collection, kind) in [
+            (&self.visual, RecordKind::Visual),
+            (&self.text, RecordKind::Text),
+        ] {
             let old_ids = list_ids(collection, old).await.map_err(|source| {
                 chroma_err("listing a moved document's records", &path, source)
             })?;
@@ -337,7 +301,7 @@ impl Syncer {
                     .map_err(|source| {
                         chroma_err("reading a moved document's records", &path, source)
                     })?;
-                let moved = self.rekey(collection, old, new, &path, got, is_pages)?;
+                let moved = self.rekey(collection, kind, old, new, &path, got)?;
                 new_ids.extend(moved.iter().map(|r| r.id.clone()));
                 collection.upsert(&moved).await.map_err(|source| {
                     chroma_err("writing a moved document's records", &path, source)
@@ -362,84 +326,24 @@ impl Syncer {
     fn rekey(
         &self,
         collection: &Collection,
+        kind: RecordKind,
         old: &DocId,
         new: &DocumentMeta,
         path: &str,
-        got: crate::chroma::client::GetResult,
-        is_pages: bool,
+        got: GetResult,
     ) -> Result<Vec<Record>, SyncError> {
-        let bad = |id: &str, source: RecordError| SyncError::BadRecord {
-            id: id.to_string(),
-            collection: collection.name.clone(),
-            source,
-        };
-        let n = got.ids.len();
-        let embeddings = got.embeddings.unwrap_or_default();
-        let documents = got.documents.unwrap_or_default();
-        let metadatas = got.metadatas.unwrap_or_default();
         let fields = self.fields(new, path);
-        let mut out = Vec::with_capacity(n);
-        for (i, id) in got.ids.into_iter().enumerate() {
-            let mut metadata = metadatas
-                .get(i)
-                .cloned()
-                .flatten()
-                .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "metadata" }))?;
-            // Chroma re-normalises vectors in cosine space, so what it returns can differ from
-            // what was written in the last bit. From an f32 multi-vector the original is
-            // recomputed exactly; from f16 only the stored vector is left.
-            let lossless = metadata
-                .get(keys::MULTIVECTOR_ENCODING)
-                .and_then(Value::as_str)
-                == Some(MultivectorEncoding::F32GzipB64.as_str());
-            let embedding = match lossless {
-                true => records::decode_full_embeddings(&metadata)
-                    .map_err(|e| bad(&id, e))?
-                    .mean_normalized(),
-                false => embeddings
-                    .get(i)
-                    .cloned()
-                    .ok_or_else(|| bad(&id, RecordError::MissingKey { key: "embedding" }))?,
-            };
-            let number = if is_pages {
-                page_of_record_id(old, &id).or_else(|| {
-                    records::int_key(&metadata, keys::PAGE)
-                        .ok()
-                        .map(|p| p as u32)
+        got.into_records()
+            .into_iter()
+            .map(|r| {
+                let id = r.id.clone();
+                records::rekey(kind, old, r, &fields).map_err(|source| SyncError::BadRecord {
+                    id,
+                    collection: collection.name.clone(),
+                    source,
                 })
-            } else {
-                chunk_of_record_id(old, &id).or_else(|| {
-                    records::int_key(&metadata, keys::CHUNK_ID)
-                        .ok()
-                        .map(|c| c as u32)
-                })
-            }
-            .ok_or_else(|| {
-                bad(
-                    &id,
-                    RecordError::MissingKey {
-                        key: if is_pages { keys::PAGE } else { keys::CHUNK_ID },
-                    },
-                )
-            })?;
-            // The embeddings are unchanged, so the model that made them stays on the record.
-            let model = metadata.get(keys::MODEL).cloned();
-            fields.write_into(&mut metadata);
-            if let Some(model) = model {
-                metadata.insert(keys::MODEL.into(), model);
-            }
-            out.push(Record {
-                id: if is_pages {
-                    new.doc_id.page_record_id(number)
-                } else {
-                    new.doc_id.chunk_record_id(number)
-                },
-                embedding,
-                document: documents.get(i).cloned().flatten(),
-                metadata,
-            });
-        }
-        Ok(out)
+            })
+            .collect()
     }
 
     /// (page records, text records) Chroma holds for a document.
@@ -467,12 +371,11 @@ fn chroma_err(what: &'static str, path: &str, source: ChromaError) -> SyncError 
     }
 }
 
-fn doc_filter(doc_id: &DocId) -> Value {
-    json!({ keys::DOC_ID: doc_id.as_str() })
-}
-
 async fn list_ids(collection: &Collection, doc_id: &DocId) -> Result<Vec<String>, ChromaError> {
-    Ok(collection.get_where(doc_filter(doc_id), &[]).await?.ids)
+    Ok(collection
+        .get_where(records::where_document(doc_id), &[])
+        .await?
+        .ids)
 }
 
 /// Deletes the document's ids that are not in `keep`; returns how many went.

@@ -35,16 +35,6 @@ impl DocId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// `{doc_id}-page{NNN}`, 1-based, at least 3 digits.
-    pub fn page_record_id(&self, page: u32) -> String {
-        format!("{}-page{:03}", self.0, page)
-    }
-
-    /// `{doc_id}-chunk{NNNN}`, at least 4 digits.
-    pub fn chunk_record_id(&self, chunk: u32) -> String {
-        format!("{}-chunk{:04}", self.0, chunk)
-    }
 }
 
 impl fmt::Display for DocId {

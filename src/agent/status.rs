@@ -87,22 +87,18 @@ pub struct ChromaStatus {
     pub reachable: bool,
 }
 
-async fn heartbeat(url: &str) -> bool {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-    {
-        Ok(c) => c,
-        Err(_) => return false,
-    };
-    matches!(client.get(format!("{url}/api/v2/heartbeat")).send().await, Ok(r) if r.status().is_success())
+async fn heartbeat(url: &str, chroma: &crate::config::ChromaConfig) -> bool {
+    let token = chroma.auth_token.as_deref();
+    crate::chroma::client::probe(url, token, Duration::from_secs(2))
+        .await
+        .is_ok()
 }
 
 async fn chroma_status(cfg: &Config) -> ChromaStatus {
     match cfg.chroma_target() {
         ChromaTarget::Remote { url } => ChromaStatus {
             target: url.clone(),
-            reachable: heartbeat(&url).await,
+            reachable: heartbeat(&url, &cfg.chroma).await,
             url: Some(url),
         },
         ChromaTarget::Managed => {

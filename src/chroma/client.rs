@@ -1,4 +1,6 @@
-//! A client for Chroma's HTTP API v2 (`/api/v2/...`), on `reqwest` with rustls.
+//! A client for Chroma's HTTP API v2 (`/api/v2/...`), on `reqwest` with rustls: tenants,
+//! databases, collections, and records with any metadata (what DocuSearch's records hold is
+//! `crate::records`' business, not this client's).
 //!
 //! Transient failures (no connection, timeouts, 5xx, 429) are retried with exponential back-off
 //! and jitter up to a bound, then returned so the caller's durable queue keeps the work; 4xx
@@ -18,8 +20,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-
-use super::records::UNINDEXED_STRING_KEYS;
 
 /// Chroma refuses request bodies above 40 MiB.
 pub const SERVER_REQUEST_LIMIT: usize = 40 * 1024 * 1024;
@@ -87,6 +87,25 @@ impl ChromaError {
             _ => None,
         }
     }
+
+    /// A failed heartbeat in the few words `/health` and `status` show (they name the server
+    /// themselves).
+    pub fn heartbeat_reason(&self) -> String {
+        match self {
+            ChromaError::Status { status, .. } => match StatusCode::from_u16(*status) {
+                Ok(code) => format!("heartbeat answered HTTP {code}"),
+                Err(_) => format!("heartbeat answered HTTP {status}"),
+            },
+            ChromaError::Unreachable { source, .. } if source.is_timeout() => {
+                "no answer to the heartbeat in time".to_string()
+            }
+            ChromaError::Unreachable { source, .. } if source.is_connect() => {
+                "connection refused or unreachable".to_string()
+            }
+            ChromaError::Unreachable { source, .. } => format!("heartbeat failed: {source}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Bounded retries: exponential back-off with jitter (half fixed, half random).
@@ -131,6 +150,8 @@ impl RetryPolicy {
 #[derive(Clone)]
 pub struct ChromaClient {
     http: reqwest::Client,
+    /// The auth token's headers (sensitive: never printed), sent with every request.
+    auth: HeaderMap,
     base: Url,
     tenant: String,
     database: String,
@@ -154,6 +175,21 @@ impl std::fmt::Debug for ChromaClient {
 
 impl ChromaClient {
     pub fn new(url: &str, cfg: &crate::config::ChromaConfig) -> Result<ChromaClient, ChromaError> {
+        let http = http_client(Duration::from_secs(cfg.timeout_s.max(1)), CONNECT_TIMEOUT)?;
+        let mut client = ChromaClient::with_http(http, url, cfg.auth_token.as_deref())?;
+        client.tenant = cfg.tenant.clone();
+        client.database = cfg.database.clone();
+        Ok(client)
+    }
+
+    /// A client over an HTTP client the caller keeps (see [`http_client`]), so that short-lived
+    /// clients share its connections: the status API's heartbeat, say. Default tenant and
+    /// database.
+    pub fn with_http(
+        http: reqwest::Client,
+        url: &str,
+        auth_token: Option<&str>,
+    ) -> Result<ChromaClient, ChromaError> {
         let bad = |reason: &str| ChromaError::BadUrl {
             url: url.to_string(),
             reason: reason.to_string(),
@@ -169,34 +205,13 @@ impl ChromaClient {
         if base.path() == "/" {
             base.set_path("");
         }
-        let mut headers = HeaderMap::new();
-        if let Some(token) = cfg.auth_token.as_deref().filter(|t| !t.is_empty()) {
-            let mut bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-                ChromaError::Client(
-                    "chroma.auth_token holds characters not allowed in an HTTP header".into(),
-                )
-            })?;
-            bearer.set_sensitive(true);
-            let mut raw = HeaderValue::from_str(token).map_err(|_| {
-                ChromaError::Client(
-                    "chroma.auth_token holds characters not allowed in an HTTP header".into(),
-                )
-            })?;
-            raw.set_sensitive(true);
-            headers.insert(AUTHORIZATION, bearer);
-            headers.insert("x-chroma-token", raw);
-        }
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| ChromaError::Client(e.to_string()))?;
+        let defaults = crate::config::ChromaConfig::default();
         Ok(ChromaClient {
             http,
+            auth: auth_headers(auth_token)?,
             base,
-            tenant: cfg.tenant.clone(),
-            database: cfg.database.clone(),
+            tenant: defaults.tenant,
+            database: defaults.database,
             retry: RetryPolicy::default(),
             request_budget: DEFAULT_REQUEST_BUDGET,
             max_batch: Arc::new(tokio::sync::OnceCell::new()),
@@ -304,7 +319,7 @@ impl ChromaClient {
             },
             source,
         };
-        let mut req = self.http.request(method, url);
+        let mut req = self.http.request(method, url).headers(self.auth.clone());
         if let Some(body) = body {
             req = req
                 .header(CONTENT_TYPE, "application/json")
@@ -335,9 +350,10 @@ impl ChromaClient {
         parse(what, &bytes)
     }
 
+    /// `GET /api/v2/heartbeat`, under this client's retry policy: `Ok` when the server answers
+    /// with a success. Every part of the agent that asks whether Chroma is up asks this.
     pub async fn heartbeat(&self) -> Result<(), ChromaError> {
-        let _: Value = self
-            .call("heartbeat", Method::GET, self.url(&["heartbeat"]), None)
+        self.send("heartbeat", Method::GET, self.url(&["heartbeat"]), None)
             .await?;
         Ok(())
     }
@@ -424,8 +440,8 @@ impl ChromaClient {
         }
     }
 
-    /// Opens or creates a collection the way DocuSearch's records need it: cosine space, and no
-    /// string index on the large `full_embeddings` and `full_text` values.
+    /// Opens or creates a collection with the default options (cosine space, every string
+    /// indexed, any dimension).
     pub async fn get_or_create_collection(&self, name: &str) -> Result<Collection, ChromaError> {
         self.get_or_create_collection_with(name, &CollectionOptions::default())
             .await
@@ -445,7 +461,7 @@ impl ChromaClient {
         }
         keys.insert(
             "#embedding".into(),
-            json!({ "float_list": { "vector_index": { "enabled": true, "config": { "space": "cosine" } } } }),
+            json!({ "float_list": { "vector_index": { "enabled": true, "config": { "space": options.space.as_str() } } } }),
         );
         // The space goes in the schema: the server refuses `configuration` and `schema` together.
         let body = json!({
@@ -457,10 +473,10 @@ impl ChromaClient {
             .post_collection(&format!("opening collection `{name}`"), &body)
             .await?;
         let space = info.space();
-        if space != "cosine" {
+        if space != options.space.as_str() {
             return Err(ChromaError::CollectionMismatch {
                 name: name.to_string(),
-                expected: "cosine space".into(),
+                expected: format!("{} space", options.space.as_str()),
                 found: format!("{space} space"),
             });
         }
@@ -596,23 +612,32 @@ impl ChromaClient {
     }
 }
 
-/// How a collection is created when it does not exist yet.
-#[derive(Debug, Clone)]
+/// How a collection is created when it does not exist yet, and what an existing one must be.
+#[derive(Debug, Clone, Default)]
 pub struct CollectionOptions {
+    /// The distance space; an existing collection with another is refused.
+    pub space: Space,
     /// String metadata keys kept out of Chroma's string inverted index.
     pub unindexed_string_keys: Vec<String>,
     /// When set, an existing collection with another embedding dimension is refused.
     pub dimension: Option<usize>,
 }
 
-impl Default for CollectionOptions {
-    fn default() -> Self {
-        CollectionOptions {
-            unindexed_string_keys: UNINDEXED_STRING_KEYS
-                .iter()
-                .map(|k| k.to_string())
-                .collect(),
-            dimension: None,
+/// A collection's distance space. Cosine unless asked otherwise (Chroma's own default is l2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Space {
+    #[default]
+    Cosine,
+    L2,
+    Ip,
+}
+
+impl Space {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Space::Cosine => "cosine",
+            Space::L2 => "l2",
+            Space::Ip => "ip",
         }
     }
 }
@@ -712,6 +737,33 @@ pub struct GetResult {
     pub documents: Option<Vec<Option<String>>>,
     #[serde(default)]
     pub metadatas: Option<Vec<Option<Map<String, Value>>>>,
+}
+
+impl GetResult {
+    /// The answer's parallel arrays as one value per record.
+    pub fn into_records(self) -> Vec<GetRecord> {
+        let mut embeddings = self.embeddings.unwrap_or_default().into_iter();
+        let mut documents = self.documents.unwrap_or_default().into_iter();
+        let mut metadatas = self.metadatas.unwrap_or_default().into_iter();
+        self.ids
+            .into_iter()
+            .map(|id| GetRecord {
+                id,
+                embedding: embeddings.next(),
+                document: documents.next().flatten(),
+                metadata: metadatas.next().flatten(),
+            })
+            .collect()
+    }
+}
+
+/// One record of a `get` answer; the fields not asked for (or absent) are `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetRecord {
+    pub id: String,
+    pub embedding: Option<Vec<f32>>,
+    pub document: Option<String>,
+    pub metadata: Option<Metadata>,
 }
 
 /// An unparsed `get` answer (see `Collection::get_ids_raw`).
@@ -994,6 +1046,75 @@ impl Collection {
             .call(&what, Method::POST, self.url("query"), Some(&body))
             .await
     }
+}
+
+/// The HTTP client a [`ChromaClient`] sends through: `timeout` for each whole request,
+/// `connect_timeout` for the TCP connection.
+pub fn http_client(
+    timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, ChromaError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(connect_timeout)
+        .build()
+        .map_err(|e| ChromaError::Client(e.to_string()))
+}
+
+/// The token in both headers Chroma's auth providers read: `Authorization: Bearer` and
+/// `X-Chroma-Token`.
+fn auth_headers(token: Option<&str>) -> Result<HeaderMap, ChromaError> {
+    let mut headers = HeaderMap::new();
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Ok(headers);
+    };
+    let value = |text: &str| {
+        let mut v = HeaderValue::from_str(text).map_err(|_| {
+            ChromaError::Client(
+                "chroma.auth_token holds characters not allowed in an HTTP header".into(),
+            )
+        })?;
+        v.set_sensitive(true);
+        Ok::<_, ChromaError>(v)
+    };
+    headers.insert(AUTHORIZATION, value(&format!("Bearer {token}"))?);
+    headers.insert("x-chroma-token", value(token)?);
+    Ok(headers)
+}
+
+/// One heartbeat to the server at `url`, without retries, `timeout` for all of it: whether
+/// Chroma is up, for a status line.
+pub async fn probe(
+    url: &str,
+    auth_token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), ChromaError> {
+    ChromaClient::with_http(http_client(timeout, timeout)?, url, auth_token)?
+        .with_retry(RetryPolicy::no_retry())
+        .heartbeat()
+        .await
+}
+
+/// [`probe`] for code that may or may not run inside an async runtime (the managed server's
+/// supervisor thread, the commands): it runs on a thread and runtime of its own, and blocks
+/// the caller until the answer or the timeout.
+pub fn probe_blocking(
+    url: &str,
+    auth_token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), ChromaError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ChromaError::Client(format!("no runtime for the heartbeat: {e}")))?
+                    .block_on(probe(url, auth_token, timeout))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ChromaError::Client("the heartbeat thread panicked".into())))
+    })
 }
 
 fn parse<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, ChromaError> {

@@ -5,8 +5,7 @@
 //! that, on Linux, the parent-death signal (tied to the spawning thread) stops the server if the
 //! agent is killed outright.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -34,6 +33,8 @@ pub enum ManagedChromaError {
     Port(std::io::Error),
 }
 
+/// How long one heartbeat may take.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a fresh server may take to answer its first heartbeat.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the supervisor checks that the server is alive.
@@ -363,22 +364,9 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// `GET /api/v2/heartbeat` over a plain socket: the supervisor must work inside or outside an
-/// async runtime.
+/// Whether the server on this loopback port answers its heartbeat (the client's, with no token:
+/// the managed server has no auth). Blocking, inside or outside an async runtime.
 pub fn heartbeat(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let request = "GET /api/v2/heartbeat HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut head = [0u8; 16];
-    match stream.read(&mut head) {
-        Ok(n) if n >= 12 => head[..n].starts_with(b"HTTP/1.") && &head[9..12] == b"200",
-        _ => false,
-    }
+    super::client::probe_blocking(&format!("http://127.0.0.1:{port}"), None, HEARTBEAT_TIMEOUT)
+        .is_ok()
 }

@@ -14,9 +14,11 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::chroma::client::{ChromaError, Collection, Include, RawGet};
-use crate::chroma::records::{self, keys, RecordError};
+use crate::records::{self, keys, RecordError};
 use crate::search::maxsim::PreparedQuery;
 use crate::types::MultiVector;
+
+pub use crate::records::RecordKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
@@ -35,14 +37,6 @@ pub enum SearchError {
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     Hybrid,
-    Visual,
-    Text,
-}
-
-/// Record kind, from the collection it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RecordKind {
     Visual,
     Text,
 }

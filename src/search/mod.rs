@@ -150,10 +150,7 @@ fn print_results(results: &SearchResults) {
             h.score,
             h.filename.as_deref().unwrap_or(&h.id),
             place,
-            match h.kind {
-                RecordKind::Visual => "visual",
-                RecordKind::Text => "text",
-            }
+            h.kind.as_str()
         );
         if !h.snippet.is_empty() {
             println!("     {}", h.snippet);

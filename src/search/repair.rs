@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::chroma::client::{ChromaClient, ChromaError, Collection, GetRequest, Include, Record};
-use crate::chroma::records::keys;
 use crate::cli::{Context, RepairArgs};
 use crate::config::ChromaConfig;
+use crate::records::{self, keys};
 use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
 use crate::types::DocId;
 
@@ -399,7 +399,7 @@ async fn ids_of_agent(
     loop {
         let page = collection
             .get(&GetRequest {
-                filter: Some(json!({ keys::AGENT_ID: agent_id })),
+                filter: Some(records::where_agent(agent_id)),
                 include: vec![],
                 limit: Some(SCAN_PAGE),
                 offset: Some(offset),
@@ -408,11 +408,11 @@ async fn ids_of_agent(
             .await?;
         let n = page.ids.len();
         for id in page.ids {
-            let doc = id
-                .split_once('-')
-                .map(|(d, _)| d)
-                .unwrap_or(&id)
-                .to_string();
+            // An id of another form counts as a document of its own (an orphan).
+            let doc = match records::parse_id(&id) {
+                Some((doc, _)) => doc.as_str().to_string(),
+                None => id.clone(),
+            };
             let entry = out.entry(doc).or_default();
             if pages {
                 entry.pages.push(id);
@@ -527,10 +527,10 @@ pub async fn reconcile_with_store(
             None => (HashSet::new(), HashSet::new()),
         };
         let pages_missing = (1..=rec.num_pages)
-            .filter(|p| !pages.contains(id.page_record_id(*p).as_str()))
+            .filter(|p| !pages.contains(records::page_id(&id, *p).as_str()))
             .count();
         let chunks_missing = (0..rec.num_chunks)
-            .filter(|c| !chunks.contains(id.chunk_record_id(*c).as_str()))
+            .filter(|c| !chunks.contains(records::chunk_id(&id, *c).as_str()))
             .count();
         if pages_missing + chunks_missing == 0 {
             continue;

@@ -6,9 +6,11 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use docusearch_agent::chroma::client::{
-    ChromaClient, ChromaError, CollectionOptions, GetRequest, Include, Record, RetryPolicy,
+    self, ChromaClient, ChromaError, CollectionOptions, GetRequest, Include, Record, RetryPolicy,
+    Space,
 };
 use docusearch_agent::config::ChromaConfig;
+use docusearch_agent::records;
 use serde_json::{json, Map, Value};
 
 use crate::common;
@@ -41,8 +43,9 @@ async fn setup_creates_tenant_database_and_a_cosine_collection_without_blob_inde
     );
 
     // Neither exists yet: the first use fails with the server's own message (a 4xx).
+    let options = records::collection_options();
     let err = c
-        .get_or_create_collection("visual_collection")
+        .get_or_create_collection_with("visual_collection", &options)
         .await
         .unwrap_err();
     assert!(matches!(err.status(), Some(400..=499)), "{err}");
@@ -56,7 +59,7 @@ async fn setup_creates_tenant_database_and_a_cosine_collection_without_blob_inde
     c.ensure_tenant_and_database().await.expect("creates both");
     c.ensure_tenant_and_database().await.expect("idempotent");
     let col = c
-        .get_or_create_collection("visual_collection")
+        .get_or_create_collection_with("visual_collection", &options)
         .await
         .unwrap();
     assert_eq!(col.name, "visual_collection");
@@ -64,7 +67,7 @@ async fn setup_creates_tenant_database_and_a_cosine_collection_without_blob_inde
     unindexed.sort();
     assert_eq!(unindexed, ["full_embeddings", "full_text"]);
     let again = c
-        .get_or_create_collection("visual_collection")
+        .get_or_create_collection_with("visual_collection", &options)
         .await
         .unwrap();
     assert_eq!(
@@ -118,6 +121,10 @@ async fn records_round_trip_and_server_errors_carry_the_server_message() {
     c.ensure_tenant_and_database().await.unwrap();
     let col = c.get_or_create_collection("records_test").await.unwrap();
     assert_eq!(col.count().await.unwrap(), 0);
+    assert!(
+        col.unindexed_string_keys.is_empty(),
+        "the client's own defaults index every string"
+    );
 
     let recs = vec![
         record(
@@ -244,6 +251,14 @@ async fn an_existing_collection_with_another_space_or_dimension_is_refused() {
         msg.contains("l2 space") && msg.contains("cosine") && msg.contains("visual_collection"),
         "{msg}"
     );
+    // Asked for l2, it is what was wanted.
+    let l2 = CollectionOptions {
+        space: Space::L2,
+        ..CollectionOptions::default()
+    };
+    c.get_or_create_collection_with("visual_collection", &l2)
+        .await
+        .expect("l2 when l2 is asked for");
 
     // What DocuSearch itself makes (`metadata={"hnsw:space": "cosine"}`) is used as it is.
     let resp = reqwest::Client::new()
@@ -326,42 +341,93 @@ async fn an_unreachable_server_is_transient_and_retried_a_bounded_number_of_time
     );
 }
 
-#[test]
-fn the_auth_token_goes_out_in_both_headers() {
-    // A listener that records the request the client sends (the header is ours to check; no
-    // Chroma behaviour is imitated beyond a 200 answer).
+/// A listener that answers `n` requests with 200 and returns each request's head, lowercased
+/// (the headers are ours to check; no Chroma behaviour is imitated beyond a 200 answer).
+fn record_requests(n: usize) -> (u16, std::thread::JoinHandle<Vec<String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut chunk).unwrap();
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = br#"{"nanosecond heartbeat":1}"#;
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        String::from_utf8_lossy(&buf).to_lowercase()
+        (0..n)
+            .map(|_| {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut chunk).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = br#"{"nanosecond heartbeat":1}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                s.write_all(body).unwrap();
+                String::from_utf8_lossy(&buf).to_lowercase()
+            })
+            .collect()
     });
+    (port, seen)
+}
+
+#[test]
+fn the_auth_token_goes_out_in_both_headers() {
+    // The client, the one-off probe, and the blocking probe called inside a runtime: one
+    // heartbeat request, the same headers.
+    let (port, seen) = record_requests(3);
+    let url = format!("http://127.0.0.1:{port}");
     let mut cfg = ChromaConfig::default();
     cfg.auth_token = Some("Tok-123".into());
-    let c = ChromaClient::new(&format!("http://127.0.0.1:{port}"), &cfg).unwrap();
+    let c = ChromaClient::new(&url, &cfg).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(c.heartbeat()).expect("heartbeat");
-    let request = seen.join().unwrap();
-    assert!(request.starts_with("get /api/v2/heartbeat "), "{request}");
-    assert!(
-        request.contains("authorization: bearer tok-123"),
-        "{request}"
+    let timeout = Duration::from_secs(5);
+    rt.block_on(client::probe(&url, Some("Tok-123"), timeout))
+        .expect("probe");
+    rt.block_on(async { client::probe_blocking(&url, Some("Tok-123"), timeout) })
+        .expect("blocking probe inside a runtime");
+    for request in seen.join().unwrap() {
+        assert!(request.starts_with("get /api/v2/heartbeat "), "{request}");
+        assert!(
+            request.contains("authorization: bearer tok-123"),
+            "{request}"
+        );
+        assert!(request.contains("x-chroma-token: tok-123"), "{request}");
+    }
+}
+
+#[test]
+fn a_failed_heartbeat_says_why_in_a_few_words() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = client::probe_blocking(
+        &format!("http://127.0.0.1:{port}"),
+        None,
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert_eq!(err.heartbeat_reason(), "connection refused or unreachable");
+
+    // A server that accepts and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let err = client::probe_blocking(&url, None, Duration::from_millis(300)).unwrap_err();
+    assert_eq!(err.heartbeat_reason(), "no answer to the heartbeat in time");
+    drop(listener);
+
+    let err = ChromaError::Status {
+        what: "heartbeat".into(),
+        status: 401,
+        message: "m".into(),
+    };
+    assert_eq!(
+        err.heartbeat_reason(),
+        "heartbeat answered HTTP 401 Unauthorized"
     );
-    assert!(request.contains("x-chroma-token: tok-123"), "{request}");
 }

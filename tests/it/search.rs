@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use docusearch_agent::chroma::client::{Collection, GetRequest, Include};
-use docusearch_agent::chroma::records;
 use docusearch_agent::config::{Config, DeviceChoice, ModelConfig, MultivectorEncoding};
+use docusearch_agent::records;
 use docusearch_agent::search::{RecordKind, Scope, SearchOptions, Searcher};
 use docusearch_agent::sync::{ChunkRecord, DocumentMeta, PageRecord, Syncer};
 use docusearch_agent::types::{ContentHash, DocFormat, DocId, MultiVector};

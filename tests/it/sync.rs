@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use docusearch_agent::chroma::client::{ChromaClient, ChromaError, Include, RetryPolicy};
-use docusearch_agent::chroma::records::{decode_full_embeddings, keys};
 use docusearch_agent::config::{Config, MultivectorEncoding};
+use docusearch_agent::records::{self, decode_full_embeddings, keys};
 use docusearch_agent::sync::{ChunkRecord, DocumentMeta, PageRecord, SyncError, Syncer};
 use docusearch_agent::types::{ContentHash, DocFormat, DocId, MultiVector};
 use rand::{Rng, SeedableRng};
@@ -115,7 +115,7 @@ async fn ids_of(s: &Syncer, d: &DocId) -> (Vec<String>, Vec<String>) {
 }
 
 fn expected_page_ids(d: &DocId, n: u32) -> Vec<String> {
-    (1..=n).map(|p| d.page_record_id(p)).collect()
+    (1..=n).map(|p| records::page_id(d, p)).collect()
 }
 
 fn bits(m: &MultiVector) -> Vec<u32> {
@@ -156,7 +156,7 @@ async fn new_reindexed_shrunk_and_deleted_documents() {
     assert_eq!(v, expected_page_ids(&d.doc_id, 10));
     assert_eq!(t.len(), 6);
     assert_eq!(s.count_document(&d.doc_id).await.unwrap(), (10, 6));
-    let m = metadata(&s, true, &d.doc_id.page_record_id(3)).await;
+    let m = metadata(&s, true, &records::page_id(&d.doc_id, 3)).await;
     assert_eq!(m[keys::TYPE], "visual");
     assert_eq!(m[keys::PAGE], 3);
     assert_eq!(m[keys::NUM_PAGES], 10);
@@ -167,7 +167,7 @@ async fn new_reindexed_shrunk_and_deleted_documents() {
     assert_eq!(m[keys::EMBEDDING_SHAPE], "(64, 128)");
     assert_eq!(m[keys::SEQ_LENGTH], 64);
     assert_eq!(m[keys::MULTIVECTOR_ENCODING], "f32-gzip-b64");
-    let c = metadata(&s, false, &d.doc_id.chunk_record_id(5)).await;
+    let c = metadata(&s, false, &records::chunk_id(&d.doc_id, 5)).await;
     assert_eq!(c[keys::TYPE], "text");
     assert_eq!(c[keys::CHUNK_ID], 5);
     assert_eq!(c[keys::PAGE], 3);
@@ -190,7 +190,7 @@ async fn new_reindexed_shrunk_and_deleted_documents() {
         6,
         "no duplicate text records"
     );
-    let m = metadata(&s, true, &d.doc_id.page_record_id(3)).await;
+    let m = metadata(&s, true, &records::page_id(&d.doc_id, 3)).await;
     let stored = decode_full_embeddings(&m).unwrap();
     assert_eq!(
         bits(&stored),
@@ -207,10 +207,13 @@ async fn new_reindexed_shrunk_and_deleted_documents() {
     assert_eq!(v, expected_page_ids(&d.doc_id, 5));
     assert_eq!(
         t,
-        [d.doc_id.chunk_record_id(0), d.doc_id.chunk_record_id(1)]
+        [
+            records::chunk_id(&d.doc_id, 0),
+            records::chunk_id(&d.doc_id, 1)
+        ]
     );
     assert_eq!(
-        metadata(&s, true, &d.doc_id.page_record_id(5)).await[keys::NUM_PAGES],
+        metadata(&s, true, &records::page_id(&d.doc_id, 5)).await[keys::NUM_PAGES],
         5
     );
 
@@ -280,7 +283,7 @@ async fn rename_case(chroma: &common::TestChroma, encoding: MultivectorEncoding,
     assert_eq!(
         t,
         (0..3)
-            .map(|c| new.doc_id.chunk_record_id(c))
+            .map(|c| records::chunk_id(&new.doc_id, c))
             .collect::<Vec<_>>()
     );
 
@@ -289,12 +292,12 @@ async fn rename_case(chroma: &common::TestChroma, encoding: MultivectorEncoding,
         let bi = before
             .ids
             .iter()
-            .position(|x| *x == old.doc_id.page_record_id(p.page))
+            .position(|x| *x == records::page_id(&old.doc_id, p.page))
             .unwrap();
         let ai = after
             .ids
             .iter()
-            .position(|x| *x == new.doc_id.page_record_id(p.page))
+            .position(|x| *x == records::page_id(&new.doc_id, p.page))
             .unwrap();
         let bm = before.metadatas.as_ref().unwrap()[bi].as_ref().unwrap();
         let am = after.metadatas.as_ref().unwrap()[ai].as_ref().unwrap();
@@ -347,7 +350,7 @@ async fn rename_case(chroma: &common::TestChroma, encoding: MultivectorEncoding,
         assert_eq!(am[keys::TIMESTAMP], "2026-11-27T18:00:00Z");
         assert_eq!(am[keys::PAGE], p.page);
     }
-    let chunk = metadata(&s, false, &new.doc_id.chunk_record_id(2)).await;
+    let chunk = metadata(&s, false, &records::chunk_id(&new.doc_id, 2)).await;
     assert_eq!(chunk[keys::MULTIVECTOR_ENCODING], encoding.as_str());
     if encoding == MultivectorEncoding::F32GzipB64 {
         assert_eq!(
@@ -388,7 +391,7 @@ async fn two_agents_with_the_same_path_keep_their_documents_apart() {
     assert_eq!(a.count_document(&da.doc_id).await.unwrap(), (4, 2));
     assert_eq!(b.count_document(&db.doc_id).await.unwrap(), (2, 3));
     assert_eq!(
-        metadata(&a, true, &db.doc_id.page_record_id(1)).await[keys::AGENT_ID],
+        metadata(&a, true, &records::page_id(&db.doc_id, 1)).await[keys::AGENT_ID],
         "desktop"
     );
     // One agent shrinking and deleting its copy leaves the other's alone.
@@ -414,7 +417,7 @@ async fn full_embeddings_read_back_bit_exact_in_both_encodings() {
         let cs = chunks(11, 2);
         sync_document(&s, &d, &ps, &cs).await.unwrap();
         for p in &ps {
-            let m = metadata(&s, true, &d.doc_id.page_record_id(p.page)).await;
+            let m = metadata(&s, true, &records::page_id(&d.doc_id, p.page)).await;
             assert_eq!(m[keys::MULTIVECTOR_ENCODING], encoding.as_str());
             let back = decode_full_embeddings(&m).unwrap();
             assert_eq!((back.rows, back.dim), (1030, 128));
@@ -429,7 +432,7 @@ async fn full_embeddings_read_back_bit_exact_in_both_encodings() {
             };
             assert_eq!(bits(&back), want, "{agent} page {}", p.page);
         }
-        let m = metadata(&s, false, &d.doc_id.chunk_record_id(1)).await;
+        let m = metadata(&s, false, &records::chunk_id(&d.doc_id, 1)).await;
         assert_eq!(decode_full_embeddings(&m).unwrap().rows, 20);
     }
 }
@@ -557,7 +560,7 @@ async fn a_server_killed_mid_sync_is_waited_for_and_everything_arrives_once() {
         "nothing twice"
     );
     assert_eq!(s.visual_collection().count().await.unwrap(), 40);
-    let m = metadata(&s, true, &d.doc_id.page_record_id(40)).await;
+    let m = metadata(&s, true, &records::page_id(&d.doc_id, 40)).await;
     assert_eq!(
         bits(&decode_full_embeddings(&m).unwrap()),
         bits(&ps[39].embedding)
@@ -664,7 +667,7 @@ async fn the_official_python_client_reads_and_decodes_the_records() {
         let cs = chunks(41, 2);
         sync_document(&s, &d, &ps, &cs).await.unwrap();
         for p in &ps {
-            let id = d.doc_id.page_record_id(p.page);
+            let id = records::page_id(&d.doc_id, p.page);
             let raw = write_raw(dir.path(), &id, &p.embedding);
             expect.push(
                 json!({"collection": cfg.chroma.visual_collection, "id": id, "type": "visual",
@@ -672,7 +675,7 @@ async fn the_official_python_client_reads_and_decodes_the_records() {
             );
         }
         for c in &cs {
-            let id = d.doc_id.chunk_record_id(c.chunk_index);
+            let id = records::chunk_id(&d.doc_id, c.chunk_index);
             let raw = write_raw(dir.path(), &id, &c.embedding);
             expect.push(
                 json!({"collection": cfg.chroma.text_collection, "id": id, "type": "text",

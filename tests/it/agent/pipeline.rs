@@ -721,13 +721,16 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let sample = rt.block_on(async {
         let got = visual
             .get_ids(
-                &[rig.doc_id("late.pdf").page_record_id(1)],
+                &[docusearch_agent::records::page_id(
+                    &rig.doc_id("late.pdf"),
+                    1,
+                )],
                 &[docusearch_agent::chroma::client::Include::Metadatas],
             )
             .await
             .expect("get");
         let m = got.metadatas.unwrap().remove(0).expect("metadata");
-        docusearch_agent::chroma::records::decode_full_embeddings(&m).expect("decodes")
+        docusearch_agent::records::decode_full_embeddings(&m).expect("decodes")
     });
     let meta = docusearch_agent::sync::DocumentMeta {
         doc_id: DocId::new(&rig.cfg.agent_id, &ghost),
