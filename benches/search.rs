@@ -193,6 +193,7 @@ fn chroma_bench(records: usize, encoding: &str, precision: Precision) -> anyhow:
                 let path = std::path::PathBuf::from(format!("/bench/doc{doc:05}.pdf"));
                 let meta = DocumentMeta {
                     doc_id: DocId::new(&config.agent_id, &path),
+                    agent_id: config.agent_id.clone(),
                     source_path: path,
                     filename: format!("doc{doc:05}.pdf"),
                     format: DocFormat::Pdf,

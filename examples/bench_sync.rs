@@ -9,7 +9,7 @@ use std::time::Instant;
 use docusearch_agent::chroma::client::{ChromaClient, CollectionOptions, Record};
 use docusearch_agent::chroma::managed::ManagedChroma;
 use docusearch_agent::config::{ChromaConfig, MultivectorEncoding};
-use docusearch_agent::records::{self, DocumentFields};
+use docusearch_agent::records::{self, DocumentMeta};
 use docusearch_agent::types::{DocId, MultiVector};
 use rand::{Rng, SeedableRng};
 
@@ -72,16 +72,16 @@ async fn run(
         .get_or_create_collection_with("visual_collection", &options)
         .await?;
     let doc_id = DocId::from_string("0123456789abcdef0123456789abcdef");
-    let fields = DocumentFields {
-        doc_id: &doc_id,
-        filename: "bench.pdf",
-        source_path: "/bench/bench.pdf",
-        format: "pdf",
+    let fields = DocumentMeta {
+        doc_id: doc_id.clone(),
+        agent_id: "bench".into(),
+        source_path: "/bench/bench.pdf".into(),
+        filename: "bench.pdf".into(),
+        format: docusearch_agent::types::DocFormat::Pdf,
         num_pages: pages.len() as u32,
-        timestamp: "2026-11-27T17:00:00Z",
-        content_hash: "0",
-        agent_id: "bench",
-        model: "synthetic",
+        content_hash: docusearch_agent::types::ContentHash("0".into()),
+        model: "synthetic".into(),
+        timestamp: "2026-11-27T17:00:00Z".into(),
     };
     let encode_started = Instant::now();
     for (i, mv) in pages.iter().enumerate() {

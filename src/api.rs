@@ -281,7 +281,10 @@ impl ApiState {
     /// [`QueuedPaths::request`]).
     pub fn index_request_done(&self) -> u64 {
         use std::sync::atomic::Ordering;
-        self.inner.index_requests_done.fetch_add(1, Ordering::SeqCst) + 1
+        self.inner
+            .index_requests_done
+            .fetch_add(1, Ordering::SeqCst)
+            + 1
     }
 
     /// How many `POST /index` requests have their jobs in the store. Read it before reading
@@ -385,7 +388,6 @@ pub fn initial_status(config: &crate::config::Config) -> AgentStatus {
         ..Default::default()
     }
 }
-
 
 /// The address to listen on: loopback unless non-loopback was asked for explicitly.
 pub fn bind_addr(cfg: &ApiConfig) -> Result<SocketAddr, ApiError> {

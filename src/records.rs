@@ -6,13 +6,14 @@
 
 use std::borrow::Cow;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::chroma::client::{CollectionOptions, GetRecord, RawMetadata, Record, Space};
-use crate::types::{DocId, MultiVector, SCHEMA_VERSION};
+use crate::types::{ContentHash, DocFormat, DocId, MultiVector, SCHEMA_VERSION};
 
 /// What a record holds, and so which collection it lives in: a page (the visual collection) or
 /// a text chunk (the text collection). Its name is the record's `type`.
@@ -315,32 +316,41 @@ pub struct ChunkRecord {
     pub embedding: MultiVector,
 }
 
-/// What every record of one document shares.
-#[derive(Debug, Clone)]
-pub struct DocumentFields<'a> {
-    pub doc_id: &'a DocId,
-    pub filename: &'a str,
-    pub source_path: &'a str,
-    pub format: &'a str,
+/// What every record of a document says about the document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocumentMeta {
+    pub doc_id: DocId,
+    /// The agent that indexed it (records are listed and repaired per agent).
+    pub agent_id: String,
+    pub source_path: PathBuf,
+    pub filename: String,
+    pub format: DocFormat,
     pub num_pages: u32,
-    pub timestamp: &'a str,
-    pub content_hash: &'a str,
-    pub agent_id: &'a str,
-    pub model: &'a str,
+    pub content_hash: ContentHash,
+    /// The model that produced the embeddings.
+    pub model: String,
+    /// ISO 8601 UTC.
+    pub timestamp: String,
 }
 
-impl DocumentFields<'_> {
+impl DocumentMeta {
     /// Writes the shared keys into `m` (new records, and moved ones being re-keyed).
     fn write_into(&self, m: &mut Map<String, Value>) {
         m.insert(keys::DOC_ID.into(), self.doc_id.as_str().into());
-        m.insert(keys::FILENAME.into(), self.filename.into());
-        m.insert(keys::SOURCE_PATH.into(), self.source_path.into());
+        m.insert(keys::FILENAME.into(), self.filename.as_str().into());
+        m.insert(
+            keys::SOURCE_PATH.into(),
+            self.source_path.to_string_lossy().into(),
+        );
         m.insert(keys::NUM_PAGES.into(), self.num_pages.into());
-        m.insert(keys::FORMAT.into(), self.format.into());
-        m.insert(keys::TIMESTAMP.into(), self.timestamp.into());
-        m.insert(keys::CONTENT_HASH.into(), self.content_hash.into());
-        m.insert(keys::AGENT_ID.into(), self.agent_id.into());
-        m.insert(keys::MODEL.into(), self.model.into());
+        m.insert(keys::FORMAT.into(), self.format.as_str().into());
+        m.insert(keys::TIMESTAMP.into(), self.timestamp.as_str().into());
+        m.insert(
+            keys::CONTENT_HASH.into(),
+            self.content_hash.0.as_str().into(),
+        );
+        m.insert(keys::AGENT_ID.into(), self.agent_id.as_str().into());
+        m.insert(keys::MODEL.into(), self.model.as_str().into());
         m.insert(keys::SCHEMA_VERSION.into(), SCHEMA_VERSION.into());
     }
 }
@@ -359,13 +369,9 @@ fn embedding_keys(m: &mut Map<String, Value>, mv: &MultiVector, encoding: Multiv
 }
 
 /// The record of one page: its id, its mean vector, its text as the document, its metadata.
-pub fn page_record(
-    doc: &DocumentFields<'_>,
-    page: &PageRecord,
-    encoding: MultivectorEncoding,
-) -> Record {
+pub fn page_record(doc: &DocumentMeta, page: &PageRecord, encoding: MultivectorEncoding) -> Record {
     Record {
-        id: page_id(doc.doc_id, page.page),
+        id: page_id(&doc.doc_id, page.page),
         embedding: page.embedding.mean_normalized(),
         document: Some(page.text.clone()),
         metadata: page_metadata(doc, page.page, &page.embedding, encoding),
@@ -375,12 +381,12 @@ pub fn page_record(
 /// The record of one text chunk: its id, its mean vector, its text as the document, its
 /// metadata.
 pub fn chunk_record(
-    doc: &DocumentFields<'_>,
+    doc: &DocumentMeta,
     chunk: &ChunkRecord,
     encoding: MultivectorEncoding,
 ) -> Record {
     Record {
-        id: chunk_id(doc.doc_id, chunk.chunk_index),
+        id: chunk_id(&doc.doc_id, chunk.chunk_index),
         embedding: chunk.embedding.mean_normalized(),
         document: Some(chunk.text.clone()),
         metadata: chunk_metadata(doc, chunk, encoding),
@@ -389,7 +395,7 @@ pub fn chunk_record(
 
 /// Metadata of a page record (`type` = `visual`); `page` is 1-based.
 pub fn page_metadata(
-    doc: &DocumentFields<'_>,
+    doc: &DocumentMeta,
     page: u32,
     mv: &MultiVector,
     encoding: MultivectorEncoding,
@@ -404,7 +410,7 @@ pub fn page_metadata(
 
 /// Metadata of a text-chunk record (`type` = `text`).
 pub fn chunk_metadata(
-    doc: &DocumentFields<'_>,
+    doc: &DocumentMeta,
     chunk: &ChunkRecord,
     encoding: MultivectorEncoding,
 ) -> Map<String, Value> {
@@ -566,7 +572,7 @@ pub fn rekey(
     kind: RecordKind,
     old: &DocId,
     got: GetRecord,
-    new: &DocumentFields<'_>,
+    new: &DocumentMeta,
 ) -> Result<Record, RecordError> {
     let mut metadata = got
         .metadata
@@ -604,7 +610,7 @@ pub fn rekey(
         RecordKind::Text => RecordPart::Chunk(number),
     };
     Ok(Record {
-        id: part.id(new.doc_id),
+        id: part.id(&new.doc_id),
         embedding,
         document: got.document,
         metadata,
@@ -846,17 +852,17 @@ mod tests {
         assert_eq!(opts.unindexed_string_keys, ["full_embeddings", "full_text"]);
     }
 
-    fn fields(doc_id: &DocId) -> DocumentFields<'_> {
-        DocumentFields {
-            doc_id,
-            filename: "a.pdf",
-            source_path: "/x/a.pdf",
-            format: "pdf",
+    fn fields(doc_id: &DocId) -> DocumentMeta {
+        DocumentMeta {
+            doc_id: doc_id.clone(),
+            agent_id: "agent".into(),
+            source_path: "/x/a.pdf".into(),
+            filename: "a.pdf".into(),
+            format: DocFormat::Pdf,
             num_pages: 3,
-            timestamp: "2026-01-01T00:00:00Z",
-            content_hash: "h",
-            agent_id: "agent",
-            model: "m",
+            content_hash: ContentHash("h".into()),
+            model: "m".into(),
+            timestamp: "2026-01-01T00:00:00Z".into(),
         }
     }
 
@@ -973,9 +979,9 @@ mod tests {
         let old = DocId::from_string(DOC);
         let new = DocId::from_string("ffffffffffffffffffffffffffffffff");
         let mut moved = fields(&new);
-        moved.source_path = "/y/b.pdf";
-        moved.filename = "b.pdf";
-        moved.model = "newer-model";
+        moved.source_path = "/y/b.pdf".into();
+        moved.filename = "b.pdf".into();
+        moved.model = "newer-model".into();
         let page = PageRecord {
             page: 5,
             text: "five".into(),

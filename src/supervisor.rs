@@ -60,7 +60,8 @@ impl Supervisor {
         let this = self.clone();
         // The inner task's join handle tells a panic from an error.
         let inner = tokio::spawn(task);
-        self.tracker.spawn(async move { this.watch(name, inner.await) });
+        self.tracker
+            .spawn(async move { this.watch(name, inner.await) });
     }
 
     /// Runs `task` on a thread of its own (it blocks: rendering, the model).
@@ -70,10 +71,15 @@ impl Supervisor {
     {
         let this = self.clone();
         let inner = tokio::task::spawn_blocking(task);
-        self.tracker.spawn(async move { this.watch(name, inner.await) });
+        self.tracker
+            .spawn(async move { this.watch(name, inner.await) });
     }
 
-    fn watch(&self, name: &'static str, ended: Result<Result<(), TaskError>, tokio::task::JoinError>) {
+    fn watch(
+        &self,
+        name: &'static str,
+        ended: Result<Result<(), TaskError>, tokio::task::JoinError>,
+    ) {
         let reason = match ended {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.0,
@@ -147,7 +153,9 @@ mod tests {
         let telemetry = Arc::new(Telemetry::new("m"));
         let sup = Supervisor::new(telemetry.clone());
         sup.spawn("fine", async { Ok(()) });
-        sup.spawn("broken", async { Err(TaskError::new("the queue is unwritable")) });
+        sup.spawn("broken", async {
+            Err(TaskError::new("the queue is unwritable"))
+        });
         let first = sup.failed().await;
         assert_eq!(first.task, "broken");
         assert_eq!(first.reason, "the queue is unwritable");

@@ -5,15 +5,14 @@
 //! replacement is written, so a changed document never drops out of search.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 
 use rayon::prelude::*;
 
 use crate::chroma::client::{ChromaClient, ChromaError, Collection, GetResult, Include, Record};
-use crate::records::{self, DocumentFields, MultivectorEncoding, RecordError, RecordKind};
-use crate::types::{ContentHash, DocFormat, DocId, MultiVector};
+use crate::records::{self, MultivectorEncoding, RecordError, RecordKind};
+use crate::types::{DocId, MultiVector};
 
-pub use crate::records::{ChunkRecord, PageRecord};
+pub use crate::records::{ChunkRecord, DocumentMeta, PageRecord};
 
 /// Records read back per request when re-keying a moved document (~0.7 MB each in f32).
 const MOVE_SLICE: usize = 16;
@@ -56,21 +55,6 @@ impl SyncError {
             _ => false,
         }
     }
-}
-
-/// What every record of a document says about the document.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DocumentMeta {
-    pub doc_id: DocId,
-    pub source_path: PathBuf,
-    pub filename: String,
-    pub format: DocFormat,
-    pub num_pages: u32,
-    pub content_hash: ContentHash,
-    /// The model that produced the embeddings.
-    pub model: String,
-    /// ISO 8601 UTC.
-    pub timestamp: String,
 }
 
 /// Writes documents into the visual (pages) and text (chunks) collections.
@@ -170,20 +154,6 @@ impl Syncer {
         Ok(())
     }
 
-    fn fields<'a>(&'a self, doc: &'a DocumentMeta, source_path: &'a str) -> DocumentFields<'a> {
-        DocumentFields {
-            doc_id: &doc.doc_id,
-            filename: &doc.filename,
-            source_path,
-            format: doc.format.as_str(),
-            num_pages: doc.num_pages,
-            timestamp: &doc.timestamp,
-            content_hash: &doc.content_hash.0,
-            agent_id: &self.agent_id,
-            model: &doc.model,
-        }
-    }
-
     /// Writes (or overwrites) some of a document's page records.
     pub async fn upsert_pages(
         &self,
@@ -194,11 +164,10 @@ impl Syncer {
         for p in pages {
             self.check_embedding(&path, &records::page_id(&doc.doc_id, p.page), &p.embedding)?;
         }
-        let fields = self.fields(doc, &path);
         // Encoding (gzip, base64) is CPU work: spread it over the cores.
         let records: Vec<Record> = pages
             .par_iter()
-            .map(|p| records::page_record(&fields, p, self.encoding))
+            .map(|p| records::page_record(doc, p, self.encoding))
             .collect();
         let requests = self
             .visual
@@ -223,10 +192,9 @@ impl Syncer {
                 &c.embedding,
             )?;
         }
-        let fields = self.fields(doc, &path);
         let records: Vec<Record> = chunks
             .par_iter()
-            .map(|c| records::chunk_record(&fields, c, self.encoding))
+            .map(|c| records::chunk_record(doc, c, self.encoding))
             .collect();
         let requests = self
             .text
@@ -301,7 +269,7 @@ impl Syncer {
                     .map_err(|source| {
                         chroma_err("reading a moved document's records", &path, source)
                     })?;
-                let moved = self.rekey(collection, kind, old, new, &path, got)?;
+                let moved = self.rekey(collection, kind, old, new, got)?;
                 new_ids.extend(moved.iter().map(|r| r.id.clone()));
                 collection.upsert(&moved).await.map_err(|source| {
                     chroma_err("writing a moved document's records", &path, source)
@@ -329,15 +297,13 @@ impl Syncer {
         kind: RecordKind,
         old: &DocId,
         new: &DocumentMeta,
-        path: &str,
         got: GetResult,
     ) -> Result<Vec<Record>, SyncError> {
-        let fields = self.fields(new, path);
         got.into_records()
             .into_iter()
             .map(|r| {
                 let id = r.id.clone();
-                records::rekey(kind, old, r, &fields).map_err(|source| SyncError::BadRecord {
+                records::rekey(kind, old, r, new).map_err(|source| SyncError::BadRecord {
                     id,
                     collection: collection.name.clone(),
                     source,

@@ -5,21 +5,18 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use super::stages::{
-    Chunk, ChunkVectors, DocInfo, DocumentMeta, Embed, EmbedLoader, Extract, Extracted,
-    PageContent, PageRecord, Placement, Sink, Stage, StageError,
+    ChunkRecord, DocumentInfo, DocumentMeta, Embed, EmbedLoader, Extract, ExtractEvent, PageRecord,
+    Placement, Sink, Stage, StageError,
 };
 use crate::config::{Config, ExtractConfig, ModelConfig};
 use crate::embed::Embedder;
-use crate::extract::{ExtractEvent, ExtractOptions, Extractor};
-use crate::sync::{ChunkRecord, SyncError, Syncer};
+use crate::extract::{ExtractOptions, Extractor};
+use crate::sync::{SyncError, Syncer};
 use crate::types::{DocId, MultiVector};
 
-/// Extraction through the isolated worker, with the page text cut into chunks here.
+/// Extraction through the isolated worker (which also cuts each page's text into chunks).
 pub struct RealExtract {
     extractor: Extractor,
-    chunk_size: usize,
-    chunk_overlap: usize,
-    max_chunk_chars: usize,
 }
 
 impl RealExtract {
@@ -36,14 +33,9 @@ impl RealExtract {
         worker_exe: PathBuf,
     ) -> Result<RealExtract, StageError> {
         let opts = ExtractOptions::from_config(cfg, image_size, worker_exe);
-        let extractor =
-            Extractor::new(opts).map_err(|e| StageError::permanent(Stage::Extract, e.to_string()))?;
-        Ok(RealExtract {
-            extractor,
-            chunk_size: cfg.chunk_size,
-            chunk_overlap: cfg.chunk_overlap,
-            max_chunk_chars: cfg.max_chunk_chars,
-        })
+        let extractor = Extractor::new(opts)
+            .map_err(|e| StageError::permanent(Stage::Extract, e.to_string()))?;
+        Ok(RealExtract { extractor })
     }
 }
 
@@ -51,51 +43,13 @@ impl Extract for RealExtract {
     fn extract(
         &self,
         path: &Path,
-        sink: &mut dyn FnMut(Extracted) -> ControlFlow<()>,
-    ) -> Result<DocInfo, StageError> {
-        let mut next_chunk = 0u32;
-        let result = self.extractor.extract(path, &mut |ev| match ev {
-            ExtractEvent::Info(info) => sink(Extracted::Info(DocInfo {
-                format: info.format,
-                num_pages: info.num_pages,
-            })),
-            ExtractEvent::Page(page) => {
-                let chunks: Vec<Chunk> = crate::extract::chunk_page(
-                    page.number,
-                    &page.text,
-                    self.chunk_size,
-                    self.chunk_overlap,
-                    self.max_chunk_chars,
-                    next_chunk,
-                )
-                .into_iter()
-                .map(|c| Chunk {
-                    page: c.page,
-                    chunk_index: c.chunk_index,
-                    text: c.text,
-                    word_count: c.word_count,
-                })
-                .collect();
-                next_chunk += chunks.len() as u32;
-                sink(Extracted::Page(PageContent {
-                    number: page.number,
-                    image: page.image,
-                    text: page.text,
-                    chunks,
-                }))
-            }
-        });
-        match result {
-            Ok(info) => Ok(DocInfo {
-                format: info.format,
-                num_pages: info.num_pages,
-            }),
-            Err(e) => Err(StageError {
-                stage: Stage::Extract,
-                reason: e.reason(),
-                permanent: e.is_permanent(),
-            }),
-        }
+        sink: &mut dyn FnMut(ExtractEvent) -> ControlFlow<()>,
+    ) -> Result<DocumentInfo, StageError> {
+        self.extractor.extract(path, sink).map_err(|e| StageError {
+            stage: Stage::Extract,
+            reason: e.reason(),
+            permanent: e.is_permanent(),
+        })
     }
 }
 
@@ -109,8 +63,8 @@ pub struct RealModel(Embedder);
 impl EmbedLoader for RealModelLoader {
     type Model = RealModel;
     fn load(&self) -> Result<RealModel, StageError> {
-        let e =
-            Embedder::load(&self.cfg).map_err(|e| StageError::transient(Stage::Model, e.to_string()))?;
+        let e = Embedder::load(&self.cfg)
+            .map_err(|e| StageError::transient(Stage::Model, e.to_string()))?;
         tracing::info!(model = %e.model_id(), device = %e.device_name(), dtype = %e.dtype_name(), "model loaded");
         Ok(RealModel(e))
     }
@@ -161,19 +115,9 @@ impl Sink for RealSink {
     async fn upsert_chunks(
         &self,
         doc: &DocumentMeta,
-        chunks: &[ChunkVectors],
+        chunks: &[ChunkRecord],
     ) -> Result<(), StageError> {
-        let recs: Vec<ChunkRecord> = chunks
-            .iter()
-            .map(|c| ChunkRecord {
-                chunk_index: c.chunk.chunk_index,
-                page: c.chunk.page,
-                text: c.chunk.text.clone(),
-                word_count: c.chunk.word_count,
-                embedding: c.embedding.clone(),
-            })
-            .collect();
-        self.0.upsert_chunks(doc, &recs).await.map_err(sync_err)
+        self.0.upsert_chunks(doc, chunks).await.map_err(sync_err)
     }
     async fn finish_document(
         &self,

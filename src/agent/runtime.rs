@@ -73,8 +73,17 @@ impl Agent {
         sink: S,
     ) -> Result<Agent, AgentError> {
         let supervisor = Supervisor::new(Arc::new(Telemetry::new(&loader.model_id())));
-        Self::start_supervised(&supervisor, cfg, folders, store, extractor, loader, sink, None)
-            .await
+        Self::start_supervised(
+            &supervisor,
+            cfg,
+            folders,
+            store,
+            extractor,
+            loader,
+            sink,
+            None,
+        )
+        .await
     }
 
     /// [`Agent::start`] with the tasks under `supervisor` (whose telemetry the status API
@@ -116,7 +125,11 @@ impl Agent {
             "start-up reconcile done"
         );
 
-        let (t, tel, token) = (tracker.clone(), telemetry.clone(), supervisor.token().clone());
+        let (t, tel, token) = (
+            tracker.clone(),
+            telemetry.clone(),
+            supervisor.token().clone(),
+        );
         supervisor.spawn("watch", async move {
             loop {
                 let batch = tokio::select! {
@@ -140,7 +153,11 @@ impl Agent {
             }
         });
         if cfg.watch.rescan_interval_s > 0 {
-            let (t, tel, token) = (tracker.clone(), telemetry.clone(), supervisor.token().clone());
+            let (t, tel, token) = (
+                tracker.clone(),
+                telemetry.clone(),
+                supervisor.token().clone(),
+            );
             let every = Duration::from_secs(cfg.watch.rescan_interval_s);
             supervisor.spawn("rescan", async move {
                 loop {

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 pub use crate::telemetry::Stage;
-use crate::types::{DocFormat, DocId, MultiVector};
+use crate::types::{DocId, MultiVector};
 
 /// A stage failure: what failed and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,46 +36,14 @@ impl StageError {
     }
 }
 
-/// What extraction knows about a document before its pages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DocInfo {
-    pub format: DocFormat,
-    pub num_pages: u32,
-}
-
-/// A text chunk of a page, as embedded and stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chunk {
-    pub page: u32,
-    pub chunk_index: u32,
-    pub text: String,
-    pub word_count: usize,
-}
-
-/// One rendered page with its text, cut into chunks.
-#[derive(Debug, Clone)]
-pub struct PageContent {
-    /// 1-based.
-    pub number: u32,
-    /// `None` for documents without a visual rendering (plain text).
-    pub image: Option<image::RgbImage>,
-    pub text: String,
-    pub chunks: Vec<Chunk>,
-}
-
-/// What extraction streams.
-pub enum Extracted {
-    Info(DocInfo),
-    Page(PageContent),
-}
-
-/// Renders a document page by page. Blocking; the sink may stop it early.
+/// Renders a document page by page (its info first, then its pages with their text chunks).
+/// Blocking; the sink may stop it early.
 pub trait Extract: Send + Sync + 'static {
     fn extract(
         &self,
         path: &Path,
-        sink: &mut dyn FnMut(Extracted) -> ControlFlow<()>,
-    ) -> Result<DocInfo, StageError>;
+        sink: &mut dyn FnMut(ExtractEvent) -> ControlFlow<()>,
+    ) -> Result<DocumentInfo, StageError>;
 }
 
 /// A loaded model.
@@ -103,15 +71,11 @@ pub trait EmbedLoader: Send + Sync + 'static {
     fn model_id(&self) -> String;
 }
 
-/// The document a batch of records belongs to, and one embedded page: the sync layer's own
-/// types, so the sink hands them over as they are.
-pub use crate::sync::{DocumentMeta, PageRecord};
-
-#[derive(Debug, Clone)]
-pub struct ChunkVectors {
-    pub chunk: Chunk,
-    pub embedding: MultiVector,
-}
+/// A document as extraction reads it, one page of it, and one text chunk: extraction's own
+/// types. The document every record shares, and a page or chunk with its vectors: the
+/// records' own types. The stages hand them over as they are.
+pub use crate::extract::{DocumentInfo, ExtractEvent, Page, TextChunk};
+pub use crate::records::{ChunkRecord, DocumentMeta, PageRecord};
 
 /// Where records go. Upserts first, then `finish_document` prunes what no longer exists, so a
 /// changed document is never missing from search.
@@ -124,7 +88,7 @@ pub trait Sink: Send + Sync + 'static {
     fn upsert_chunks(
         &self,
         doc: &DocumentMeta,
-        chunks: &[ChunkVectors],
+        chunks: &[ChunkRecord],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
     fn finish_document(
         &self,

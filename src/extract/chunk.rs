@@ -55,44 +55,6 @@ pub fn chunk_page(
     chunks
 }
 
-/// Chunks a document page by page as the pages stream in, keeping the numbering.
-#[derive(Debug, Clone)]
-pub struct Chunker {
-    size: usize,
-    overlap: usize,
-    max_chars: usize,
-    next_index: u32,
-}
-
-impl Chunker {
-    pub fn new(size: usize, overlap: usize, max_chars: usize) -> Self {
-        Chunker {
-            size,
-            overlap,
-            max_chars,
-            next_index: 0,
-        }
-    }
-
-    pub fn page(&mut self, page: u32, text: &str) -> Vec<TextChunk> {
-        let chunks = chunk_page(
-            page,
-            text,
-            self.size,
-            self.overlap,
-            self.max_chars,
-            self.next_index,
-        );
-        self.next_index += chunks.len() as u32;
-        chunks
-    }
-
-    /// Chunks produced so far.
-    pub fn count(&self) -> u32 {
-        self.next_index
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,18 +107,5 @@ mod tests {
         let text = "é".repeat(50);
         let c = chunk_page(1, &text, 10, 2, 8, 0);
         assert_eq!(c[0].text, "é".repeat(8));
-    }
-
-    #[test]
-    fn chunker_numbers_across_pages() {
-        let mut ch = Chunker::new(4, 1, 100);
-        let a = ch.page(1, &words(7));
-        let b = ch.page(2, &words(3));
-        assert_eq!(
-            a.iter().map(|c| c.chunk_index).collect::<Vec<_>>(),
-            vec![0, 1]
-        );
-        assert_eq!(b[0].chunk_index, 2);
-        assert_eq!(ch.count(), 3);
     }
 }

@@ -30,6 +30,7 @@ pub(crate) fn extract(
         number: 1,
         image: Some(image),
         text: String::new(),
+        chunks: Vec::new(),
     })
 }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ExtractConfig;
 use crate::types::DocFormat;
 
-pub use chunk::{chunk_page, Chunker, TextChunk};
+pub use chunk::{chunk_page, TextChunk};
 pub use office::find_soffice;
 pub use worker::worker_main;
 
@@ -82,11 +82,6 @@ impl ExtractOptions {
             worker_env: Vec::new(),
         }
     }
-
-    /// A chunker configured with these options, numbering from 0.
-    pub fn chunker(&self) -> Chunker {
-        Chunker::new(self.chunk_size, self.chunk_overlap, self.max_chunk_chars)
-    }
 }
 
 /// What is known about a document before its pages arrive.
@@ -101,14 +96,17 @@ pub struct DocumentInfo {
     pub notes: Vec<String>,
 }
 
-/// One page, as it goes downstream.
-#[derive(Debug, Clone)]
+/// One page, as it goes downstream: from the worker to the model, until its record is made.
+#[derive(Debug, Clone, Default)]
 pub struct Page {
     /// 1-based.
     pub number: u32,
     /// Already resized to `image_size`×`image_size` for the model; `None` for text-only pages.
     pub image: Option<image::RgbImage>,
     pub text: String,
+    /// `text` cut into chunks, numbered across the document. [`Extractor::extract`] cuts them
+    /// (in this process); the worker sends none.
+    pub chunks: Vec<TextChunk>,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +382,23 @@ impl Extractor {
             pdfium_path: self.pdfium.clone(),
             notes,
         };
-        isolate::run_worker(&self.opts, path, &request, sink)
+        // Chunks are numbered across the document.
+        let mut next_chunk = 0u32;
+        let o = &self.opts;
+        isolate::run_worker(&self.opts, path, &request, &mut |ev| match ev {
+            ExtractEvent::Page(mut page) => {
+                page.chunks = chunk_page(
+                    page.number,
+                    &page.text,
+                    o.chunk_size,
+                    o.chunk_overlap,
+                    o.max_chunk_chars,
+                    next_chunk,
+                );
+                next_chunk += page.chunks.len() as u32;
+                sink(ExtractEvent::Page(page))
+            }
+            info => sink(info),
+        })
     }
 }

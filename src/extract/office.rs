@@ -185,6 +185,7 @@ pub(crate) fn extract_text(
             number: i as u32 + 1,
             image: None,
             text,
+            chunks: Vec::new(),
         })?;
     }
     Ok(())

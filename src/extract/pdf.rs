@@ -82,6 +82,7 @@ pub(crate) fn extract(
             number,
             image: Some(image),
             text,
+            chunks: Vec::new(),
         })?;
     }
     Ok(())

@@ -177,6 +177,7 @@ pub(crate) fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
                 number,
                 image,
                 text,
+                chunks: Vec::new(),
             })
         }
         other => return Err(bad(format!("unknown frame tag {other}"))),
@@ -206,6 +207,7 @@ mod tests {
                 number: 1,
                 image: Some(img.clone()),
                 text: "héllo".into(),
+                chunks: Vec::new(),
             },
         )
         .unwrap();
@@ -215,6 +217,7 @@ mod tests {
                 number: 2,
                 image: None,
                 text: String::new(),
+                chunks: Vec::new(),
             },
         )
         .unwrap();

@@ -33,6 +33,7 @@ pub(crate) fn extract(
         number: 1,
         image: None,
         text,
+        chunks: Vec::new(),
     })
 }
 

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use docusearch_agent::telemetry::Stage;
 use docusearch_agent::api::{
     AgentStatus, ApiClient, ApiError, ApiServer, ApiState, ChromaProbe, ChromaStatus, DocState,
     FailedDocument, Health, HealthState, ModelState, ModelStatus, QueueCounts, RecentDocument,
     StoreStatus,
 };
 use docusearch_agent::config::{ApiConfig, Config};
+use docusearch_agent::telemetry::Stage;
 use docusearch_agent::types::DocId;
 
 use crate::common;
@@ -167,8 +167,15 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
                 "HELP" => assert!(!value.is_empty(), "empty HELP for {name}"),
                 "TYPE" => {
                     assert!(
-                        ["counter", "gauge", "histogram", "info", "summary", "unknown"]
-                            .contains(&value),
+                        [
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "info",
+                            "summary",
+                            "unknown"
+                        ]
+                        .contains(&value),
                         "bad TYPE {value:?} for {name}"
                     );
                     assert!(

@@ -170,6 +170,7 @@ fn doctor_runs_the_recall_check_on_the_indexed_records() {
             let path = std::path::PathBuf::from(format!("/docs/report-{d}.pdf"));
             let meta = DocumentMeta {
                 doc_id: DocId::new(&cfg.agent_id, &path),
+                agent_id: cfg.agent_id.clone(),
                 filename: format!("report-{d}.pdf"),
                 format: DocFormat::Pdf,
                 num_pages: 4,

@@ -334,6 +334,7 @@ mod store_reconcile {
     fn meta(agent: &str, path: &Path, num_pages: u32) -> DocumentMeta {
         DocumentMeta {
             doc_id: DocId::new(agent, path),
+            agent_id: agent.into(),
             filename: path.file_name().unwrap().to_string_lossy().into_owned(),
             format: DocFormat::Pdf,
             num_pages,

@@ -26,6 +26,7 @@ fn doc_meta(config: &Config, name: &str, pages: u32) -> DocumentMeta {
     let path = PathBuf::from(format!("/corpus/{name}.pdf"));
     DocumentMeta {
         doc_id: DocId::new(&config.agent_id, &path),
+        agent_id: config.agent_id.clone(),
         source_path: path,
         filename: format!("{name}.pdf"),
         format: DocFormat::Pdf,

@@ -43,6 +43,7 @@ fn doc(agent: &str, path: &str, num_pages: u32) -> DocumentMeta {
     let source_path = PathBuf::from(path);
     DocumentMeta {
         doc_id: DocId::new(agent, &source_path),
+        agent_id: agent.into(),
         filename: source_path
             .file_name()
             .unwrap()

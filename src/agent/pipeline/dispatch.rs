@@ -45,7 +45,9 @@ pub(super) async fn run<S: Sink>(
             }
             None => {
                 let next = shared.store.next_due_ms();
-                if mode == Mode::UntilIdle && next.is_none() && shared.telemetry.in_flight.get() == 0
+                if mode == Mode::UntilIdle
+                    && next.is_none()
+                    && shared.telemetry.in_flight.get() == 0
                 {
                     break;
                 }
@@ -181,11 +183,16 @@ async fn index<S: Sink>(
     let hash = match hashed {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
-            let err = StageError::permanent(Stage::Read, format!("cannot read {}: {e}", path.display()));
+            let err =
+                StageError::permanent(Stage::Read, format!("cannot read {}: {e}", path.display()));
             return shared.job_failed(&job, path, &err);
         }
         Err(e) => {
-            return shared.job_failed(&job, path, &StageError::transient(Stage::Read, e.to_string()));
+            return shared.job_failed(
+                &job,
+                path,
+                &StageError::transient(Stage::Read, e.to_string()),
+            );
         }
     };
     let rec = shared.store.file(path)?;

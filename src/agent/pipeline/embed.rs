@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::{fail_point, EmbeddedPage, FailStage, Shared, StageMsg};
 use crate::agent::stages::{
-    Chunk, ChunkVectors, Embed, EmbedLoader, PageContent, PageRecord, Stage, StageError,
+    ChunkRecord, Embed, EmbedLoader, Page, PageRecord, Stage, StageError, TextChunk,
 };
 use crate::supervisor::TaskError;
 
@@ -19,7 +19,7 @@ const MAX_BATCH_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) fn run<L: EmbedLoader, S>(
     loader: L,
-    page_rx: Receiver<StageMsg<PageContent>>,
+    page_rx: Receiver<StageMsg<Page>>,
     vec_tx: mpsc::Sender<StageMsg<EmbeddedPage>>,
     shared: Arc<Shared<S>>,
 ) -> Result<(), TaskError> {
@@ -31,7 +31,7 @@ pub(super) fn run<L: EmbedLoader, S>(
         shared,
         vec_tx,
     };
-    let mut batch: Vec<StageMsg<PageContent>> = Vec::new();
+    let mut batch: Vec<StageMsg<Page>> = Vec::new();
     let mut pages_in_batch = 0usize;
     loop {
         let msg = if !batch.is_empty() {
@@ -138,7 +138,7 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
 
     /// Embeds the batch's pages (several documents may share it) and their chunks, then passes
     /// everything on in order.
-    fn flush(&mut self, batch: &mut Vec<StageMsg<PageContent>>) -> Result<(), TaskError> {
+    fn flush(&mut self, batch: &mut Vec<StageMsg<Page>>) -> Result<(), TaskError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -147,7 +147,7 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
             .iter()
             .any(|p| matches!(p, StageMsg::Page(d, _) if d.failure().is_none()));
         let mut page_vecs: HashMap<usize, PageRecord> = HashMap::new();
-        let mut chunk_vecs: HashMap<usize, Vec<ChunkVectors>> = HashMap::new();
+        let mut chunk_vecs: HashMap<usize, Vec<ChunkRecord>> = HashMap::new();
         if needs_model {
             fail_point(&self.shared.settings, FailStage::Embed)?;
             if let Err(e) = self.embed(&mut items, &mut page_vecs, &mut chunk_vecs) {
@@ -184,9 +184,9 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
 
     fn embed(
         &mut self,
-        items: &mut [StageMsg<PageContent>],
+        items: &mut [StageMsg<Page>],
         page_vecs: &mut HashMap<usize, PageRecord>,
-        chunk_vecs: &mut HashMap<usize, Vec<ChunkVectors>>,
+        chunk_vecs: &mut HashMap<usize, Vec<ChunkRecord>>,
     ) -> Result<(), StageError> {
         let shared = self.shared.clone();
         let telemetry = &shared.telemetry;
@@ -212,7 +212,9 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
             telemetry.image_batches.inc();
             let started = Instant::now();
             let vecs = m.embed_images(&images)?;
-            telemetry.embed_latency.observe(started.elapsed().as_secs_f64());
+            telemetry
+                .embed_latency
+                .observe(started.elapsed().as_secs_f64());
             if vecs.len() != images.len() {
                 return Err(StageError::transient(
                     Stage::Embed,
@@ -240,20 +242,25 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
                 telemetry.document_embedded(seq, n);
             }
         }
-        let mut chunks: Vec<(usize, &Chunk)> = Vec::new();
-        for (i, it) in items.iter().enumerate() {
+        // The chunks are not needed after this either.
+        let mut chunks: Vec<(usize, TextChunk)> = Vec::new();
+        for (i, it) in items.iter_mut().enumerate() {
             if let StageMsg::Page(d, p) = it {
                 if d.failure().is_none() {
-                    chunks.extend(p.chunks.iter().map(|c| (i, c)));
+                    chunks.extend(std::mem::take(&mut p.chunks).into_iter().map(|c| (i, c)));
                 }
             }
         }
-        for group in chunks.chunks(batch_text) {
+        let mut chunks = chunks.into_iter().peekable();
+        while chunks.peek().is_some() {
+            let group: Vec<(usize, TextChunk)> = chunks.by_ref().take(batch_text).collect();
             let texts: Vec<&str> = group.iter().map(|(_, c)| c.text.as_str()).collect();
             telemetry.embed_calls.inc();
             let started = Instant::now();
             let vecs = m.embed_texts(&texts)?;
-            telemetry.embed_latency.observe(started.elapsed().as_secs_f64());
+            telemetry
+                .embed_latency
+                .observe(started.elapsed().as_secs_f64());
             if vecs.len() != texts.len() {
                 return Err(StageError::transient(
                     Stage::Embed,
@@ -264,13 +271,17 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
                     ),
                 ));
             }
-            for ((i, c), v) in group.iter().zip(vecs) {
-                chunk_vecs.entry(*i).or_default().push(ChunkVectors {
-                    chunk: (*c).clone(),
+            let n = texts.len() as u64;
+            for ((i, c), v) in group.into_iter().zip(vecs) {
+                chunk_vecs.entry(i).or_default().push(ChunkRecord {
+                    chunk_index: c.chunk_index,
+                    page: c.page,
+                    text: c.text,
+                    word_count: c.word_count,
                     embedding: v,
                 });
             }
-            telemetry.chunks_embedded.inc_by(texts.len() as u64);
+            telemetry.chunks_embedded.inc_by(n);
         }
         Ok(())
     }

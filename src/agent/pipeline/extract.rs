@@ -9,13 +9,13 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::{fail_point, Doc, Ending, FailStage, Shared, StageMsg};
-use crate::agent::stages::{Extract, Extracted, PageContent};
+use crate::agent::stages::{Extract, ExtractEvent, Page};
 use crate::supervisor::{CancellationToken, TaskError};
 
 pub(super) fn run<X: Extract, S>(
     extractor: X,
     mut doc_rx: mpsc::Receiver<Arc<Doc>>,
-    page_tx: SyncSender<StageMsg<PageContent>>,
+    page_tx: SyncSender<StageMsg<Page>>,
     token: CancellationToken,
     shared: Arc<Shared<S>>,
 ) -> Result<(), TaskError> {
@@ -23,7 +23,10 @@ pub(super) fn run<X: Extract, S>(
     while let Some(doc) = doc_rx.blocking_recv() {
         if token.is_cancelled() {
             telemetry.extracting.dec();
-            if page_tx.send(StageMsg::End(doc, Ending::Interrupted)).is_err() {
+            if page_tx
+                .send(StageMsg::End(doc, Ending::Interrupted))
+                .is_err()
+            {
                 break;
             }
             continue;
@@ -38,12 +41,12 @@ pub(super) fn run<X: Extract, S>(
                 return ControlFlow::Break(());
             }
             match item {
-                Extracted::Info(info) => {
+                ExtractEvent::Info(info) => {
                     telemetry.document_pages(d.job.seq, info.num_pages);
                     let _ = d.info.set(info);
                     ControlFlow::Continue(())
                 }
-                Extracted::Page(page) => {
+                ExtractEvent::Page(page) => {
                     if d.failure().is_some() {
                         // A later stage failed: the rest is wasted work.
                         return ControlFlow::Break(());
@@ -58,7 +61,9 @@ pub(super) fn run<X: Extract, S>(
                 }
             }
         });
-        telemetry.extract_latency.observe(started.elapsed().as_secs_f64());
+        telemetry
+            .extract_latency
+            .observe(started.elapsed().as_secs_f64());
         if let Ok(info) = &result {
             let _ = doc.info.set(info.clone());
             telemetry.document_pages(doc.job.seq, info.num_pages);

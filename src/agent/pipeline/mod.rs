@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::stages::{
-    ChunkVectors, DocInfo, DocumentMeta, EmbedLoader, Extract, PageContent, PageRecord, Sink,
+    ChunkRecord, DocumentInfo, DocumentMeta, EmbedLoader, Extract, Page, PageRecord, Sink,
     StageError,
 };
 use crate::state::{FileStamp, Job, JobState, RetryPolicy, Store, StoreError};
@@ -161,7 +161,7 @@ struct Doc {
     hash: ContentHash,
     stamp: FileStamp,
     format: DocFormat,
-    info: OnceLock<DocInfo>,
+    info: OnceLock<DocumentInfo>,
     /// The first failure of any stage; the document's remaining pages are dropped.
     failed: Mutex<Option<StageError>>,
     started: std::time::Instant,
@@ -185,7 +185,7 @@ impl Doc {
 /// How extraction of a document ended.
 enum Ending {
     /// It read the whole document (or failed reading it).
-    Finished(Result<DocInfo, StageError>),
+    Finished(Result<DocumentInfo, StageError>),
     /// It stopped early for a shutdown: the job goes back in the queue.
     Interrupted,
 }
@@ -199,7 +199,7 @@ enum StageMsg<P> {
 /// A page after the model: its record (`None` for documents without images) and its chunks.
 struct EmbeddedPage {
     record: Option<PageRecord>,
-    chunks: Vec<ChunkVectors>,
+    chunks: Vec<ChunkRecord>,
 }
 
 /// Everything the stages share.
@@ -234,6 +234,7 @@ impl<S> Shared<S> {
     ) -> DocumentMeta {
         DocumentMeta {
             doc_id,
+            agent_id: self.settings.agent_id.clone(),
             source_path: path.to_path_buf(),
             filename: path
                 .file_name()
@@ -326,7 +327,7 @@ pub fn start<X: Extract, L: EmbedLoader, S: Sink>(
     let token = supervisor.token().clone();
 
     let (doc_tx, doc_rx) = mpsc::channel::<Arc<Doc>>(1);
-    let (page_tx, page_rx) = std::sync::mpsc::sync_channel::<StageMsg<PageContent>>(queue);
+    let (page_tx, page_rx) = std::sync::mpsc::sync_channel::<StageMsg<Page>>(queue);
     let (vec_tx, vec_rx) = mpsc::channel::<StageMsg<EmbeddedPage>>(queue);
 
     let (sh, tk) = (shared.clone(), token.clone());
@@ -335,6 +336,9 @@ pub fn start<X: Extract, L: EmbedLoader, S: Sink>(
     });
     let sh = shared.clone();
     supervisor.spawn_blocking("embed", move || embed::run(loader, page_rx, vec_tx, sh));
-    supervisor.spawn("dispatch", dispatch::run(shared.clone(), doc_tx, token, mode));
+    supervisor.spawn(
+        "dispatch",
+        dispatch::run(shared.clone(), doc_tx, token, mode),
+    );
     supervisor.spawn("sync", sync::run(shared, vec_rx));
 }

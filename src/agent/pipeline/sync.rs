@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{fail_point, fatal, Doc, EmbeddedPage, Ending, FailStage, Outcome, Shared, StageMsg};
-use crate::agent::stages::{ChunkVectors, DocumentMeta, PageRecord, Sink, Stage, StageError};
+use crate::agent::stages::{ChunkRecord, DocumentMeta, PageRecord, Sink, Stage, StageError};
 use crate::state::{FileRecord, StoreError};
 use crate::supervisor::TaskError;
 use crate::telemetry::DocStage;
@@ -18,7 +18,7 @@ use crate::types::SCHEMA_VERSION;
 #[derive(Default)]
 struct DocBuffer {
     pages: Vec<PageRecord>,
-    chunks: Vec<ChunkVectors>,
+    chunks: Vec<ChunkRecord>,
     num_chunks: u32,
     sync_time: Duration,
 }

@@ -10,8 +10,8 @@ use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::runtime::{index_paths, Agent};
 use docusearch_agent::config::{Config, DeviceChoice};
 use docusearch_agent::state::Store;
-use docusearch_agent::telemetry::{ModelState, Telemetry};
 use docusearch_agent::sync::Syncer;
+use docusearch_agent::telemetry::{ModelState, Telemetry};
 use docusearch_agent::types::DocId;
 
 use crate::common::{self, TestChroma};
@@ -208,10 +208,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     })
     .await;
     quiet(&agent).await;
-    assert_eq!(
-        agent.telemetry.files_extracted.get(),
-        extracted + 1
-    );
+    assert_eq!(agent.telemetry.files_extracted.get(), extracted + 1);
 
     // Saved atomically (temp file renamed over it): processed once.
     let tmp = rig.root.join(".a.pdf.tmp");
@@ -734,6 +731,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     });
     let meta = docusearch_agent::sync::DocumentMeta {
         doc_id: DocId::new(&rig.cfg.agent_id, &ghost),
+        agent_id: rig.cfg.agent_id.clone(),
         source_path: ghost.clone(),
         filename: "ghost.pdf".into(),
         format: docusearch_agent::types::DocFormat::Pdf,
@@ -789,11 +787,7 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     let s = rig.syncer().await;
     let agent = rig.start().await;
     quiet(&agent).await;
-    assert_eq!(
-        agent.telemetry.model().loads,
-        0,
-        "no work, no model"
-    );
+    assert_eq!(agent.telemetry.model().loads, 0, "no work, no model");
 
     write(&rig.root.join("a.pdf"), &pdf_pages("first", 0, 0));
     let a = rig.doc_id("a.pdf");

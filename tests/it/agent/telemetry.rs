@@ -201,22 +201,30 @@ fn status_and_metrics_follow_a_long_document_and_end_equal_to_what_was_indexed()
     let mut models = Vec::new();
     let mut saw_queue = false;
     let mut saw_pages_move = false;
-    let done = poll("both documents indexed", Duration::from_secs(240), &agent, || {
-        let s = agent.status();
-        models.push(s.model.state);
-        saw_queue |= s.queue.queued + s.queue.in_progress > 0;
-        for d in &s.in_progress {
-            if d.path.ends_with("big.pdf") {
-                stages.push(d.stage);
-                saw_pages_move |= d.num_pages == Some(113) && d.pages_embedded > 0;
+    let done = poll(
+        "both documents indexed",
+        Duration::from_secs(240),
+        &agent,
+        || {
+            let s = agent.status();
+            models.push(s.model.state);
+            saw_queue |= s.queue.queued + s.queue.in_progress > 0;
+            for d in &s.in_progress {
+                if d.path.ends_with("big.pdf") {
+                    stages.push(d.stage);
+                    saw_pages_move |= d.num_pages == Some(113) && d.pages_embedded > 0;
+                }
             }
-        }
-        (s.indexed.files == 2
-            && s.queue.queued + s.queue.in_progress == 0
-            && s.in_progress.is_empty())
-        .then_some(s)
-    });
-    assert!(saw_queue, "the queue was seen non-empty while the agent worked");
+            (s.indexed.files == 2
+                && s.queue.queued + s.queue.in_progress == 0
+                && s.in_progress.is_empty())
+            .then_some(s)
+        },
+    );
+    assert!(
+        saw_queue,
+        "the queue was seen non-empty while the agent worked"
+    );
     assert!(
         stages.contains(&DocStage::Embedding),
         "big.pdf was seen with the model: {stages:?}"
@@ -333,7 +341,10 @@ fn a_model_that_fails_to_load_degrades_health_and_keeps_what_was_indexed() {
     assert_eq!(rt.block_on(counts(&s, &kept)).0, 2);
 
     // The weights are damaged; a new document arrives.
-    write(&model.join("model.safetensors"), b"not a safetensors file at all");
+    write(
+        &model.join("model.safetensors"),
+        b"not a safetensors file at all",
+    );
     let agent = Agent::start(&rig, &cfg, &[]);
     write(&rig.root.join("new.pdf"), &pdf_pages("new", 0, 0));
     let health = poll("/health degraded", Duration::from_secs(120), &agent, || {
@@ -348,7 +359,11 @@ fn a_model_that_fails_to_load_degrades_health_and_keeps_what_was_indexed() {
     );
     let status = agent.status();
     assert_eq!(status.model.state, ModelState::Failed, "{:?}", status.model);
-    let error = status.model.error.clone().expect("the reason is in /status");
+    let error = status
+        .model
+        .error
+        .clone()
+        .expect("the reason is in /status");
     assert!(error.contains("safetensors"), "{error}");
     let m = agent.metrics();
     assert_eq!(m.get("docusearch_model_failed"), Some(&1.0));
@@ -361,13 +376,21 @@ fn a_model_that_fails_to_load_degrades_health_and_keeps_what_was_indexed() {
 
     // Nothing indexed is lost, and the new document's job is kept (retried, then failed).
     assert_eq!(rt.block_on(counts(&s, &kept)).0, 2);
-    let after = poll("new.pdf marked failed", Duration::from_secs(60), &agent, || {
-        let s = agent.status();
-        (s.queue.failed == 1).then_some(s)
-    });
+    let after = poll(
+        "new.pdf marked failed",
+        Duration::from_secs(60),
+        &agent,
+        || {
+            let s = agent.status();
+            (s.queue.failed == 1).then_some(s)
+        },
+    );
     assert_eq!(after.indexed.files, 1, "kept.pdf is still indexed");
     assert!(after.failures[0].path.ends_with("new.pdf"), "{after:?}");
-    assert!(after.failures[0].reason.contains("safetensors"), "{after:?}");
+    assert!(
+        after.failures[0].reason.contains("safetensors"),
+        "{after:?}"
+    );
     assert!(agent.stop().success());
 }
 
@@ -379,13 +402,21 @@ fn a_device_this_build_lacks_shows_in_status_as_the_model_failing_with_why() {
     // `DEVICE` overrides the file, as under launchd.
     let agent = Agent::start(&rig, &cfg, &[("DEVICE", "cuda")]);
     write(&rig.root.join("doc.pdf"), &pdf_pages("device", 0, 0));
-    let status = poll("the model's state", Duration::from_secs(120), &agent, || {
-        let s = agent.status();
-        (s.model.state == ModelState::Failed).then_some(s)
-    });
+    let status = poll(
+        "the model's state",
+        Duration::from_secs(120),
+        &agent,
+        || {
+            let s = agent.status();
+            (s.model.state == ModelState::Failed).then_some(s)
+        },
+    );
     let error = status.model.error.clone().unwrap_or_default();
     assert!(error.to_lowercase().contains("cuda"), "{error}");
-    assert!(!status.model.fell_back_to_cpu, "a forced device never falls back");
+    assert!(
+        !status.model.fell_back_to_cpu,
+        "a forced device never falls back"
+    );
     let health = agent.health().expect("answers");
     assert!(!health.is_healthy(), "{health:?}");
     let cli = agent.status_command();
@@ -421,8 +452,14 @@ fn a_stage_that_fails_fatally_degrades_health_then_run_exits_non_zero() {
         let st = agent
             .wait_exit(Duration::from_secs(20))
             .unwrap_or_else(|| panic!("{point}: run did not exit; log:\n{}", agent.log_text()));
-        assert!(!st.success(), "{point}: a dead pipeline exits non-zero: {st:?}");
+        assert!(
+            !st.success(),
+            "{point}: a dead pipeline exits non-zero: {st:?}"
+        );
         let log = agent.log_text();
-        assert!(log.contains("failure point"), "{point}: the log says why:\n{log}");
+        assert!(
+            log.contains("failure point"),
+            "{point}: the log says why:\n{log}"
+        );
     }
 }
