@@ -79,11 +79,7 @@ fn doctor_reports_a_working_setup_and_a_reachable_chroma() {
 #[test]
 fn doctor_names_a_stopped_chroma() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let run = doctor(
         "",
         &[

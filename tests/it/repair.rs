@@ -621,7 +621,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
     use docusearch_agent::search::repair::reconcile_with_store;
     use docusearch_agent::state::Store;
 
-    use crate::agent::pipeline::{counts, pdf_pages, rig, worker_exe};
+    use crate::common::{agent_exe, counts, pdf_pages, rig};
 
     let rig = rig(300);
     let s = rig.syncer().await;
@@ -633,7 +633,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
             &rig.cfg,
             std::slice::from_ref(&rig.root),
             store,
-            RealExtract::new(&rig.cfg, worker_exe()).expect("extractor"),
+            RealExtract::new(&rig.cfg, agent_exe()).expect("extractor"),
             RealModelLoader {
                 cfg: rig.cfg.model.clone(),
             },

@@ -468,10 +468,7 @@ fn install_without_a_user_systemd_writes_the_unit_explains_and_uninstalls() {
     assert!(state_dir.is_dir(), "the working directory exists");
 
     // Installing again keeps the user's config as it is.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::common::free_port();
     let mine = format!("# mine\n[api]\nport = {port}\n");
     std::fs::write(&config, &mine).unwrap();
     let again = agent(home.path())
