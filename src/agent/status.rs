@@ -61,6 +61,9 @@ pub struct Status {
     pub failures: Vec<Failure>,
     pub model: ModelStatus,
     pub chroma: ChromaStatus,
+    /// Watched folders that are missing (an unmounted disk): not watched by the running agent,
+    /// or missing now when it is not running.
+    pub missing_folders: Vec<PathBuf>,
     /// What could not be told, and why.
     pub notes: Vec<String>,
 }
@@ -137,6 +140,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
             device: None,
         },
         chroma,
+        missing_folders: cfg.watch.missing_folders(),
         notes: Vec::new(),
     };
     if !store_dir.exists() {
@@ -165,6 +169,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
             match live_status(cfg).await {
                 Some(live) => {
                     status.agent_pid = Some(live.pid);
+                    status.missing_folders = live.missing_folders.clone();
                     status.files = Some(FileCounts {
                         indexed: live.indexed.files as usize,
                         pages: live.indexed.pages,
@@ -274,6 +279,15 @@ pub fn render(s: &Status) -> String {
             }
         ),
     );
+    for f in &s.missing_folders {
+        line(
+            &mut out,
+            format!(
+                "warning: watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                f.display()
+            ),
+        );
+    }
     for n in &s.notes {
         line(&mut out, format!("note:    {n}"));
     }

@@ -560,6 +560,78 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     );
 }
 
+/// A watched folder on a disk that is not mounted: `run` warns, indexes the folder that is there,
+/// and `/health` and `status` name the missing one.
+#[test]
+fn run_skips_a_missing_watched_folder_and_reports_it() {
+    let rig = rig(200);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let s = rt.block_on(rig.syncer());
+    let missing = rig.cfg.state_dir.join("unmounted/docs");
+    let mut cfg = rig.cfg.clone();
+    cfg.api.port = common::free_port();
+    cfg.watch.folders = vec![rig.root.clone(), missing.clone()];
+    let config = rig.cfg.state_dir.join("config.toml");
+    std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML")).expect("write config");
+    let log = rig.cfg.state_dir.join("agent.log");
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("missing-folder", 0, 1));
+
+    // The configured folders, as a service runs it.
+    let agent = RunningAgent::start(&config, &[], &log);
+    let id = rig.doc_id("a.pdf");
+    rt.block_on(until(
+        "a.pdf indexed from the folder that is there",
+        || async { counts(&s, &id).await.0 == 2 },
+    ));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.lines().any(|l| l.contains("WARN")
+            && l.contains(&format!("watched folder {} is missing", missing.display()))),
+        "a warning names the folder: {said}"
+    );
+
+    let (code, health) = rt.block_on(async {
+        let resp = reqwest::get(format!("http://127.0.0.1:{}/health", cfg.api.port))
+            .await
+            .expect("GET /health");
+        let code = resp.status().as_u16();
+        (code, resp.json::<serde_json::Value>().await.expect("JSON"))
+    });
+    assert_eq!(code, 503, "{health}");
+    let reasons = health["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons.iter().any(|r| r.as_str().is_some_and(
+            |r| r.starts_with(&format!("watched folder {} is missing", missing.display()))
+        )),
+        "{health}"
+    );
+
+    let out = std::process::Command::new(agent_exe())
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("status runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("agent:   running"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!(
+            "warning: watched folder {} is missing",
+            missing.display()
+        ))),
+        "{stdout}"
+    );
+
+    agent.signal(libc::SIGTERM);
+    let st = agent.wait();
+    assert!(
+        st.success(),
+        "SIGTERM ends it with status 0, got {st:?}; log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     let mut rig = rig(200);
