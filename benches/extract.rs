@@ -121,7 +121,7 @@ fn run() -> Result<(), String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus");
     let files: Vec<PathBuf> = FILES.iter().map(|f| corpus.join(f)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(format!("corpus file {} is missing", missing.display()));

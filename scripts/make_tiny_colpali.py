@@ -35,7 +35,7 @@ from colpali_engine.models import ColPali, ColPaliProcessor
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "tests/fixtures/tiny-colpali"
 REF_DIR = ROOT / "tests/fixtures/colpali-reference"
-CORPUS = ROOT / "../shared/corpus"
+CORPUS = ROOT / "tests/fixtures/corpus"
 
 SEED = 1234
 IMAGE_SIZE = 56
@@ -173,7 +173,7 @@ def synthetic_image() -> Image.Image:
 def real_layout() -> None:
     """Names and shapes of every tensor in vidore/colpali-v1.2-merged's safetensors, from
     transformers' own model definition at the real config (on the meta device: no memory)."""
-    real = ROOT / "../shared/colpali-v1.2-merged/config.json"
+    real = ROOT / "tests/fixtures/colpali-v1.2-merged/config.json"
     config = PaliGemmaConfig.from_pretrained(real.parent)
     with torch.device("meta"):
         model = ColPali(config)

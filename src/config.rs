@@ -22,8 +22,6 @@ pub enum ConfigError {
         value: String,
         expected: String,
     },
-    #[error("watched folder `{0}` (in `watch.folders`) does not exist or is not a folder — create it or remove it from the config")]
-    MissingFolder(PathBuf),
 }
 
 fn invalid(key: &str, value: impl std::fmt::Display, expected: &str) -> ConfigError {
@@ -207,6 +205,18 @@ impl Default for Config {
             api: ApiConfig::default(),
             logging: LoggingConfig::default(),
         }
+    }
+}
+
+impl WatchConfig {
+    /// The configured folders that do not exist now (or are not folders): an unmounted disk,
+    /// a folder removed since. Checked when asked, not at load time.
+    pub fn missing_folders(&self) -> Vec<PathBuf> {
+        self.folders
+            .iter()
+            .filter(|f| !f.is_dir())
+            .cloned()
+            .collect()
     }
 }
 
@@ -440,11 +450,8 @@ impl Config {
                 "a name without NUL bytes",
             ));
         }
-        for folder in &self.watch.folders {
-            if !folder.is_dir() {
-                return Err(ConfigError::MissingFolder(folder.clone()));
-            }
-        }
+        // A watched folder that is missing is not refused: it may be on a disk that is not
+        // mounted yet. `run` skips it with a warning, `doctor` and `status` report it.
         for (key, globs) in [
             ("watch.include", &self.watch.include),
             ("watch.exclude", &self.watch.exclude),

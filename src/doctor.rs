@@ -95,6 +95,7 @@ pub fn run_checks(config: &Config) -> Vec<Check> {
     // The recall check needs the server; a ✘ Chroma line already says why it is missing.
     let recall = chroma.ok.then(|| check_recall(config));
     let mut checks = vec![
+        check_watched_folders(&config.watch),
         check_state_dir(&config.state_dir),
         check_pdfium(config.extract.pdfium_path.as_deref()),
         chroma,
@@ -171,6 +172,38 @@ fn check_recall(config: &Config) -> Check {
             "check the Chroma server's log, then run `docusearch-agent doctor` again",
         ),
     }
+}
+
+/// A missing folder is not a configuration error (a disk may be mounted later), but the agent
+/// skips it, so it is a ✘ here.
+fn check_watched_folders(watch: &crate::config::WatchConfig) -> Check {
+    const NAME: &str = "watched folders";
+    if watch.folders.is_empty() {
+        return Check::pass(
+            NAME,
+            "none configured (watch.folders): `run` needs them on its command line",
+        );
+    }
+    let missing = watch.missing_folders();
+    if missing.is_empty() {
+        let all: Vec<String> = watch
+            .folders
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
+        return Check::pass(NAME, all.join(", "));
+    }
+    let names: Vec<String> = missing.iter().map(|f| f.display().to_string()).collect();
+    Check::fail(
+        NAME,
+        format!(
+            "{} of {} missing or not a folder (an unmounted disk?): {}; the agent watches the others and skips these",
+            missing.len(),
+            watch.folders.len(),
+            names.join(", ")
+        ),
+        "mount the disk or create the folder, then restart the agent; or remove it from watch.folders in the config file",
+    )
 }
 
 fn check_state_dir(dir: &Path) -> Check {

@@ -79,6 +79,8 @@ pub enum ServiceError {
     },
     #[error("cannot render the launchd plist: {0}")]
     Plist(#[from] plist::Error),
+    #[error("{what} ({value:?}) holds a control character that XML, and so a launchd plist, cannot carry — rename the path or unset the variable, then install again")]
+    NotXml { what: String, value: String },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -166,8 +168,28 @@ pub fn launchd_plist(spec: &ServiceSpec) -> plist::Value {
     Value::Dictionary(d)
 }
 
-/// [`launchd_plist`] as XML text.
+/// [`launchd_plist`] as XML text. Refuses a value XML 1.0 cannot carry (most control
+/// characters have no escape), which would make a plist launchd does not read.
 pub fn launchd_plist_xml(spec: &ServiceSpec) -> Result<String, ServiceError> {
+    let is_xml_char = |c: char| matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..);
+    let paths = [
+        ("the executable path", &spec.exe),
+        ("the config file path", &spec.config),
+        ("the state directory", &spec.state_dir),
+    ];
+    let values = paths
+        .iter()
+        .map(|(what, p)| (what.to_string(), p.display().to_string()))
+        .chain(
+            spec.env
+                .iter()
+                .map(|(k, v)| (format!("the environment variable {k}"), v.clone())),
+        );
+    for (what, value) in values {
+        if !value.chars().all(is_xml_char) {
+            return Err(ServiceError::NotXml { what, value });
+        }
+    }
     let mut buf = Vec::new();
     plist::to_writer_xml(&mut buf, &launchd_plist(spec))?;
     buf.push(b'\n');

@@ -106,6 +106,8 @@ async fn next_request(rx: &mut Option<UnboundedReceiver<AgentRequest>>) -> Optio
 pub struct RepairTarget {
     pub client: ChromaClient,
     pub chroma: ChromaConfig,
+    /// Watched folders missing at start: their files are out of reach, not gone.
+    pub missing_folders: Vec<std::path::PathBuf>,
 }
 
 /// Does what a `POST /index` or `POST /repair` asked for and sends the answer back.
@@ -131,12 +133,17 @@ async fn carry_out(
         }
         AgentRequest::Reconcile { dry_run, reply } => {
             let report = match &repair {
-                Some(r) => {
-                    reconcile_with_store(&r.client, &r.chroma, &agent_id, &tracker.store, dry_run)
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
-                }
+                Some(r) => reconcile_with_store(
+                    &r.client,
+                    &r.chroma,
+                    &agent_id,
+                    &tracker.store,
+                    &r.missing_folders,
+                    dry_run,
+                )
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
                 None => Err("this agent has no Chroma client for repairs".into()),
             };
             let _ = reply.send(report);

@@ -69,6 +69,9 @@ pub struct Status {
     /// The running agent's `/health`.
     pub health: Option<Health>,
     pub chroma: ChromaStatus,
+    /// Watched folders that are missing (an unmounted disk): not watched by the running agent,
+    /// or missing now when it is not running.
+    pub missing_folders: Vec<PathBuf>,
     /// What could not be told, and why.
     pub notes: Vec<String>,
 }
@@ -137,6 +140,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
         counters: None,
         health: None,
         chroma,
+        missing_folders: cfg.watch.missing_folders(),
         notes: Vec::new(),
     };
     if !store_dir.exists() {
@@ -166,6 +170,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
                 Some((live, health)) => {
                     status.health = health;
                     status.agent_pid = Some(live.pid);
+                    status.missing_folders = live.missing_folders.clone();
                     status.files = Some(FileCounts {
                         indexed: live.indexed.files as usize,
                         pages: live.indexed.pages,
@@ -278,6 +283,15 @@ pub fn render(s: &Status) -> String {
             }
         ),
     );
+    for f in &s.missing_folders {
+        line(
+            &mut out,
+            format!(
+                "warning: watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                f.display()
+            ),
+        );
+    }
     if let Some(h) = &s.health {
         if h.is_healthy() {
             line(&mut out, "health:  healthy".into());

@@ -24,6 +24,10 @@ pub struct AgentStatus {
     pub started_at: String,
     pub uptime_s: u64,
     pub watched_folders: Vec<PathBuf>,
+    /// Configured folders that were missing at start (an unmounted disk), so not watched.
+    /// Makes `/health` degraded.
+    #[serde(default)]
+    pub missing_folders: Vec<PathBuf>,
     pub queue: QueueCounts,
     pub indexed: IndexedCounts,
     /// Documents in the pipeline now, with their stage, oldest first.
@@ -176,6 +180,12 @@ impl AgentStatus {
     /// see `ApiState::check_health`).
     pub fn degraded_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
+        for f in &self.missing_folders {
+            reasons.push(format!(
+                "watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                f.display()
+            ));
+        }
         // Until a load works: a failed load is retried with the next document.
         if self.model.state == ModelState::Failed
             || (self.model.state == ModelState::Loading && self.model.error.is_some())

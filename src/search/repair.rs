@@ -367,6 +367,10 @@ pub struct StoreReconcile {
     pub orphans: Vec<OrphanDocument>,
     /// Store entries of files gone from disk (forgotten with their records).
     pub gone_files: Vec<PathBuf>,
+    /// Files under a watched folder that is missing (an unmounted disk): out of reach, not
+    /// gone, so kept with their records and not checked.
+    #[serde(default)]
+    pub unavailable: Vec<PathBuf>,
     pub missing: Vec<MissingRecords>,
     /// Failed jobs (queued again unless `dry_run`).
     pub failed_jobs: Vec<(PathBuf, String)>,
@@ -433,12 +437,14 @@ async fn ids_of_agent(
 /// queued again (their file record marked so the unchanged content is embedded anyway); failed
 /// jobs are queued again. With `dry_run` it only reports. Documents with a job queued or
 /// running are skipped, so this is safe while the agent's pipeline works (the running agent
-/// does it for `repair`, `POST /repair`).
+/// does it for `repair`, `POST /repair`). Files under `missing_folders` (watched folders that
+/// are not there: an unmounted disk) are left as they are.
 pub async fn reconcile_with_store(
     client: &ChromaClient,
     chroma: &ChromaConfig,
     agent_id: &str,
     store: &Store,
+    missing_folders: &[PathBuf],
     dry_run: bool,
 ) -> Result<StoreReconcile, RepairError> {
     let visual = client.get_collection(&chroma.visual_collection).await?;
@@ -480,6 +486,7 @@ pub async fn reconcile_with_store(
         busy: busy_paths,
         orphans: Vec::new(),
         gone_files: Vec::new(),
+        unavailable: Vec::new(),
         missing: Vec::new(),
         failed_jobs: store.failures()?,
     };
@@ -498,6 +505,11 @@ pub async fn reconcile_with_store(
         }
         let held = in_chroma.get(&doc);
         let Some(stamp) = FileStamp::of_path(path) else {
+            if missing_folders.iter().any(|f| path.starts_with(f)) {
+                report.unavailable.push(path.clone());
+                known.insert(doc);
+                continue;
+            }
             // Gone from disk: its records are orphans and the store forgets it.
             if let Some(h) = held {
                 report.orphans.push(OrphanDocument {
@@ -646,6 +658,12 @@ fn print_reconcile(r: &StoreReconcile, by_agent: bool) {
             would
         );
     }
+    if !r.unavailable.is_empty() {
+        println!(
+            "  kept: {} file(s) under a watched folder that is missing (an unmounted disk?) were not checked, their records stay",
+            r.unavailable.len()
+        );
+    }
     for m in &r.missing {
         println!(
             "  missing: {} has {} of {} page and {} of {} text records missing in Chroma; {}queued to be indexed again",
@@ -782,6 +800,7 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
                 chroma,
                 &cfg.agent_id,
                 &store,
+                &cfg.watch.missing_folders(),
                 args.dry_run,
             ))?;
             print_reconcile(&r, false);

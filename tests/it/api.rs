@@ -571,7 +571,39 @@ async fn every_endpoint_answers_over_real_http() {
         "{:?}",
         health.reasons
     );
-    state.update(|s| s.store.error = None);
+    // A watched folder missing at start (an unmounted disk) degrades it too, by name.
+    state.update(|s| {
+        s.store.error = None;
+        s.missing_folders = vec![PathBuf::from("/Volumes/Archive/docs")];
+    });
+    let (code, health, _) = get_health(&api).await;
+    assert_eq!(code, 503);
+    assert_eq!(health.reasons.len(), 1, "{:?}", health.reasons);
+    assert!(
+        health.reasons[0].starts_with("watched folder /Volumes/Archive/docs is missing"),
+        "{:?}",
+        health.reasons
+    );
+    let mut raw = client
+        .status()
+        .await
+        .expect("status via client")
+        .expect("an agent answers");
+    assert_eq!(
+        raw.missing_folders,
+        [PathBuf::from("/Volumes/Archive/docs")]
+    );
+    // A snapshot from an agent without the field still reads.
+    raw.missing_folders.clear();
+    let mut json = serde_json::to_value(&raw).expect("serialises");
+    json.as_object_mut()
+        .expect("an object")
+        .remove("missing_folders");
+    assert_eq!(
+        serde_json::from_value::<AgentStatus>(json).expect("reads"),
+        raw
+    );
+    state.update(|s| s.missing_folders.clear());
     assert_eq!(get_health(&api).await.0, 200);
 
     let addr = api.addr;

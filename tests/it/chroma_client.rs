@@ -308,11 +308,7 @@ async fn an_existing_collection_with_another_space_or_dimension_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_transient_and_retried_a_bounded_number_of_times() {
     // A port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let c = client(&format!("http://127.0.0.1:{port}")).with_retry(RetryPolicy {
         max_attempts: 3,
         base_delay: Duration::from_millis(10),

@@ -176,12 +176,47 @@ fn bad_environment_values_name_the_variable() {
     assert!(err.contains("BATCH_SIZE_VISUAL"), "{err}");
 }
 
+/// A watched folder on a disk that is not mounted is not a configuration error: every command
+/// still runs (`run` skips it, `doctor` and `status` report it).
 #[test]
-fn missing_watched_folder_is_named() {
-    let err = load_text("[watch]\nfolders = [\"/definitely/not/here\"]\n", &[]).unwrap_err();
+fn a_missing_watched_folder_is_accepted_and_reported() {
+    let here = tempfile::tempdir().unwrap();
+    let text = format!(
+        "state_dir = {:?}\n[watch]\nfolders = [{:?}, \"/definitely/not/here\"]\n",
+        here.path().join("state"),
+        here.path()
+    );
+    let cfg = load_text(&text, &[]).expect("a missing folder is accepted");
+    assert_eq!(
+        cfg.watch.missing_folders(),
+        vec![std::path::PathBuf::from("/definitely/not/here")]
+    );
+
+    // The real binary: `status` answers (it used to exit 78) and warns.
+    let config = here.path().join("config.toml");
+    std::fs::write(&config, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("runs the binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
-        err.contains("/definitely/not/here") && err.contains("watch.folders"),
-        "{err}"
+        stdout
+            .lines()
+            .any(|l| l.starts_with("warning: watched folder /definitely/not/here is missing")),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&format!("watched folder {} ", here.path().display())),
+        "the folder that exists is not reported: {stdout}"
     );
 }
 

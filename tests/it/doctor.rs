@@ -79,11 +79,7 @@ fn doctor_reports_a_working_setup_and_a_reachable_chroma() {
 #[test]
 fn doctor_names_a_stopped_chroma() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let run = doctor(
         "",
         &[
@@ -127,6 +123,51 @@ fn doctor_names_a_bad_config_key_and_still_checks_the_rest() {
     assert!(
         line(&run, "PDFium").starts_with('✔'),
         "other checks still run:\n{}",
+        run.stdout
+    );
+    assert_eq!(run.code, 1);
+}
+
+/// An unmounted disk is a ✘ with the fix, and the rest is checked with the user's settings (the
+/// configuration is not refused, so doctor does not fall back to the defaults).
+#[test]
+fn doctor_names_a_missing_watched_folder_and_checks_the_real_settings() {
+    let watched = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-colpali");
+    let cfg = format!(
+        "[watch]\nfolders = [{:?}, \"/mnt/unplugged/docs\"]\n[model]\nname = {:?}\ndevice = \"cpu\"\n",
+        watched.path(),
+        model
+    );
+    let run = doctor(&cfg, &[]);
+    assert!(
+        line(&run, "configuration").starts_with('✔'),
+        "{}",
+        run.stdout
+    );
+    let l = line(&run, "watched folders");
+    assert!(
+        l.starts_with('✘')
+            && l.contains("1 of 2 missing")
+            && l.contains("/mnt/unplugged/docs")
+            && !l.contains(&watched.path().display().to_string()),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("fix: mount the disk or create the folder"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line(&run, "model").starts_with('✔') && line(&run, "model").contains("tiny-colpali"),
+        "the configured model, not the default one:\n{}",
+        run.stdout
+    );
+    assert!(
+        line(&run, "device").contains("forced by configuration"),
+        "{}",
         run.stdout
     );
     assert_eq!(run.code, 1);

@@ -235,8 +235,7 @@ fn a_padded_batch_gives_the_same_rows_as_single_inputs() {
 }
 
 fn real_config() -> ColPaliConfig {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/colpali-v1.2-merged/config.json");
+    let path = common::fixture("colpali-v1.2-merged/config.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "the real checkpoint's config is missing at {}: {e}",

@@ -16,6 +16,7 @@ mod extract;
 mod managed_chroma;
 mod pdfium;
 mod repair;
+mod repo;
 mod search;
 mod service;
 mod state;

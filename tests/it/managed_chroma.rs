@@ -1,22 +1,11 @@
 //! The managed `chroma run`: started, answers its heartbeat, restarted after being killed,
 //! stopped on drop.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use docusearch_agent::chroma::managed::{heartbeat, running_server, ManagedChroma};
 
-use crate::common;
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
+use crate::common::{self, signal, wait_until};
 
 #[test]
 fn managed_chroma_starts_restarts_and_stops() {
@@ -36,9 +25,7 @@ fn managed_chroma_starts_restarts_and_stops() {
 
     // Kill it behind the supervisor's back: it must come back on the same port.
     let pid = server.pid().expect("a running server has a pid");
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    signal(pid, libc::SIGKILL);
     assert!(
         wait_until(Duration::from_secs(60), || server.starts() == 2
             && heartbeat(port)),

@@ -425,13 +425,17 @@ mod store_reconcile {
             ..Config::default()
         };
         cfg.chroma.url = Some(chroma.url());
+        // A watched folder on a disk that is not mounted: its files are out of reach, not gone.
+        let unmounted = dir.path().join("unmounted-disk/docs");
         let cfg_path = dir.path().join("config.toml");
         std::fs::write(
             &cfg_path,
             format!(
-                "state_dir = {:?}\nagent_id = {AGENT:?}\n[chroma]\nurl = {:?}\n",
+                "state_dir = {:?}\nagent_id = {AGENT:?}\n[chroma]\nurl = {:?}\n[watch]\nfolders = [{:?}, {:?}]\n",
                 state_dir,
-                chroma.url()
+                chroma.url(),
+                docs,
+                unmounted
             ),
         )
         .unwrap();
@@ -445,6 +449,7 @@ mod store_reconcile {
             std::fs::write(p, format!("%PDF-1.4 {}", p.display())).unwrap();
         }
         let other = docs.join("kept.pdf"); // the same path, written by another agent
+        let away = unmounted.join("away.pdf"); // in the store and Chroma, its disk unmounted
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -462,6 +467,7 @@ mod store_reconcile {
             write_doc(&syncer, AGENT, &kept, 2, 1, 1).await;
             write_doc(&syncer, AGENT, &gone, 3, 2, 2).await;
             write_doc(&syncer, AGENT, &stray, 1, 1, 3).await;
+            write_doc(&syncer, AGENT, &away, 2, 1, 6).await;
             write_doc(&other_syncer, OTHER, &other, 2, 1, 4).await;
             // Another agent's document that this agent's store does not know either.
             write_doc(&other_syncer, OTHER, &docs.join("elsewhere.pdf"), 1, 0, 5).await;
@@ -472,6 +478,7 @@ mod store_reconcile {
             store.put_file(&kept, &file_record(&kept, 2, 1)).unwrap();
             store.put_file(&gone, &file_record(&gone, 3, 2)).unwrap();
             store.put_file(&lost, &file_record(&lost, 2, 1)).unwrap();
+            store.put_file(&away, &file_record(&away, 2, 1)).unwrap();
             store
                 .enqueue(
                     JobKind::Index {
@@ -502,10 +509,14 @@ mod store_reconcile {
                 counts(rt, &syncer, AGENT, &lost),
                 counts(rt, &other_syncer, OTHER, &other),
                 counts(rt, &other_syncer, OTHER, &docs.join("elsewhere.pdf")),
+                counts(rt, &syncer, AGENT, &away),
             ]
         };
         let before = snapshot(&rt);
-        assert_eq!(before, [(2, 1), (3, 2), (1, 1), (0, 0), (2, 1), (1, 0)]);
+        assert_eq!(
+            before,
+            [(2, 1), (3, 2), (1, 1), (0, 0), (2, 1), (1, 0), (2, 1)]
+        );
 
         // A dry run reports everything and changes nothing.
         let (ok, out) = repair(&cfg_path, true);
@@ -521,6 +532,10 @@ mod store_reconcile {
             "{out}"
         );
         assert!(out.contains("2 orphan documents, 1 files with missing records, 1 failed jobs (dry run: nothing changed)"), "{out}");
+        assert!(
+            out.contains("kept: 1 file(s) under a watched folder that is missing"),
+            "{out}"
+        );
         assert!(
             !out.contains("desktop-b") && !out.contains("elsewhere.pdf"),
             "another agent's records are not ours: {out}"
@@ -572,6 +587,11 @@ mod store_reconcile {
         assert_eq!(after[2], (0, 0), "records of no known file are deleted");
         assert_eq!(after[4], (2, 1), "another agent's records were touched");
         assert_eq!(after[5], (1, 0), "another agent's records were touched");
+        assert_eq!(
+            after[6],
+            (2, 1),
+            "records of a file on an unmounted disk were deleted"
+        );
         let store = Store::open(&cfg.store_dir()).unwrap();
         let lost_job = store
             .job(&lost)
@@ -600,6 +620,10 @@ mod store_reconcile {
             "a file gone from disk is forgotten"
         );
         assert!(
+            store.file(&away).unwrap().is_some(),
+            "a file on an unmounted disk is remembered"
+        );
+        assert!(
             store.job(&kept).unwrap().is_none(),
             "a healthy file is not re-queued"
         );
@@ -622,7 +646,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
     use docusearch_agent::search::repair::reconcile_with_store;
     use docusearch_agent::state::Store;
 
-    use crate::agent::pipeline::{counts, pdf_pages, rig, worker_exe};
+    use crate::common::{agent_exe, counts, pdf_pages, rig};
 
     let rig = rig(300);
     let s = rig.syncer().await;
@@ -634,7 +658,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
             &rig.cfg,
             std::slice::from_ref(&rig.root),
             store,
-            RealExtract::new(&rig.cfg, worker_exe()).expect("extractor"),
+            RealExtract::new(&rig.cfg, agent_exe()).expect("extractor"),
             RealModelLoader {
                 cfg: rig.cfg.model.clone(),
             },
@@ -666,6 +690,7 @@ async fn a_file_whose_records_vanished_is_indexed_again_after_the_reconcile() {
             &rig.cfg.chroma,
             &rig.cfg.agent_id,
             &store,
+            &[],
             false,
         )
         .await

@@ -122,10 +122,7 @@ fn the_committed_template_is_what_the_generator_writes() {
             "the template has {placeholder}"
         );
     }
-    let filled = template
-        .replace("__DOCUSEARCH_AGENT__", &spec.exe.display().to_string())
-        .replace("__CONFIG__", &spec.config.display().to_string())
-        .replace("__STATE_DIR__", &spec.state_dir.display().to_string());
+    let filled = filled_template(&spec);
     let parsed = plist::Value::from_reader_xml(filled.as_bytes()).expect("the template parses");
     assert_eq!(
         parsed,
@@ -150,6 +147,189 @@ fn the_committed_template_is_what_the_generator_writes() {
             "no comment right above <key>{key}</key>"
         );
     }
+}
+
+/// Reads `xml` strictly: quick-xml with its optional checks on (end tags match their start
+/// tags, no `--` inside a comment), every escape and attribute resolved, only characters XML 1.0
+/// allows, one root element closed at the end.
+fn strict_xml(xml: &str) -> Result<(), String> {
+    use quick_xml::events::Event;
+    if let Some(c) = xml.chars().find(|c| {
+        !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+    }) {
+        return Err(format!("{c:?} is not an XML character"));
+    }
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let config = reader.config_mut();
+    config.check_comments = true;
+    config.check_end_names = true;
+    config.allow_unmatched_ends = false;
+    let (mut depth, mut roots) = (0usize, 0usize);
+    loop {
+        let event = reader
+            .read_event()
+            .map_err(|e| format!("at byte {}: {e}", reader.error_position()))?;
+        let attributes = match &event {
+            Event::Start(e) | Event::Empty(e) => {
+                roots += usize::from(depth == 0);
+                Some(e.attributes())
+            }
+            _ => None,
+        };
+        for a in attributes.into_iter().flatten() {
+            a.map_err(|e| e.to_string())?
+                .unescape_value()
+                .map_err(|e| e.to_string())?;
+        }
+        match event {
+            Event::Start(_) => depth += 1,
+            Event::End(_) => depth -= 1,
+            Event::Text(t) => {
+                t.unescape().map_err(|e| format!("bad escape: {e}"))?;
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    match (depth, roots) {
+        (0, 1) => Ok(()),
+        _ => Err(format!(
+            "{roots} root element(s), {depth} left open at the end"
+        )),
+    }
+}
+
+/// What Python's plistlib (expat underneath: a strict XML parser) reads from `xml`, as JSON.
+/// Python comes with scripts/setup's environment; without it the test fails with the fix.
+fn plistlib_reads(xml: &str) -> Result<serde_json::Value, String> {
+    use std::io::Write as _;
+    let python = docusearch_agent::runtime_paths::find_setup_python()
+        .unwrap_or_else(|e| panic!("prerequisite missing for this test: {e}"));
+    let mut child = Command::new(&python)
+        .args([
+            "-c",
+            "import json, plistlib, sys; print(json.dumps(plistlib.loads(sys.stdin.buffer.read()), sort_keys=True))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(xml.as_bytes())
+        .expect("write the plist to Python");
+    let out = child.wait_with_output().expect("Python runs");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// The template as the generator would write it for `spec` (placeholders filled).
+fn filled_template(spec: &ServiceSpec) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("launchd/com.docusearch.agent.plist"),
+    )
+    .expect("launchd/com.docusearch.agent.plist exists")
+    .replace("__DOCUSEARCH_AGENT__", &spec.exe.display().to_string())
+    .replace("__CONFIG__", &spec.config.display().to_string())
+    .replace("__STATE_DIR__", &spec.state_dir.display().to_string())
+}
+
+#[test]
+fn the_template_and_the_generated_plist_are_well_formed_xml() {
+    // The checks are strict: the template's old comments (`--` in them) fail both.
+    let old = "<?xml version=\"1.0\"?>\n<plist version=\"1.0\"><!-- `service install --dry-run` --><dict/></plist>\n";
+    let err = strict_xml(old).expect_err("quick-xml refuses `--` in a comment");
+    assert!(err.contains("`--` was found in a comment"), "{err}");
+    let err = plistlib_reads(old).expect_err("plistlib refuses `--` in a comment");
+    assert!(err.contains("not well-formed"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    // Values that need escaping, or look like XML, or like a comment's end.
+    let state = dir
+        .path()
+        .join("Jörg & Co/<Application Support>/--dry-run --> \"x\" 'y'");
+    let spec = ServiceSpec {
+        exe: PathBuf::from(BIN),
+        config: state.join("config ]]> --.toml"),
+        state_dir: state,
+        env: vec![
+            ("RUST_LOG".into(), "docusearch_agent=debug,--info".into()),
+            ("MODEL_NAME".into(), "<a href=\"x\">&amp;</a>".into()),
+        ],
+    };
+    // The template is filled in by hand with plain paths (its placeholders are text, unescaped).
+    let plain = ServiceSpec {
+        env: vec![],
+        ..spec_in(dir.path())
+    };
+    let template = filled_template(&plain);
+    strict_xml(&template).unwrap_or_else(|e| panic!("the template is not well-formed XML: {e}"));
+    let generated = launchd_plist_xml(&spec).expect("plist renders");
+    strict_xml(&generated)
+        .unwrap_or_else(|e| panic!("the generated plist is not well-formed XML: {e}\n{generated}"));
+    assert_eq!(
+        Platform::Launchd.render(&spec).expect("renders"),
+        generated,
+        "what `service install` writes on macOS"
+    );
+
+    let from_template =
+        plistlib_reads(&template).unwrap_or_else(|e| panic!("plistlib refuses the template: {e}"));
+    let from_generator = plistlib_reads(&generated)
+        .unwrap_or_else(|e| panic!("plistlib refuses the generated plist: {e}"));
+    let args: Vec<&str> = from_generator["ProgramArguments"]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let config = spec.config.display().to_string();
+    assert_eq!(
+        args,
+        [BIN, "run", "--config", config.as_str()],
+        "exactly, after unescaping"
+    );
+    assert_eq!(
+        from_generator["WorkingDirectory"],
+        spec.state_dir.display().to_string()
+    );
+    let env = &from_generator["EnvironmentVariables"];
+    assert_eq!(env["RUST_LOG"], "docusearch_agent=debug,--info");
+    assert_eq!(env["MODEL_NAME"], "<a href=\"x\">&amp;</a>");
+    // Python reads the template and the generated file alike.
+    let generated_plain = launchd_plist_xml(&plain).expect("plist renders");
+    assert_eq!(
+        from_template,
+        plistlib_reads(&generated_plain).expect("plistlib reads it")
+    );
+}
+
+#[test]
+fn a_value_xml_cannot_carry_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ServiceSpec {
+        env: vec![("RUST_LOG".into(), "info\u{1b}[0m".into())],
+        ..spec_in(dir.path())
+    };
+    let err = launchd_plist_xml(&spec).expect_err("an escape character has no XML form");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("RUST_LOG") && msg.contains("unset the variable"),
+        "{msg}"
+    );
+    let spec = ServiceSpec {
+        state_dir: dir.path().join("bell\u{7}"),
+        ..spec_in(dir.path())
+    };
+    let msg = launchd_plist_xml(&spec).expect_err("refused").to_string();
+    assert!(msg.contains("the state directory"), "{msg}");
+    // The systemd unit is text, not XML: unaffected.
+    assert!(systemd_unit(&spec).contains("bell"));
 }
 
 fn unit_lines(unit: &str) -> Vec<&str> {
@@ -468,10 +648,7 @@ fn install_without_a_user_systemd_writes_the_unit_explains_and_uninstalls() {
     assert!(state_dir.is_dir(), "the working directory exists");
 
     // Installing again keeps the user's config as it is.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = crate::common::free_port();
     let mine = format!("# mine\n[api]\nport = {port}\n");
     std::fs::write(&config, &mine).unwrap();
     let again = agent(home.path())

@@ -15,7 +15,7 @@ use docusearch_agent::types::{ContentHash, DocFormat, DocId, MultiVector};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
-use crate::common;
+use crate::common::{self, signal, until};
 
 const DIM: usize = 128;
 
@@ -483,23 +483,6 @@ async fn a_batch_over_the_request_limit_goes_out_in_several_requests() {
     assert_eq!(s.count_document(&d.doc_id).await.unwrap(), (72, 0));
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain kill(2) on a process this test's harness started.
-    let rc = unsafe { libc::kill(pid as i32, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig})");
-}
-
-async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = std::time::Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 /// All ids of the collection, with duplicates if the server ever returned any.
 async fn all_ids(s: &Syncer) -> Vec<String> {
     s.visual_collection()
@@ -543,10 +526,10 @@ async fn a_server_killed_mid_sync_is_waited_for_and_everything_arrives_once() {
     assert!(under_way, "the sync was not caught in the middle");
     let pid = chroma.server.pid().expect("running");
     signal(pid, libc::SIGKILL);
-    assert!(
-        wait_for(Duration::from_secs(120), || chroma.server.starts() >= 2).await,
-        "the supervisor restarted the server"
-    );
+    until("the supervisor to restart the server", || async {
+        chroma.server.starts() >= 2
+    })
+    .await;
     task.await
         .unwrap()
         .expect("the sync finished after the restart");

@@ -6,18 +6,7 @@ use std::time::Duration;
 use docusearch_agent::watch::{is_excluded_name, Filter, FsEvent, FsWatcher};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub fn canonical_tempdir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let path = std::fs::canonicalize(dir.path()).expect("canonical temp path");
-    (dir, path)
-}
-
-fn write(path: &Path, bytes: &[u8]) {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).expect("create folders");
-    }
-    std::fs::write(path, bytes).expect("write file");
-}
+use crate::common::{canonical_tempdir, write_file};
 
 /// Collects events until `done` says the expected ones are there (or fails after a generous
 /// guard, so a missing event fails instead of hanging).
@@ -91,19 +80,19 @@ fn fixed_exclusion_rules() {
 fn scan_applies_every_rule_and_stays_inside() {
     let (_t, root) = canonical_tempdir();
     let (_o, outside) = canonical_tempdir();
-    write(&root.join("a.pdf"), b"a");
-    write(&root.join("notes.md"), b"n");
-    write(&root.join("unsupported.xyz"), b"x");
-    write(&root.join(".hidden/b.pdf"), b"b");
-    write(&root.join("old.noindex/c.pdf"), b"c");
-    write(&root.join("dl/d.pdf.part"), b"d");
-    write(&root.join("dl/~$e.docx"), b"e");
-    write(&root.join("drafts/f.pdf"), b"f");
-    write(&root.join("sub/g.pdf"), b"g");
-    write(&root.join("sub/h.pdf"), b"h");
-    write(&root.join("sub/keep/i.pdf"), b"i");
-    write(&root.join("sub/.docusearchignore"), b"h.pdf\nkeep/\n");
-    write(&outside.join("secret.pdf"), b"s");
+    write_file(&root.join("a.pdf"), b"a");
+    write_file(&root.join("notes.md"), b"n");
+    write_file(&root.join("unsupported.xyz"), b"x");
+    write_file(&root.join(".hidden/b.pdf"), b"b");
+    write_file(&root.join("old.noindex/c.pdf"), b"c");
+    write_file(&root.join("dl/d.pdf.part"), b"d");
+    write_file(&root.join("dl/~$e.docx"), b"e");
+    write_file(&root.join("drafts/f.pdf"), b"f");
+    write_file(&root.join("sub/g.pdf"), b"g");
+    write_file(&root.join("sub/h.pdf"), b"h");
+    write_file(&root.join("sub/keep/i.pdf"), b"i");
+    write_file(&root.join("sub/.docusearchignore"), b"h.pdf\nkeep/\n");
+    write_file(&outside.join("secret.pdf"), b"s");
     std::os::unix::fs::symlink(&outside, root.join("link-out")).expect("symlink");
     std::os::unix::fs::symlink(outside.join("secret.pdf"), root.join("secret-link.pdf"))
         .expect("symlink");
@@ -146,7 +135,7 @@ async fn created_written_renamed_and_removed_files_become_our_events() {
     let (_f, _w, mut rx) = watcher(&root, &[], &[]);
 
     let a = root.join("a.pdf");
-    write(&a, b"%PDF-1.4 first");
+    write_file(&a, b"%PDF-1.4 first");
     let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(a.clone()))).await;
     assert!(
         ev.iter()
@@ -185,12 +174,12 @@ async fn created_written_renamed_and_removed_files_become_our_events() {
 async fn atomic_save_is_a_change_of_the_saved_path() {
     let (_t, root) = canonical_tempdir();
     let doc = root.join("doc.pdf");
-    write(&doc, b"version 1");
+    write_file(&doc, b"version 1");
     let (_f, _w, mut rx) = watcher(&root, &[], &[]);
 
     // What editors do: write a temporary file, then rename it over the original.
     let tmp = root.join(".doc.pdf.tmp");
-    write(&tmp, b"version 2");
+    write_file(&tmp, b"version 2");
     std::fs::rename(&tmp, &doc).expect("rename over");
     let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(doc.clone()))).await;
     let ev = [ev, drain(&mut rx, Duration::from_millis(600)).await].concat();
@@ -205,12 +194,12 @@ async fn atomic_save_is_a_change_of_the_saved_path() {
 async fn excluded_names_produce_no_changes() {
     let (_t, root) = canonical_tempdir();
     let (_f, _w, mut rx) = watcher(&root, &[], &[]);
-    write(&root.join("big.pdf.part"), b"partial");
-    write(&root.join(".hidden.pdf"), b"h");
-    write(&root.join("x.noindex/y.pdf"), b"y");
-    write(&root.join("unsupported.xyz"), b"z");
+    write_file(&root.join("big.pdf.part"), b"partial");
+    write_file(&root.join(".hidden.pdf"), b"h");
+    write_file(&root.join("x.noindex/y.pdf"), b"y");
+    write_file(&root.join("unsupported.xyz"), b"z");
     let marker = root.join("marker.pdf");
-    write(&marker, b"m");
+    write_file(&marker, b"m");
     let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(marker.clone()))).await;
     let ev = [ev, drain(&mut rx, Duration::from_millis(600)).await].concat();
     let changed: Vec<&FsEvent> = ev
@@ -225,8 +214,8 @@ async fn removing_a_folder_and_moving_one_in() {
     let (_t, root) = canonical_tempdir();
     let (_o, outside) = canonical_tempdir();
     let sub = root.join("sub");
-    write(&sub.join("a.pdf"), b"a");
-    write(&sub.join("deeper/b.pdf"), b"b");
+    write_file(&sub.join("a.pdf"), b"a");
+    write_file(&sub.join("deeper/b.pdf"), b"b");
     let (_f, _w, mut rx) = watcher(&root, &[], &[]);
 
     std::fs::remove_dir_all(&sub).expect("rm -r");
@@ -237,7 +226,7 @@ async fn removing_a_folder_and_moving_one_in() {
     );
 
     // A folder moved in from outside arrives as one event: it must be rescanned.
-    write(&outside.join("batch/c.pdf"), b"c");
+    write_file(&outside.join("batch/c.pdf"), b"c");
     let moved_in = root.join("batch");
     std::fs::rename(outside.join("batch"), &moved_in).expect("move in");
     collect_until(&mut rx, |e| e.contains(&FsEvent::Rescan(moved_in.clone()))).await;
@@ -251,8 +240,8 @@ async fn removing_a_folder_and_moving_one_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_an_ignore_file_rescans_its_folder() {
     let (_t, root) = canonical_tempdir();
-    write(&root.join("sub/a.pdf"), b"a");
+    write_file(&root.join("sub/a.pdf"), b"a");
     let (_f, _w, mut rx) = watcher(&root, &[], &[]);
-    write(&root.join("sub/.docusearchignore"), b"a.pdf\n");
+    write_file(&root.join("sub/.docusearchignore"), b"a.pdf\n");
     collect_until(&mut rx, |e| e.contains(&FsEvent::Rescan(root.join("sub")))).await;
 }

@@ -9,14 +9,7 @@ use docusearch_agent::state::{FileRecord, FileStamp, Job, JobKind, Store};
 use docusearch_agent::types::{ContentHash, DocId, SCHEMA_VERSION};
 use docusearch_agent::watch::{Filter, FsWatcher};
 
-use crate::watch::canonical_tempdir;
-
-fn write(path: &Path, bytes: &[u8]) {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).expect("create folders");
-    }
-    std::fs::write(path, bytes).expect("write file");
-}
+use crate::common::{canonical_tempdir, write_file};
 
 fn tracker(root: &Path, store: &Store) -> ChangeTracker {
     ChangeTracker {
@@ -72,7 +65,7 @@ fn reconcile_at_start_catches_up_what_happened_while_stopped() {
     let store = Store::open(state.path()).expect("store");
     let t = tracker(&root, &store);
     for name in ["a.pdf", "b.pdf", "c.pdf", "same.pdf", "sub/u.pdf"] {
-        write(&root.join(name), format!("content of {name}").as_bytes());
+        write_file(&root.join(name), format!("content of {name}").as_bytes());
     }
     let r = t.reconcile_all().expect("reconcile");
     assert_eq!((r.scanned, r.new, r.hashed), (5, 5, 0));
@@ -84,10 +77,10 @@ fn reconcile_at_start_catches_up_what_happened_while_stopped() {
     assert!(jobs(&store).is_empty());
 
     // While stopped: an edit, a deletion, a rename, a new file, a touch with the same bytes.
-    write(&root.join("a.pdf"), b"new content of a.pdf, longer");
+    write_file(&root.join("a.pdf"), b"new content of a.pdf, longer");
     std::fs::remove_file(root.join("b.pdf")).expect("rm");
     std::fs::rename(root.join("c.pdf"), root.join("sub/c-renamed.pdf")).expect("mv");
-    write(&root.join("e.pdf"), b"brand new");
+    write_file(&root.join("e.pdf"), b"brand new");
     let same = root.join("same.pdf");
     let f = std::fs::File::options()
         .write(true)
@@ -136,11 +129,11 @@ fn an_ignore_file_or_a_noindex_rename_removes_what_it_now_excludes() {
     let state = tempfile::tempdir().expect("state dir");
     let store = Store::open(state.path()).expect("store");
     let t = tracker(&root, &store);
-    write(&root.join("keep.pdf"), b"k");
-    write(&root.join("private/x.pdf"), b"x");
+    write_file(&root.join("keep.pdf"), b"k");
+    write_file(&root.join("private/x.pdf"), b"x");
     t.reconcile_all().expect("reconcile");
     drain_jobs(&store);
-    write(&root.join(".docusearchignore"), b"private/\n");
+    write_file(&root.join(".docusearchignore"), b"private/\n");
     t.reconcile_all().expect("reconcile");
     assert_eq!(
         jobs(&store),
@@ -194,7 +187,7 @@ async fn live_events_become_jobs() {
     let store = Store::open(state.path()).expect("store");
     let t = tracker(&root, &store);
     for name in ["a.pdf", "dir/b.pdf", "dir/deep/c.pdf", "d.pdf"] {
-        write(&root.join(name), name.as_bytes());
+        write_file(&root.join(name), name.as_bytes());
     }
     t.reconcile_all().expect("reconcile");
     drain_jobs(&store);
@@ -240,7 +233,7 @@ async fn live_events_become_jobs() {
 
     // Atomic save over a known file: one change of that file.
     let tmp = root.join(".d.pdf.swp");
-    write(&tmp, b"saved again");
+    write_file(&tmp, b"saved again");
     std::fs::rename(&tmp, root.join("d.pdf")).expect("rename over");
     until_jobs(
         &store,

@@ -1,175 +1,18 @@
 //! The whole agent on the real stages: real file-system events, real PDFium (isolated
 //! worker), the real model code on the tiny checkpoint, a real Chroma server.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::runtime::{index_paths, Agent};
-use docusearch_agent::config::{Config, DeviceChoice};
 use docusearch_agent::state::Store;
-use docusearch_agent::sync::Syncer;
 use docusearch_agent::telemetry::{ModelState, Telemetry};
 use docusearch_agent::types::DocId;
 
-use crate::common::{self, TestChroma};
-use crate::watch::canonical_tempdir;
-
-pub struct Rig {
-    pub chroma: TestChroma,
-    pub cfg: Config,
-    pub root: PathBuf,
-    _root: tempfile::TempDir,
-    _state: tempfile::TempDir,
-}
-
-pub fn rig(settle_ms: u64) -> Rig {
-    let chroma = common::start_chroma();
-    let (root_t, root) = canonical_tempdir();
-    let state = tempfile::tempdir().expect("state dir");
-    let model = common::fixture("tiny-colpali");
-    assert!(
-        model.join("config.json").is_file(),
-        "the tiny test checkpoint is missing at {} — run `scripts/setup`",
-        model.display()
-    );
-    let mut cfg = Config::default();
-    cfg.agent_id = "test-agent".into();
-    cfg.state_dir = state.path().to_path_buf();
-    cfg.chroma.url = Some(chroma.url());
-    cfg.model.name = model.to_string_lossy().into_owned();
-    cfg.model.device = DeviceChoice::Cpu;
-    cfg.model.idle_unload_s = 0;
-    cfg.watch.folders = vec![root.clone()];
-    cfg.watch.settle_ms = settle_ms;
-    cfg.watch.rescan_interval_s = 0;
-    cfg.pipeline.retry_base_s = 1;
-    cfg.extract.render_dpi = 72;
-    Rig {
-        chroma,
-        cfg,
-        root,
-        _root: root_t,
-        _state: state,
-    }
-}
-
-pub fn worker_exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_docusearch-agent"))
-}
-
-impl Rig {
-    pub async fn syncer(&self) -> Syncer {
-        Syncer::connect(&self.chroma.url(), &self.cfg)
-            .await
-            .expect("connect to the test Chroma")
-    }
-
-    pub async fn start(&self) -> Agent {
-        let store = Store::open(&self.cfg.store_dir()).expect("store");
-        let extract = RealExtract::new(&self.cfg, worker_exe()).expect("extractor");
-        let loader = RealModelLoader {
-            cfg: self.cfg.model.clone(),
-        };
-        let sink = RealSink(self.syncer().await);
-        Agent::start(
-            &self.cfg,
-            std::slice::from_ref(&self.root),
-            store,
-            extract,
-            loader,
-            sink,
-        )
-        .await
-        .expect("agent starts")
-    }
-
-    pub fn doc_id(&self, rel: &str) -> DocId {
-        DocId::new(&self.cfg.agent_id, &self.root.join(rel))
-    }
-}
-
-/// A real PDF (written here, so the test process never binds PDFium, which binds once per
-/// process) with one page per text; `tag` makes the content (and hash) unique.
-pub fn pdf_pages(tag: &str, first: u16, last: u16) -> Vec<u8> {
-    let texts: Vec<String> = (first..=last)
-        .map(|i| {
-            format!(
-                "{tag} page {} about rivers mountains and the history of printing number {i}",
-                i + 1
-            )
-        })
-        .collect();
-    make_pdf(&texts)
-}
-
-pub fn make_pdf(texts: &[String]) -> Vec<u8> {
-    let n = texts.len();
-    // Objects: 1 catalog, 2 pages, 3 font, then (page, content) pairs.
-    let mut objs: Vec<String> = Vec::new();
-    objs.push("<< /Type /Catalog /Pages 2 0 R >>".into());
-    let kids: Vec<String> = (0..n).map(|i| format!("{} 0 R", 4 + 2 * i)).collect();
-    objs.push(format!(
-        "<< /Type /Pages /Kids [{}] /Count {n} >>",
-        kids.join(" ")
-    ));
-    objs.push("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".into());
-    for (i, t) in texts.iter().enumerate() {
-        let esc = t
-            .replace('\\', "\\\\")
-            .replace('(', "\\(")
-            .replace(')', "\\)");
-        let stream = format!("BT /F1 14 Tf 40 700 Td ({esc}) Tj ET");
-        objs.push(format!(
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {} 0 R >>",
-            5 + 2 * i
-        ));
-        objs.push(format!(
-            "<< /Length {} >>\nstream\n{stream}\nendstream",
-            stream.len()
-        ));
-    }
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offsets = Vec::new();
-    for (i, o) in objs.iter().enumerate() {
-        offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
-    }
-    let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).as_bytes());
-    for off in offsets {
-        out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(
-        format!(
-            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-            objs.len() + 1
-        )
-        .as_bytes(),
-    );
-    out
-}
-
-/// Polls `cond` (with a generous guard so a broken agent fails instead of hanging).
-pub async fn until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for _ in 0..600 {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-pub async fn counts(s: &Syncer, id: &DocId) -> (usize, usize) {
-    s.count_document(id).await.expect("count records")
-}
+use crate::common::{
+    self, agent_exe, canonical_tempdir, counts, pdf_pages, rig, until, write_file, RunningAgent,
+};
 
 /// Waits until the agent has nothing queued or running.
 async fn quiet(agent: &Agent) {
@@ -180,13 +23,6 @@ async fn quiet(agent: &Agent) {
     .await;
 }
 
-fn write(path: &Path, bytes: &[u8]) {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).expect("create folders");
-    }
-    std::fs::write(path, bytes).expect("write file");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     let rig = rig(300);
@@ -194,7 +30,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     let agent = rig.start().await;
 
     // Dropped in: searchable.
-    write(&rig.root.join("a.pdf"), &pdf_pages("asyRefCard.pdf", 0, 1));
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("asyRefCard.pdf", 0, 1));
     let a = rig.doc_id("a.pdf");
     until("a.pdf indexed", || async { counts(&s, &a).await.0 == 2 }).await;
     quiet(&agent).await;
@@ -202,7 +38,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     let extracted = agent.telemetry.files_extracted.get();
 
     // Edited in place: the same doc_id, one page less, nothing stale left.
-    write(&rig.root.join("a.pdf"), &pdf_pages("asyRefCard.pdf", 2, 2));
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("asyRefCard.pdf", 2, 2));
     until("a.pdf re-indexed with one page", || async {
         counts(&s, &a).await.0 == 1
     })
@@ -212,7 +48,7 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
 
     // Saved atomically (temp file renamed over it): processed once.
     let tmp = rig.root.join(".a.pdf.tmp");
-    write(&tmp, &pdf_pages("xfig-howto.pdf", 0, 2));
+    write_file(&tmp, &pdf_pages("xfig-howto.pdf", 0, 2));
     std::fs::rename(&tmp, rig.root.join("a.pdf")).expect("rename over");
     until("a.pdf re-indexed with three pages", || async {
         counts(&s, &a).await.0 == 3
@@ -257,11 +93,11 @@ async fn a_document_dropped_edited_saved_renamed_and_deleted() {
     .await;
 
     // A folder of documents removed with rm -r takes them all.
-    write(
+    write_file(
         &rig.root.join("sub/x.pdf"),
         &pdf_pages("asyRefCard.pdf", 0, 0),
     );
-    write(
+    write_file(
         &rig.root.join("sub/deep/y.pdf"),
         &pdf_pages("asyRefCard.pdf", 1, 1),
     );
@@ -317,19 +153,19 @@ async fn a_large_file_copied_in_slowly_is_indexed_once_after_the_copy_ends() {
 async fn changes_made_while_stopped_are_caught_up_at_start() {
     let rig = rig(200);
     let s = rig.syncer().await;
-    write(
+    write_file(
         &rig.root.join("keep.pdf"),
         &pdf_pages("asyRefCard.pdf", 0, 0),
     );
-    write(
+    write_file(
         &rig.root.join("edit.pdf"),
         &pdf_pages("asyRefCard.pdf", 0, 2),
     );
-    write(
+    write_file(
         &rig.root.join("gone.pdf"),
         &pdf_pages("asyRefCard.pdf", 1, 1),
     );
-    write(
+    write_file(
         &rig.root.join("move.pdf"),
         &pdf_pages("xfig-howto.pdf", 0, 0),
     );
@@ -346,13 +182,13 @@ async fn changes_made_while_stopped_are_caught_up_at_start() {
     quiet(&agent).await;
     agent.shutdown().await.expect("shutdown");
 
-    write(
+    write_file(
         &rig.root.join("edit.pdf"),
         &pdf_pages("xfig-howto.pdf", 1, 2),
     );
     std::fs::remove_file(rig.root.join("gone.pdf")).expect("rm");
     std::fs::rename(rig.root.join("move.pdf"), rig.root.join("moved.pdf")).expect("mv");
-    write(
+    write_file(
         &rig.root.join("new.pdf"),
         &pdf_pages("xfig-howto.pdf", 3, 3),
     );
@@ -390,7 +226,7 @@ async fn the_periodic_rescan_finds_a_change_no_event_reported() {
     rig.cfg.watch.rescan_interval_s = 1;
     let s = rig.syncer().await;
     let doc = rig.root.join("linked.pdf");
-    write(&doc, &pdf_pages("asyRefCard.pdf", 0, 2));
+    write_file(&doc, &pdf_pages("asyRefCard.pdf", 0, 2));
     let agent = rig.start().await;
     let id = rig.doc_id("linked.pdf");
     until("linked.pdf has 3 pages", || async {
@@ -424,7 +260,7 @@ async fn two_hundred_files_at_once_with_bounded_memory() {
     let one = pdf_pages("asyRefCard.pdf", 0, 0);
     let (_st, staging) = canonical_tempdir();
     for i in 0..200 {
-        write(&staging.join(format!("f{i:03}.pdf")), &one);
+        write_file(&staging.join(format!("f{i:03}.pdf")), &one);
     }
     // All at once: a folder moved in.
     std::fs::rename(&staging, rig.root.join("batch")).expect("move the batch in");
@@ -464,17 +300,17 @@ fn peak_rss_mb() -> u64 {
 async fn index_command_driver_indexes_reports_and_fails_cleanly() {
     let rig = rig(300);
     let s = rig.syncer().await;
-    write(
+    write_file(
         &rig.root.join("one.pdf"),
         &pdf_pages("asyRefCard.pdf", 0, 1),
     );
-    write(
+    write_file(
         &rig.root.join("broken.pdf"),
         b"%PDF-1.4 this is not really a PDF",
     );
     let run = || async {
         let store = Store::open(&rig.cfg.store_dir()).expect("store");
-        let extract = RealExtract::new(&rig.cfg, worker_exe()).expect("extractor");
+        let extract = RealExtract::new(&rig.cfg, agent_exe()).expect("extractor");
         let loader = RealModelLoader {
             cfg: rig.cfg.model.clone(),
         };
@@ -510,56 +346,6 @@ async fn index_command_driver_indexes_reports_and_fails_cleanly() {
     );
 }
 
-/// The `run` command as a service manager runs it.
-struct RunningAgent {
-    child: std::process::Child,
-}
-
-impl RunningAgent {
-    fn start(rig: &Rig, config: &Path, log: &Path) -> RunningAgent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = std::process::Command::new(worker_exe())
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .arg(&rig.root)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start the agent");
-        RunningAgent { child }
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-    }
-
-    /// Waits for the exit (with a guard against a hang).
-    fn wait(mut self) -> std::process::ExitStatus {
-        for _ in 0..600 {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        panic!("the agent did not exit");
-    }
-}
-
-impl Drop for RunningAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let rig = rig(200);
@@ -567,10 +353,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let s = rt.block_on(rig.syncer());
     let mut cfg = rig.cfg.clone();
     // The status API on a free port, so that `status` can ask the running agent.
-    cfg.api.port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    cfg.api.port = common::free_port();
     let config = rig.cfg.state_dir.join("config.toml");
     std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML")).expect("write config");
     let log = rig.cfg.state_dir.join("agent.log");
@@ -583,7 +366,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     .expect("copy");
     for i in 0..6u16 {
         let name = format!("doc{i}.pdf");
-        write(
+        write_file(
             &rig.root.join(&name),
             &pdf_pages("xfig-howto.pdf", i * 3, i * 3 + 2),
         );
@@ -594,7 +377,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let count = || rt.block_on(async { visual.count().await.unwrap_or(0) });
 
     // Killed while records are being written.
-    let agent = RunningAgent::start(&rig, &config, &log);
+    let agent = RunningAgent::start(&config, std::slice::from_ref(&rig.root), &log);
     let mut at_kill = 0;
     for _ in 0..3000 {
         at_kill = count();
@@ -612,7 +395,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     );
 
     // While it is down: a finished document shrinks, another one goes.
-    write(
+    write_file(
         &rig.root.join("doc0.pdf"),
         &pdf_pages("asyRefCard.pdf", 0, 0),
     );
@@ -622,7 +405,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     let total: usize = expected.iter().map(|(_, n)| n).sum();
 
     // Restarted: converges. SIGTERM: exits 0.
-    let agent = RunningAgent::start(&rig, &config, &log);
+    let agent = RunningAgent::start(&config, std::slice::from_ref(&rig.root), &log);
     for (name, pages) in &expected {
         let id = rig.doc_id(name);
         rt.block_on(until(&format!("{name} has {pages} pages"), || async {
@@ -637,7 +420,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     // `status` while the agent runs (and holds the store): answered through its API.
     let mut live = serde_json::Value::Null;
     for _ in 0..100 {
-        let out = std::process::Command::new(worker_exe())
+        let out = std::process::Command::new(agent_exe())
             .arg("--config")
             .arg(&config)
             .args(["status", "--json"])
@@ -661,7 +444,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     // `index` while the agent runs: handed to it through its API, and it returns only once the
     // agent's queue is empty, so the new file is searchable when it does.
     let index = |args: &[&std::ffi::OsStr]| {
-        std::process::Command::new(worker_exe())
+        std::process::Command::new(agent_exe())
             .arg("--config")
             .arg(&config)
             .arg("index")
@@ -670,7 +453,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
             .expect("index runs")
     };
     let late = rig.root.join("late.pdf");
-    write(&late, &pdf_pages("xfig-howto.pdf", 0, 1));
+    write_file(&late, &pdf_pages("xfig-howto.pdf", 0, 1));
     let out = index(&[late.as_os_str()]);
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -749,7 +532,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
         .expect("orphan written");
     let live = total + 2;
     assert_eq!(count(), live + 1);
-    let out = std::process::Command::new(worker_exe())
+    let out = std::process::Command::new(agent_exe())
         .arg("--config")
         .arg(&config)
         .arg("repair")
@@ -780,6 +563,78 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     );
 }
 
+/// A watched folder on a disk that is not mounted: `run` warns, indexes the folder that is there,
+/// and `/health` and `status` name the missing one.
+#[test]
+fn run_skips_a_missing_watched_folder_and_reports_it() {
+    let rig = rig(200);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let s = rt.block_on(rig.syncer());
+    let missing = rig.cfg.state_dir.join("unmounted/docs");
+    let mut cfg = rig.cfg.clone();
+    cfg.api.port = common::free_port();
+    cfg.watch.folders = vec![rig.root.clone(), missing.clone()];
+    let config = rig.cfg.state_dir.join("config.toml");
+    std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML")).expect("write config");
+    let log = rig.cfg.state_dir.join("agent.log");
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("missing-folder", 0, 1));
+
+    // The configured folders, as a service runs it.
+    let agent = RunningAgent::start(&config, &[], &log);
+    let id = rig.doc_id("a.pdf");
+    rt.block_on(until(
+        "a.pdf indexed from the folder that is there",
+        || async { counts(&s, &id).await.0 == 2 },
+    ));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        said.lines().any(|l| l.contains("WARN")
+            && l.contains(&format!("watched folder {} is missing", missing.display()))),
+        "a warning names the folder: {said}"
+    );
+
+    let (code, health) = rt.block_on(async {
+        let resp = reqwest::get(format!("http://127.0.0.1:{}/health", cfg.api.port))
+            .await
+            .expect("GET /health");
+        let code = resp.status().as_u16();
+        (code, resp.json::<serde_json::Value>().await.expect("JSON"))
+    });
+    assert_eq!(code, 503, "{health}");
+    let reasons = health["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons.iter().any(|r| r.as_str().is_some_and(
+            |r| r.starts_with(&format!("watched folder {} is missing", missing.display()))
+        )),
+        "{health}"
+    );
+
+    let out = std::process::Command::new(agent_exe())
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("status runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("agent:   running"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with(&format!(
+            "warning: watched folder {} is missing",
+            missing.display()
+        ))),
+        "{stdout}"
+    );
+
+    agent.signal(libc::SIGTERM);
+    let st = agent.wait();
+    assert!(
+        st.success(),
+        "SIGTERM ends it with status 0, got {st:?}; log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     let mut rig = rig(200);
@@ -789,7 +644,7 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     quiet(&agent).await;
     assert_eq!(agent.telemetry.model().loads, 0, "no work, no model");
 
-    write(&rig.root.join("a.pdf"), &pdf_pages("first", 0, 0));
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("first", 0, 0));
     let a = rig.doc_id("a.pdf");
     until("a.pdf indexed", || async { counts(&s, &a).await.0 == 1 }).await;
     assert_eq!(agent.telemetry.model().loads, 1);
@@ -798,7 +653,7 @@ async fn the_model_loads_on_the_first_page_and_unloads_when_idle() {
     })
     .await;
 
-    write(&rig.root.join("b.pdf"), &pdf_pages("second", 0, 0));
+    write_file(&rig.root.join("b.pdf"), &pdf_pages("second", 0, 0));
     let b = rig.doc_id("b.pdf");
     until("b.pdf indexed", || async { counts(&s, &b).await.0 == 1 }).await;
     assert_eq!(
@@ -822,7 +677,7 @@ async fn a_file_changed_while_being_processed_ends_with_its_last_content() {
     })
     .await;
     // Replaced while its 113 pages are still being processed.
-    write(&path, &pdf_pages("replacement", 0, 1));
+    write_file(&path, &pdf_pages("replacement", 0, 1));
     until("the replacement indexed", || async {
         agent.store().file(&path).ok().flatten().is_some_and(|r| {
             r.content_hash == docusearch_agent::types::ContentHash::of_file(&path).expect("hash")

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use docusearch_agent::api::{AgentStatus, ApiClient, DocStage, Health, ModelState};
 use docusearch_agent::config::{Config, DeviceChoice};
 
-use super::pipeline::{counts, pdf_pages, rig, worker_exe, Rig};
-use crate::common;
+use crate::common::{self, agent_exe, counts, free_port, pdf_pages, rig, Rig};
 
 /// `run` on the rig's folder with its status API on a free port, and `env` set.
 struct Agent {
@@ -20,13 +19,6 @@ struct Agent {
     addr: SocketAddr,
     config: PathBuf,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 impl Agent {
@@ -42,7 +34,7 @@ impl Agent {
             .append(true)
             .open(&log)
             .expect("log file");
-        let mut cmd = Command::new(worker_exe());
+        let mut cmd = Command::new(agent_exe());
         cmd.arg("--config")
             .arg(&config)
             .arg("run")
@@ -118,7 +110,7 @@ impl Agent {
 
     /// `status --json`, the command a user types.
     fn status_command(&self) -> serde_json::Value {
-        let out = Command::new(worker_exe())
+        let out = Command::new(agent_exe())
             .arg("--config")
             .arg(&self.config)
             .args(["status", "--json"])
