@@ -65,7 +65,7 @@ pub struct WatchConfig {
 }
 
 /// `chroma.multivector_encoding`: the record format's names (`f32-gzip-b64`, `f16-b64`).
-pub use crate::records::MultivectorEncoding;
+pub use crate::types::MultivectorEncoding;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -1,12 +1,10 @@
-//! `doctor`: one line per check, ✔ or ✘, and for each ✘ the fix. Exit status 1 when any check
-//! fails. Every check does the real thing (binds PDFium, asks Chroma for its version, starts a
-//! throw-away managed server) rather than guessing from the configuration.
+//! The checks of `doctor`: each says ✔ or ✘, what it found, and for a ✘ the fix. Every check
+//! does the real thing (binds PDFium, asks Chroma for its version, starts a throw-away managed
+//! server) rather than guessing from the configuration.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use crate::cli::Context;
-use crate::config::{ChromaTarget, Config, ConfigError, DeviceChoice};
+use crate::config::{ChromaTarget, Config, DeviceChoice};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +18,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    pub fn pass(name: &'static str, detail: impl Into<String>) -> Check {
         Check {
             name,
             ok: true,
@@ -28,64 +26,13 @@ impl Check {
             fix: None,
         }
     }
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    pub fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
         Check {
             name,
             ok: false,
             detail: detail.into(),
             fix: Some(fix.into()),
         }
-    }
-
-    fn print(&self) {
-        let mark = if self.ok { "✔" } else { "✘" };
-        println!("{mark} {}: {}", self.name, self.detail);
-        if let Some(fix) = &self.fix {
-            println!("    fix: {fix}");
-        }
-    }
-}
-
-pub fn run(ctx: &Context) -> anyhow::Result<ExitCode> {
-    let source = match &ctx.config_path {
-        Some(p) => format!("loaded from {}", p.display()),
-        None => match crate::config::default_config_path().filter(|p| p.is_file()) {
-            Some(p) => format!("loaded from {}", p.display()),
-            None => "no config file; using the defaults".to_string(),
-        },
-    };
-    let mut checks = vec![Check::pass("configuration", source)];
-    checks.extend(run_checks(&ctx.config));
-    for c in &checks {
-        c.print();
-    }
-    Ok(exit_code(&checks))
-}
-
-/// Doctor with a configuration that was refused: reports it, and the checks that do not need it.
-pub fn run_with_config_error(path: Option<&Path>, error: &ConfigError) -> ExitCode {
-    let where_ = path
-        .map(|p| p.display().to_string())
-        .or_else(|| crate::config::default_config_path().map(|p| p.display().to_string()))
-        .unwrap_or_else(|| "the config file".into());
-    let mut checks = vec![Check::fail(
-        "configuration",
-        error.to_string(),
-        format!("edit {where_}; every key and its default is in config.example.toml"),
-    )];
-    // The rest runs against the defaults so one bad key does not hide other problems.
-    checks.extend(run_checks(&Config::default()));
-    for c in &checks {
-        c.print();
-    }
-    exit_code(&checks)
-}
-
-fn exit_code(checks: &[Check]) -> ExitCode {
-    if checks.iter().all(|c| c.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }
 

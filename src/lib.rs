@@ -9,7 +9,6 @@
 pub mod agent;
 pub mod api;
 pub mod chroma;
-pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod embed;

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::chroma::client::{CollectionOptions, GetRecord, RawMetadata, Record, Space};
@@ -140,34 +140,7 @@ pub mod keys {
 /// Characters of a chunk kept in `text_preview`.
 pub const TEXT_PREVIEW_CHARS: usize = 200;
 
-/// How `full_embeddings` holds a multi-vector; the record's `multivector_encoding` names it
-/// (absent: `f32-gzip-b64`). The names are also the values of `chroma.multivector_encoding`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub enum MultivectorEncoding {
-    /// base64(gzip(little-endian f32, row-major)): what DocuSearch's search engine reads.
-    #[default]
-    #[serde(rename = "f32-gzip-b64")]
-    F32GzipB64,
-    /// base64(little-endian IEEE f16, row-major): half the size.
-    #[serde(rename = "f16-b64")]
-    F16B64,
-}
-
-impl MultivectorEncoding {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MultivectorEncoding::F32GzipB64 => "f32-gzip-b64",
-            MultivectorEncoding::F16B64 => "f16-b64",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "f32-gzip-b64" => Some(Self::F32GzipB64),
-            "f16-b64" => Some(Self::F16B64),
-            _ => None,
-        }
-    }
-}
+pub use crate::types::MultivectorEncoding;
 
 /// Encodes a multi-vector for the `full_embeddings` key.
 pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> String {

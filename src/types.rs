@@ -187,3 +187,32 @@ impl DocFormat {
         }
     }
 }
+
+/// How `full_embeddings` holds a multi-vector; the record's `multivector_encoding` names it
+/// (absent: `f32-gzip-b64`). The names are also the values of `chroma.multivector_encoding`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum MultivectorEncoding {
+    /// base64(gzip(little-endian f32, row-major)): what DocuSearch's search engine reads.
+    #[default]
+    #[serde(rename = "f32-gzip-b64")]
+    F32GzipB64,
+    /// base64(little-endian IEEE f16, row-major): half the size.
+    #[serde(rename = "f16-b64")]
+    F16B64,
+}
+
+impl MultivectorEncoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultivectorEncoding::F32GzipB64 => "f32-gzip-b64",
+            MultivectorEncoding::F16B64 => "f16-b64",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32-gzip-b64" => Some(Self::F32GzipB64),
+            "f16-b64" => Some(Self::F16B64),
+            _ => None,
+        }
+    }
+}

@@ -3,7 +3,6 @@
 //! [`Embedder`] is what the rest of the agent uses: one loaded model on one device, turning page
 //! images and queries (or text chunks) into multi-vectors equal to colpali-engine's.
 
-pub mod cli;
 pub mod config;
 pub mod device;
 pub mod loader;

@@ -1,4 +1,4 @@
-//! `run` and `index` on the real stages.
+//! `run`, `index` and `status`: the agent's commands, on the real stages.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,18 +7,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::pipeline::Outcome;
-use super::real::{RealExtract, RealModelLoader, RealSink};
-use super::report::{report_loop, RepairTarget};
-use super::runtime::{index_paths, Agent};
-use super::status::{running_agent_label, PidFile};
-use crate::api::{self, ApiState, ChromaProbe};
-use crate::chroma::managed::ManagedChroma;
-use crate::cli::{Context, IndexArgs, RunArgs};
-use crate::config::{ChromaTarget, Config};
-use crate::state::{Store, StoreError};
-use crate::supervisor::Supervisor;
-use crate::telemetry::Telemetry;
+use docusearch_agent::agent::pipeline::Outcome;
+use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
+use docusearch_agent::agent::report::{report_loop, RepairTarget};
+use docusearch_agent::agent::runtime::{index_paths, Agent};
+use docusearch_agent::agent::status::{self, running_agent_label, PidFile, Status};
+use docusearch_agent::api::{self, ApiState, ChromaProbe};
+use docusearch_agent::api::{ModelState, ModelStatus};
+use docusearch_agent::chroma::managed::ManagedChroma;
+use docusearch_agent::config::{ChromaTarget, Config};
+use docusearch_agent::state::{Store, StoreError};
+use docusearch_agent::supervisor::Supervisor;
+use docusearch_agent::telemetry::Telemetry;
+
+use super::{client_runtime, runtime, Context, IndexArgs, RunArgs, StatusArgs};
 
 /// How long a failed agent keeps answering `/health` (503, with the reason) before it exits.
 const FAILED_LINGER: Duration = Duration::from_secs(2);
@@ -44,12 +46,13 @@ fn chroma(cfg: &Config, reuse_running: bool) -> anyhow::Result<(String, Option<M
         ChromaTarget::Remote { url } => Ok((url, None)),
         ChromaTarget::Managed => {
             if reuse_running {
-                if let Some(url) = crate::chroma::managed::running_server(&cfg.managed_chroma_dir())
+                if let Some(url) =
+                    docusearch_agent::chroma::managed::running_server(&cfg.managed_chroma_dir())
                 {
                     return Ok((url, None));
                 }
             }
-            let exe = crate::runtime_paths::find_chroma(cfg.chroma.command.as_deref())?;
+            let exe = docusearch_agent::runtime_paths::find_chroma(cfg.chroma.command.as_deref())?;
             let m = ManagedChroma::start(&exe, &cfg.managed_chroma_dir())?;
             Ok((m.url(), Some(m)))
         }
@@ -99,13 +102,10 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let _pid = PidFile::write(&cfg)
         .with_context(|| format!("cannot write the pid file in {}", cfg.state_dir.display()))?;
     let (url, mut managed) = chroma(&cfg, false)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let flush_store = store.clone();
     let result: anyhow::Result<()> = rt.block_on(async {
-        let syncer = crate::sync::Syncer::connect(&url, &cfg).await?;
+        let syncer = docusearch_agent::sync::Syncer::connect(&url, &cfg).await?;
         let repair = RepairTarget {
             client: syncer.client().clone(),
             chroma: cfg.chroma.clone(),
@@ -190,9 +190,7 @@ fn index_through_agent(cfg: &Config, args: &IndexArgs) -> anyhow::Result<ExitCod
         .map(|p| std::fs::canonicalize(p).with_context(|| format!("{}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client = api::ApiClient::new(&cfg.api, Duration::from_secs(310))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = client_runtime()?;
     let started = Instant::now();
     let queued = match rt.block_on(client.index(&paths)) {
         Ok(Some(q)) => q,
@@ -305,10 +303,7 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
         Err(e) => return Err(e.into()),
     };
     let (url, mut managed) = chroma(&cfg, true)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files · {msg} · ETA {eta}")
@@ -317,7 +312,7 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
     let started = Instant::now();
     let q = store.clone();
     let summary = rt.block_on(async {
-        let syncer = crate::sync::Syncer::connect(&url, &cfg).await?;
+        let syncer = docusearch_agent::sync::Syncer::connect(&url, &cfg).await?;
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader {
@@ -398,4 +393,137 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub fn status_command(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let rt = client_runtime()?;
+    let s = rt.block_on(status::gather(&ctx.config, &ctx.config.store_dir()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable form.
+fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, t: String| {
+        out.push_str(&t);
+        out.push('\n');
+    };
+    line(
+        &mut out,
+        match (s.agent_running, s.agent_pid) {
+            (true, Some(p)) => format!("agent:   running (pid {p})"),
+            (true, None) => "agent:   running".into(),
+            (false, _) => "agent:   not running".into(),
+        },
+    );
+    if let Some(f) = &s.files {
+        line(
+            &mut out,
+            format!(
+                "indexed: {} files, {} pages, {} text chunks",
+                f.indexed, f.pages, f.chunks
+            ),
+        );
+    }
+    if let Some(q) = &s.queue {
+        line(
+            &mut out,
+            format!(
+                "queue:   {} queued, {} in progress, {} failed",
+                q.queued, q.in_progress, q.failed
+            ),
+        );
+    }
+    for d in &s.in_progress {
+        let pages = match d.num_pages {
+            Some(n) => format!(", page {}/{n}", d.pages_embedded),
+            None => String::new(),
+        };
+        line(
+            &mut out,
+            format!("  {:?}{pages}: {}", d.stage, d.path.display()).to_lowercase(),
+        );
+    }
+    for f in &s.failures {
+        line(
+            &mut out,
+            format!("  failed: {}: {}", f.path.display(), f.reason),
+        );
+    }
+    line(
+        &mut out,
+        format!("model:   {} ({})", s.model.name, model_state(&s.model)),
+    );
+    line(
+        &mut out,
+        format!(
+            "chroma:  {}{} — {}",
+            s.chroma.target,
+            s.chroma
+                .url
+                .as_ref()
+                .filter(|u| **u != s.chroma.target)
+                .map(|u| format!(" at {u}"))
+                .unwrap_or_default(),
+            if s.chroma.reachable {
+                "reachable"
+            } else if s.chroma.url.is_none() && !s.agent_running {
+                // The managed server lives and dies with the agent.
+                "not running (the agent starts it)"
+            } else {
+                "not reachable"
+            }
+        ),
+    );
+    for f in &s.missing_folders {
+        line(
+            &mut out,
+            format!(
+                "warning: watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                f.display()
+            ),
+        );
+    }
+    if let Some(h) = &s.health {
+        if h.is_healthy() {
+            line(&mut out, "health:  healthy".into());
+        }
+        for r in &h.reasons {
+            line(&mut out, format!("health:  degraded: {r}"));
+        }
+    }
+    for n in &s.notes {
+        line(&mut out, format!("note:    {n}"));
+    }
+    out
+}
+
+/// "loaded on cpu, f32 (a GPU was asked for: running on the CPU)", "failed: why", ...
+fn model_state(m: &ModelStatus) -> String {
+    let place = || {
+        let mut p = format!(
+            "on {}, {}",
+            m.device.as_deref().unwrap_or("?"),
+            m.dtype.as_deref().unwrap_or("?")
+        );
+        if m.fell_back_to_cpu {
+            p.push_str(": no usable GPU, so the CPU is used");
+        }
+        p
+    };
+    match (m.state, &m.error) {
+        (ModelState::Loaded, _) => format!("loaded {}", place()),
+        (ModelState::Failed, Some(e)) | (ModelState::Loading, Some(e)) => {
+            format!("failed to load: {e}")
+        }
+        (ModelState::Failed, None) => "failed to load".into(),
+        (ModelState::Loading, None) => "loading".into(),
+        (ModelState::Unloaded, _) => format!("unloaded while idle; ran {}", place()),
+        (ModelState::NotLoaded, _) => "not loaded".into(),
+    }
 }

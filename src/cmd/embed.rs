@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::cli::{Context, EmbedArgs};
-use crate::types::MultiVector;
+use docusearch_agent::embed::{loader, Embedder};
+use docusearch_agent::types::MultiVector;
 
-use super::{loader, Embedder};
+use super::{Context, EmbedArgs};
 
 fn rows_json(mv: &MultiVector) -> Vec<&[f32]> {
     (0..mv.rows).map(|r| mv.row(r)).collect()

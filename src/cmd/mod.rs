@@ -1,11 +1,21 @@
-//! The command line: what each command takes. `main.rs` parses it and calls [`run`].
+//! The command layer: what each command takes, how it runs, what it prints, and its exit
+//! code. It lives in the binary, so the library (`docusearch_agent`) cannot import it: library
+//! functions return typed results and reports, and the commands here print them as text or
+//! JSON. `main.rs` parses the command line and calls [`run`].
+
+mod agent;
+mod doctor;
+mod embed;
+mod search;
+mod service;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::Config;
+use docusearch_agent::config::Config;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -172,7 +182,7 @@ pub struct Context {
 pub fn run(cli: Cli) -> ExitCode {
     // The renderer child speaks a binary protocol on stdout and needs no configuration.
     if let Command::ExtractWorker = cli.command {
-        return crate::extract::worker_main();
+        return docusearch_agent::extract::worker_main();
     }
     let env = |k: &str| std::env::var(k).ok();
     let config = match Config::load(cli.config.as_deref(), &env) {
@@ -180,28 +190,28 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             // `doctor` reports a bad configuration as one of its checks.
             if let Command::Doctor(_) = cli.command {
-                return crate::doctor::run_with_config_error(cli.config.as_deref(), &e);
+                return doctor::run_with_config_error(cli.config.as_deref(), &e);
             }
             eprintln!("error: {e}");
             return ExitCode::from(78); // EX_CONFIG: launchd/systemd show it as a config error
         }
     };
-    crate::logging::init(&config.logging);
+    docusearch_agent::logging::init(&config.logging);
     let ctx = Context {
         config,
         config_path: cli.config.clone(),
     };
     let result = match cli.command {
-        Command::Run(a) => crate::agent::run_command(&ctx, a),
-        Command::Index(a) => crate::agent::index_command(&ctx, a),
-        Command::Status(a) => crate::agent::status_command(&ctx, a),
-        Command::Search(a) => crate::search::search_command(&ctx, a),
-        Command::Repair(a) => crate::search::repair_command(&ctx, a),
-        Command::Doctor(_) => crate::doctor::run(&ctx),
-        Command::Service(c) => crate::service::service_command(&ctx, c),
-        Command::Embed(a) => crate::embed::cli::embed_command(&ctx, a),
+        Command::Run(a) => agent::run_command(&ctx, a),
+        Command::Index(a) => agent::index_command(&ctx, a),
+        Command::Status(a) => agent::status_command(&ctx, a),
+        Command::Search(a) => search::search_command(&ctx, a),
+        Command::Repair(a) => search::repair_command(&ctx, a),
+        Command::Doctor(_) => doctor::run(&ctx),
+        Command::Service(c) => service::service_command(&ctx, c),
+        Command::Embed(a) => embed::embed_command(&ctx, a),
         Command::Model(ModelCommand::Fetch { model, revision }) => {
-            crate::embed::cli::fetch_command(&ctx, model, revision)
+            embed::fetch_command(&ctx, model, revision)
         }
         Command::ExtractWorker => unreachable!("handled above"),
     };
@@ -213,4 +223,23 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime of a command that runs the pipeline or many requests at once (`run`, `index`,
+/// `search`, `repair`): two worker threads, which is what the pipeline's async stages need.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The runtime of a command that makes a request or two (`status`, `doctor`, `service status`,
+/// `index` handing paths to the running agent).
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
