@@ -362,17 +362,11 @@ fn v1_files() -> Vec<(PathBuf, FileRecord)> {
     files
 }
 
-/// Writes the version-1 fixture (run once, by release 1): the files of [`v1_files`] and one
-/// job in each state through the public API, then prints the jobs, whose sequence numbers and
-/// due times [`a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was`] holds.
-#[test]
-#[ignore = "writes the state-store fixture: see tests/fixtures/state-store-v1/README.md"]
-fn write_state_store_fixture_v1() {
-    let out = std::env::var_os("STATE_STORE_FIXTURE")
-        .map(PathBuf::from)
-        .expect("set STATE_STORE_FIXTURE to the folder to write");
+/// Writes a store the way the version-1 fixture was written (by release 1): the files of
+/// [`v1_files`] and one job in each state, through the public API.
+fn write_v1_store(out: &Path) -> Store {
     assert!(!out.exists(), "{} exists: remove it first", out.display());
-    let store = Store::open(&out).expect("open");
+    let store = Store::open(out).expect("open");
     for (path, rec) in v1_files() {
         store.put_file(&path, &rec).expect("put");
     }
@@ -410,9 +404,36 @@ fn write_state_store_fixture_v1() {
         .enqueue(moved, None, Duration::from_secs(4))
         .expect("enqueue");
     store.flush().expect("flush");
-    for (path, job) in store.all_jobs().expect("jobs") {
-        println!("{path:?}: {job:?}");
+    store
+}
+
+/// The fixture holds what the writer writes (and `STATE_STORE_FIXTURE=DIR` writes a new one
+/// there, printing its jobs, whose sequence numbers and due times
+/// [`a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was`] holds).
+#[test]
+fn the_state_store_fixture_is_what_its_writer_writes() {
+    if let Some(out) = std::env::var_os("STATE_STORE_FIXTURE").map(PathBuf::from) {
+        let store = write_v1_store(&out);
+        for (path, job) in store.all_jobs().expect("jobs") {
+            println!("{path:?}: {job:?}");
+        }
+        return;
     }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let written = write_v1_store(&dir.path().join("state.sled"));
+    let fixture_copy = tempfile::tempdir().expect("tempdir");
+    copy_dir(&fixture_v1(), fixture_copy.path());
+    let fixture = Store::open(fixture_copy.path()).expect("the fixture opens");
+    let files = |s: &Store| s.files_under(Path::new("/")).expect("files");
+    assert_eq!(files(&written), files(&fixture));
+    let kinds = |s: &Store| {
+        s.all_jobs()
+            .expect("jobs")
+            .into_iter()
+            .map(|(p, j)| (p, j.kind, j.attempts, j.last_error))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kinds(&written), kinds(&fixture));
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -255,5 +255,6 @@ async fn live_events_become_jobs() {
     )
     .await;
 }
+mod failures;
 pub(crate) mod pipeline;
 mod telemetry;
