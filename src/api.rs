@@ -275,6 +275,7 @@ impl ApiState {
         s.in_progress = t.documents();
         s.counters = t.counters();
         s.task_failures = t.task_failures();
+        s.sync_waiting = t.chroma_waiting_reason();
     }
 
     /// Numbers a `POST /index` request whose jobs are now in the store (see

@@ -45,6 +45,28 @@ pub fn running_agent(cfg: &Config) -> Option<u32> {
     alive.then_some(pid as u32)
 }
 
+/// The state store, or the running agent that holds it (one process owns a store).
+pub enum StoreAccess {
+    Store(Store),
+    /// A running agent holds the store; ask it (its status API) instead. `label` is
+    /// " (pid N)" when its pid is known, for messages.
+    HeldByAgent {
+        label: String,
+    },
+}
+
+/// Opens the store at `store_dir` (normally `cfg.store_dir()`), or says which running agent
+/// holds it: the one place commands decide between "the store" and "ask the agent".
+pub fn open_or_held(cfg: &Config, store_dir: &Path) -> Result<StoreAccess, StoreError> {
+    match Store::open(store_dir) {
+        Ok(s) => Ok(StoreAccess::Store(s)),
+        Err(StoreError::Locked { .. }) => Ok(StoreAccess::HeldByAgent {
+            label: running_agent_label(cfg),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// " (pid N)" when the agent's pid is known, for messages about the running agent.
 pub fn running_agent_label(cfg: &Config) -> String {
     running_agent(cfg)
@@ -151,8 +173,8 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
         status.queue = Some(QueueCounts::default());
         return Ok(status);
     }
-    match Store::open(store_dir) {
-        Ok(store) => {
+    match open_or_held(cfg, store_dir)? {
+        StoreAccess::Store(store) => {
             status.files = Some(store.file_counts()?);
             status.queue = Some(store.queue_counts()?);
             status.failures = store
@@ -163,7 +185,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
             status.agent_pid = running_agent(cfg);
             status.agent_running = status.agent_pid.is_some();
         }
-        Err(StoreError::Locked { .. }) => {
+        StoreAccess::HeldByAgent { .. } => {
             status.agent_running = true;
             status.agent_pid = running_agent(cfg);
             match live_status(cfg).await {
@@ -204,7 +226,6 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
                 )),
             }
         }
-        Err(e) => return Err(e),
     }
     Ok(status)
 }

@@ -54,6 +54,10 @@ pub struct AgentStatus {
     /// exits, for its service manager to start it again.
     #[serde(default)]
     pub task_failures: Vec<TaskFailure>,
+    /// Why the records embedded so far wait for Chroma (it is away or answers errors), while
+    /// they do; they are written when it takes them again. Makes `/health` degraded.
+    #[serde(default)]
+    pub sync_waiting: Option<String>,
 }
 
 /// What the agent did with a `POST /index` request.
@@ -194,6 +198,11 @@ impl AgentStatus {
                 "model {} failed to load: {}",
                 self.model.name,
                 self.model.error.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        if let Some(why) = &self.sync_waiting {
+            reasons.push(format!(
+                "writes to Chroma are waiting ({why}); the records embedded so far are kept and written when it answers"
             ));
         }
         for f in &self.task_failures {

@@ -11,12 +11,12 @@ use docusearch_agent::agent::pipeline::Outcome;
 use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::report::{report_loop, RepairTarget};
 use docusearch_agent::agent::runtime::{index_paths, Agent};
-use docusearch_agent::agent::status::{self, running_agent_label, PidFile, Status};
+use docusearch_agent::agent::status::{self, running_agent_label, PidFile, Status, StoreAccess};
 use docusearch_agent::api::{self, ApiState, ChromaProbe};
 use docusearch_agent::api::{ModelState, ModelStatus};
 use docusearch_agent::chroma::managed::ManagedChroma;
 use docusearch_agent::config::{ChromaTarget, Config};
-use docusearch_agent::state::{Store, StoreError};
+use docusearch_agent::state::Store;
 use docusearch_agent::supervisor::Supervisor;
 use docusearch_agent::telemetry::Telemetry;
 
@@ -29,13 +29,11 @@ const FAILED_LINGER: Duration = Duration::from_secs(2);
 fn open_store(cfg: &Config, what: &str) -> anyhow::Result<Store> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
-    match Store::open(&cfg.store_dir()) {
-        Ok(s) => Ok(s),
-        Err(StoreError::Locked { .. }) => {
-            let who = running_agent_label(cfg);
+    match status::open_or_held(cfg, &cfg.store_dir())? {
+        StoreAccess::Store(s) => Ok(s),
+        StoreAccess::HeldByAgent { label: who } => {
             bail!("the agent is already running{who} and owns the state store, so `{what}` cannot run beside it: one agent per state directory. `docusearch-agent status` shows it; `docusearch-agent index PATH` hands it more files; stop it first to start another")
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -296,11 +294,10 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
     }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
-    let store = match Store::open(&cfg.store_dir()) {
-        Ok(s) => s,
+    let store = match status::open_or_held(&cfg, &cfg.store_dir())? {
+        StoreAccess::Store(s) => s,
         // A running agent owns the store: it does the work.
-        Err(StoreError::Locked { .. }) => return index_through_agent(&cfg, &args),
-        Err(e) => return Err(e.into()),
+        StoreAccess::HeldByAgent { .. } => return index_through_agent(&cfg, &args),
     };
     let (url, mut managed) = chroma(&cfg, true)?;
     let rt = runtime()?;

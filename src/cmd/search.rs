@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use docusearch_agent::agent::status::{open_or_held, StoreAccess};
 use docusearch_agent::search::repair::{
     reconcile_with_store, repair_collection, OrphanReason, StoreReconcile,
 };
 use docusearch_agent::search::{
     connect_for_reading, RecordKind, Scope, SearchOptions, SearchResults, Searcher,
 };
-use docusearch_agent::state::{Store, StoreError};
 
 use super::{runtime, Context, RepairArgs, SearchArgs, SearchMode};
 
@@ -189,12 +189,9 @@ pub fn repair_command(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCod
     // collection and be lost) and step (3) is the agent's.
     let store_dir = cfg.store_dir();
     let store = if store_dir.exists() {
-        match Store::open(&store_dir) {
-            Ok(store) => Some(Ok(store)),
-            Err(StoreError::Locked { .. }) => Some(Err(
-                docusearch_agent::agent::status::running_agent_label(cfg),
-            )),
-            Err(e) => return Err(e.into()),
+        match open_or_held(cfg, &store_dir)? {
+            StoreAccess::Store(store) => Some(Ok(store)),
+            StoreAccess::HeldByAgent { label } => Some(Err(label)),
         }
     } else {
         None

@@ -217,6 +217,8 @@ pub struct Telemetry {
     /// By job sequence number.
     documents: Mutex<BTreeMap<u64, DocumentProgress>>,
     task_failures: Mutex<Vec<TaskFailure>>,
+    /// Why writes to Chroma are waiting (it is away), while they are.
+    chroma_waiting: Mutex<Option<String>>,
     changed: Notify,
 }
 
@@ -254,6 +256,7 @@ impl Telemetry {
             }),
             documents: Mutex::new(BTreeMap::new()),
             task_failures: Mutex::new(Vec::new()),
+            chroma_waiting: Mutex::new(None),
             changed: Notify::new(),
         }
     }
@@ -396,6 +399,24 @@ impl Telemetry {
 
     pub fn task_failures(&self) -> Vec<TaskFailure> {
         lock(&self.task_failures).clone()
+    }
+
+    /// Writes to Chroma wait for it (`Some(why)`), or go through again (`None`).
+    pub fn chroma_waiting(&self, why: Option<String>) {
+        let changed = {
+            let mut w = lock(&self.chroma_waiting);
+            let changed = w.is_some() != why.is_some();
+            *w = why;
+            changed
+        };
+        if changed {
+            self.poke();
+        }
+    }
+
+    /// Why writes to Chroma are waiting, while they are.
+    pub fn chroma_waiting_reason(&self) -> Option<String> {
+        lock(&self.chroma_waiting).clone()
     }
 }
 

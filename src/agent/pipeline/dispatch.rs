@@ -100,6 +100,7 @@ async fn dispatch<S: Sink>(
                 );
                 match shared.sink.move_document(&rec.doc_id, &meta).await {
                     Ok(moved) => {
+                        shared.telemetry.chroma_waiting(None);
                         shared.store.remove_file(&from)?;
                         if moved {
                             let mut new = rec.clone();
@@ -113,10 +114,7 @@ async fn dispatch<S: Sink>(
                             });
                         }
                     }
-                    Err(e) => {
-                        shared.telemetry.chroma_errors.inc();
-                        return shared.job_failed(&job, &to, &e);
-                    }
+                    Err(e) => return shared.sync_failed(&job, &to, &e),
                 }
             }
             index(shared, job, &to, doc_tx).await
@@ -141,6 +139,7 @@ async fn delete<S: Sink>(
         .unwrap_or_else(|| shared.doc_id(path));
     match shared.sink.delete_document(&doc_id).await {
         Ok(()) => {
+            shared.telemetry.chroma_waiting(None);
             shared.store.remove_file(path)?;
             if rec.is_some() {
                 shared.telemetry.files_removed.inc();
@@ -150,10 +149,7 @@ async fn delete<S: Sink>(
             });
             shared.job_done(job)
         }
-        Err(e) => {
-            shared.telemetry.chroma_errors.inc();
-            shared.job_failed(job, path, &e)
-        }
+        Err(e) => shared.sync_failed(job, path, &e),
     }
 }
 

@@ -35,6 +35,7 @@ use super::stages::{
 };
 use crate::state::{FileStamp, Job, JobState, RetryPolicy, Store, StoreError};
 use crate::supervisor::{Supervisor, TaskError};
+use crate::telemetry::Stage;
 use crate::telemetry::Telemetry;
 use crate::types::{ContentHash, DocFormat, DocId};
 
@@ -272,6 +273,23 @@ impl<S> Shared<S> {
         Ok(())
     }
 
+    /// A deletion or a move that Chroma did not take: while Chroma is away the job waits (no
+    /// attempt used up); anything else fails it as usual.
+    fn sync_failed(&self, job: &Job, path: &Path, e: &StageError) -> Result<(), StoreError> {
+        if e.stage != Stage::Sync {
+            return self.job_failed(job, path, e);
+        }
+        self.telemetry.chroma_errors.inc();
+        if e.permanent {
+            return self.job_failed(job, path, e);
+        }
+        self.telemetry.failures.inc(Stage::Sync);
+        self.telemetry.chroma_waiting(Some(e.reason.clone()));
+        self.telemetry.in_flight.dec();
+        tracing::warn!(path = %path.display(), "{e}; tried again in {CHROMA_AWAY_RETRY:?}");
+        self.store.defer(job, job.seen, CHROMA_AWAY_RETRY)
+    }
+
     fn job_done(&self, job: &Job) -> Result<(), StoreError> {
         self.telemetry.in_flight.dec();
         self.store.complete(job)
@@ -286,6 +304,9 @@ impl<S> Shared<S> {
         self.store.defer(job, Some(stamp), Duration::ZERO)
     }
 }
+
+/// How long a deletion or move waits before it is tried again while Chroma is away.
+const CHROMA_AWAY_RETRY: Duration = Duration::from_secs(10);
 
 /// A store error a stage cannot go on after.
 fn fatal(what: &str, e: StoreError) -> TaskError {
@@ -340,5 +361,8 @@ pub fn start<X: Extract, L: EmbedLoader, S: Sink>(
         "dispatch",
         dispatch::run(shared.clone(), doc_tx, token, mode),
     );
-    supervisor.spawn("sync", sync::run(shared, vec_rx));
+    supervisor.spawn(
+        "sync",
+        sync::run(shared, vec_rx, supervisor.token().clone()),
+    );
 }

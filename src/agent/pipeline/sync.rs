@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::{fail_point, fatal, Doc, EmbeddedPage, Ending, FailStage, Outcome, Shared, StageMsg};
 use crate::agent::stages::{ChunkRecord, DocumentMeta, PageRecord, Sink, Stage, StageError};
 use crate::state::{FileRecord, StoreError};
-use crate::supervisor::TaskError;
+use crate::supervisor::{CancellationToken, TaskError};
 use crate::telemetry::DocStage;
 use crate::types::SCHEMA_VERSION;
 
@@ -21,11 +21,14 @@ struct DocBuffer {
     chunks: Vec<ChunkRecord>,
     num_chunks: u32,
     sync_time: Duration,
+    /// The agent stopped while these records waited for Chroma.
+    stopped: bool,
 }
 
 pub(super) async fn run<S: Sink>(
     shared: Arc<Shared<S>>,
     mut vec_rx: mpsc::Receiver<StageMsg<EmbeddedPage>>,
+    token: CancellationToken,
 ) -> Result<(), TaskError> {
     let mut buffers: HashMap<u64, DocBuffer> = HashMap::new();
     while let Some(msg) = vec_rx.recv().await {
@@ -37,13 +40,13 @@ pub(super) async fn run<S: Sink>(
                 buf.pages.extend(page.record);
                 buf.chunks.extend(page.chunks);
                 if buf.pages.len() >= shared.settings.upsert_pages.max(1) {
-                    upsert(&shared, &doc, buf).await;
+                    upsert(&shared, &token, &doc, buf).await;
                 }
             }
             StageMsg::End(doc, ending) => {
                 let mut buf = buffers.remove(&doc.job.seq).unwrap_or_default();
                 let seq = doc.job.seq;
-                let r = finish(&shared, &doc, &mut buf, ending).await;
+                let r = finish(&shared, &token, &doc, &mut buf, ending).await;
                 shared.telemetry.document_finished(seq);
                 r.map_err(|e| fatal("the job queue cannot be written", e))?;
             }
@@ -64,38 +67,120 @@ fn doc_meta<S>(shared: &Shared<S>, doc: &Doc) -> DocumentMeta {
     )
 }
 
-/// A failed Chroma write fails the document (it is retried with back-off).
-fn sink_failed<S>(shared: &Shared<S>, doc: &Doc, e: StageError) {
-    if e.stage == Stage::Sync {
-        shared.telemetry.chroma_errors.inc();
-    }
-    doc.fail(e);
+/// Longest wait between two tries of a write while Chroma is away.
+const MAX_CHROMA_WAIT: Duration = Duration::from_secs(30);
+
+/// One write of a document's records.
+enum Write<'a> {
+    Pages(&'a [PageRecord]),
+    Chunks(&'a [ChunkRecord]),
+    /// Prunes the records the document no longer has.
+    Finish {
+        pages: u32,
+        chunks: u32,
+    },
 }
 
-async fn upsert<S: Sink>(shared: &Shared<S>, doc: &Doc, buf: &mut DocBuffer) {
-    if doc.failure().is_some() || (buf.pages.is_empty() && buf.chunks.is_empty()) {
+/// Why a write did not happen.
+enum Halt {
+    /// The write failed for good (the document fails).
+    Failed(StageError),
+    /// The agent is stopping while Chroma is away: the document goes back in the queue.
+    Stopped,
+}
+
+/// Writes to Chroma until the write succeeds, fails for good, or the agent stops. A Chroma
+/// that is away or answers 5xx is not the document's fault: the records already embedded are
+/// kept (the stages before this one wait, so memory stays bounded), tried again with back-off
+/// up to [`MAX_CHROMA_WAIT`], no attempt of the job is used up, and `/health` says why.
+async fn write<S: Sink>(
+    shared: &Shared<S>,
+    token: &CancellationToken,
+    doc: &Doc,
+    meta: &DocumentMeta,
+    w: Write<'_>,
+) -> Result<(), Halt> {
+    let t = &shared.telemetry;
+    let mut delay = Duration::from_secs(1);
+    let mut waited = false;
+    loop {
+        let result = match &w {
+            Write::Pages(p) => shared.sink.upsert_pages(meta, p).await,
+            Write::Chunks(c) => shared.sink.upsert_chunks(meta, c).await,
+            Write::Finish { pages, chunks } => {
+                shared.sink.finish_document(meta, *pages, *chunks).await
+            }
+        };
+        let e = match result {
+            Ok(()) => {
+                // Chroma answers (also after a deletion or move had to wait).
+                t.chroma_waiting(None);
+                if waited {
+                    tracing::info!(path = %doc.path.display(), "Chroma takes records again; writing on");
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if e.stage == Stage::Sync {
+            t.chroma_errors.inc();
+        }
+        if e.stage != Stage::Sync || e.permanent {
+            return Err(Halt::Failed(e));
+        }
+        t.failures.inc(Stage::Sync);
+        if !waited {
+            tracing::warn!(path = %doc.path.display(), "{e}; the records embedded so far are kept and written when Chroma takes them again");
+        }
+        waited = true;
+        t.chroma_waiting(Some(e.reason.clone()));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = token.cancelled() => {
+                t.chroma_waiting(None);
+                return Err(Halt::Stopped);
+            }
+        }
+        delay = (delay * 2).min(MAX_CHROMA_WAIT);
+    }
+}
+
+async fn upsert<S: Sink>(
+    shared: &Shared<S>,
+    token: &CancellationToken,
+    doc: &Doc,
+    buf: &mut DocBuffer,
+) {
+    if doc.failure().is_some() || buf.stopped || (buf.pages.is_empty() && buf.chunks.is_empty()) {
         return;
     }
     let started = Instant::now();
     let meta = doc_meta(shared, doc);
+    let mut halted = None;
     if !buf.pages.is_empty() {
-        if let Err(e) = shared.sink.upsert_pages(&meta, &buf.pages).await {
-            sink_failed(shared, doc, e);
-            return;
-        }
+        halted = write(shared, token, doc, &meta, Write::Pages(&buf.pages))
+            .await
+            .err();
     }
-    if !buf.chunks.is_empty() {
-        if let Err(e) = shared.sink.upsert_chunks(&meta, &buf.chunks).await {
-            sink_failed(shared, doc, e);
-        }
+    if halted.is_none() && !buf.chunks.is_empty() {
+        halted = write(shared, token, doc, &meta, Write::Chunks(&buf.chunks))
+            .await
+            .err();
     }
     buf.sync_time += started.elapsed();
-    buf.pages.clear();
-    buf.chunks.clear();
+    match halted {
+        None => {
+            buf.pages.clear();
+            buf.chunks.clear();
+        }
+        Some(Halt::Failed(e)) => doc.fail(e),
+        Some(Halt::Stopped) => buf.stopped = true,
+    }
 }
 
 async fn finish<S: Sink>(
     shared: &Shared<S>,
+    token: &CancellationToken,
     doc: &Doc,
     buf: &mut DocBuffer,
     ending: Ending,
@@ -111,19 +196,26 @@ async fn finish<S: Sink>(
     shared
         .telemetry
         .document_stage(doc.job.seq, DocStage::Syncing);
-    upsert(shared, doc, buf).await;
+    upsert(shared, token, doc, buf).await;
     let meta = doc_meta(shared, doc);
     let num_pages = meta.num_pages;
-    if doc.failure().is_none() {
+    if doc.failure().is_none() && !buf.stopped {
         let started = Instant::now();
-        if let Err(e) = shared
-            .sink
-            .finish_document(&meta, num_pages, buf.num_chunks)
-            .await
-        {
-            sink_failed(shared, doc, e);
+        let w = Write::Finish {
+            pages: num_pages,
+            chunks: buf.num_chunks,
+        };
+        match write(shared, token, doc, &meta, w).await {
+            Ok(()) => {}
+            Err(Halt::Failed(e)) => doc.fail(e),
+            Err(Halt::Stopped) => buf.stopped = true,
         }
         buf.sync_time += started.elapsed();
+    }
+    if buf.stopped {
+        // Not written completely: the job runs again at the next start (a re-index
+        // overwrites the same record ids).
+        return shared.job_interrupted(&doc.job, &doc.path, doc.stamp);
     }
     if let Some(e) = doc.failure() {
         // Remember the failure with the file, so an unchanged file is not retried at start.

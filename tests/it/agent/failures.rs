@@ -127,6 +127,12 @@ async fn a_chroma_write_that_fails_is_retried_and_nothing_is_lost_or_doubled() {
     assert_eq!(t.failures.get(Stage::Sync), 2);
     assert_eq!(t.files_failed.get(), 0, "retried, not given up");
     assert_eq!(t.pages_indexed.get(), 3);
+    assert_eq!(
+        t.pages_embedded.total(),
+        3,
+        "the pages were embedded once: the write was tried again, not the document"
+    );
+    assert_eq!(t.chroma_waiting_reason(), None, "nothing waits any more");
     let (pages, chunks) = counts(&s, &id).await;
     assert_eq!(pages, 3);
     assert!(chunks > 0);
@@ -135,6 +141,66 @@ async fn a_chroma_write_that_fails_is_retried_and_nothing_is_lost_or_doubled() {
         3,
         "no page written twice"
     );
+    agent.shutdown().await.expect("shutdown");
+}
+
+/// SIGSTOP on a process until dropped (SIGCONT): a server that accepts connections and answers
+/// nothing, as a hung or swapped-out Chroma does.
+struct Frozen(i32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Frozen(pid as i32)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chroma_that_stops_answering_mid_document_costs_no_attempt_and_no_second_embedding() {
+    let mut rig = rig(200);
+    rig.cfg.chroma.timeout_s = 2;
+    // One attempt: an outage that used one up would fail the document for good.
+    rig.cfg.pipeline.max_attempts = 1;
+    let agent = start(&rig, 0, 0).await;
+    let s = rig.syncer().await;
+    let frozen = Frozen::new(rig.chroma.server.pid().expect("chroma runs"));
+    write_file(&rig.root.join("doc.pdf"), &pdf_pages("outage", 0, 3));
+    let t = agent.telemetry.clone();
+    until("the writes wait for Chroma", || {
+        let t = t.clone();
+        async move { t.chroma_waiting_reason().is_some() && t.chroma_errors.get() >= 1 }
+    })
+    .await;
+    assert_eq!(t.files_failed.get(), 0);
+    assert_eq!(t.pages_embedded.total(), 4, "embedded before the outage");
+    drop(frozen);
+    let id = rig.doc_id("doc.pdf");
+    until("doc.pdf written once Chroma answers again", || async {
+        counts(&s, &id).await.0 == 4 && agent.telemetry.files_indexed.get() == 1
+    })
+    .await;
+    assert_eq!(
+        t.pages_embedded.total(),
+        4,
+        "nothing embedded twice for the outage"
+    );
+    assert_eq!(
+        t.files_failed.get(),
+        0,
+        "the outage was not the document's failure"
+    );
+    assert_eq!(t.chroma_waiting_reason(), None);
+    assert!(agent
+        .store()
+        .file(&rig.root.join("doc.pdf"))
+        .expect("store")
+        .is_some_and(|r| r.last_error.is_none() && r.num_pages == 4));
     agent.shutdown().await.expect("shutdown");
 }
 
