@@ -3,6 +3,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use super::stages::{
     ChunkRecord, DocumentInfo, DocumentMeta, Embed, EmbedLoader, Extract, ExtractEvent, PageRecord,
@@ -16,15 +17,28 @@ use crate::types::{DocId, MultiVector};
 
 /// Extraction through the isolated worker (which also cuts each page's text into chunks).
 pub struct RealExtract {
-    extractor: Extractor,
+    /// Checked at start: the worker executable, PDFium, LibreOffice.
+    base: Extractor,
+    model: ModelConfig,
+    /// Pages are rendered at the model's input size, known from its `config.json`: at start,
+    /// or once the model's files can be fetched (a laptop starting before its network).
+    sized: OnceLock<Extractor>,
 }
 
 impl RealExtract {
     /// `worker_exe` is the `docusearch-agent` executable (it runs `extract-worker`).
     pub fn new(cfg: &Config, worker_exe: PathBuf) -> Result<RealExtract, StageError> {
-        let image_size = crate::embed::model_image_size(&cfg.model)
-            .map_err(|e| StageError::permanent(Stage::Model, e.to_string()))?;
-        Self::with_image_size(&cfg.extract, image_size, worker_exe)
+        let x = Self::checked(&cfg.extract, &cfg.model, worker_exe)?;
+        match crate::embed::model_image_size(&cfg.model) {
+            Ok(size) => {
+                let _ = x.sized.set(x.base.with_image_size(size));
+            }
+            Err(e) if e.is_unavailable() => tracing::warn!(
+                "{e}. The agent starts anyway: documents wait in the queue, and the model is fetched when they need it"
+            ),
+            Err(e) => return Err(StageError::permanent(Stage::Model, e.to_string())),
+        }
+        Ok(x)
     }
 
     pub fn with_image_size(
@@ -32,10 +46,38 @@ impl RealExtract {
         image_size: u32,
         worker_exe: PathBuf,
     ) -> Result<RealExtract, StageError> {
-        let opts = ExtractOptions::from_config(cfg, image_size, worker_exe);
-        let extractor = Extractor::new(opts)
+        let x = Self::checked(cfg, &ModelConfig::default(), worker_exe)?;
+        let _ = x.sized.set(x.base.with_image_size(image_size));
+        Ok(x)
+    }
+
+    fn checked(
+        cfg: &ExtractConfig,
+        model: &ModelConfig,
+        worker_exe: PathBuf,
+    ) -> Result<RealExtract, StageError> {
+        let opts = ExtractOptions::from_config(cfg, 0, worker_exe);
+        let base = Extractor::new(opts)
             .map_err(|e| StageError::permanent(Stage::Extract, e.to_string()))?;
-        Ok(RealExtract { extractor })
+        Ok(RealExtract {
+            base,
+            model: model.clone(),
+            sized: OnceLock::new(),
+        })
+    }
+
+    /// The extractor at the model's input size, once the model's configuration is known.
+    fn extractor(&self) -> Result<&Extractor, StageError> {
+        if let Some(x) = self.sized.get() {
+            return Ok(x);
+        }
+        match crate::embed::model_image_size(&self.model) {
+            Ok(size) => Ok(self.sized.get_or_init(|| self.base.with_image_size(size))),
+            Err(e) if e.is_unavailable() => {
+                Err(StageError::unavailable(Stage::Model, e.to_string()))
+            }
+            Err(e) => Err(StageError::transient(Stage::Model, e.to_string())),
+        }
     }
 }
 
@@ -45,11 +87,14 @@ impl Extract for RealExtract {
         path: &Path,
         sink: &mut dyn FnMut(ExtractEvent) -> ControlFlow<()>,
     ) -> Result<DocumentInfo, StageError> {
-        self.extractor.extract(path, sink).map_err(|e| StageError {
-            stage: Stage::Extract,
-            reason: e.reason(),
-            permanent: e.is_permanent(),
-        })
+        self.extractor()?
+            .extract(path, sink)
+            .map_err(|e| StageError {
+                stage: Stage::Extract,
+                reason: e.reason(),
+                permanent: e.is_permanent(),
+                waits: false,
+            })
     }
 }
 
@@ -63,8 +108,10 @@ pub struct RealModel(Embedder);
 impl EmbedLoader for RealModelLoader {
     type Model = RealModel;
     fn load(&self) -> Result<RealModel, StageError> {
-        let e = Embedder::load(&self.cfg)
-            .map_err(|e| StageError::transient(Stage::Model, e.to_string()))?;
+        let e = Embedder::load(&self.cfg).map_err(|e| match e.is_unavailable() {
+            true => StageError::unavailable(Stage::Model, e.to_string()),
+            false => StageError::transient(Stage::Model, e.to_string()),
+        })?;
         tracing::info!(model = %e.model_id(), device = %e.device_name(), dtype = %e.dtype_name(), "model loaded");
         Ok(RealModel(e))
     }
@@ -101,6 +148,7 @@ fn sync_err(e: SyncError) -> StageError {
         stage: Stage::Sync,
         permanent: !e.is_transient(),
         reason: e.to_string(),
+        waits: false,
     }
 }
 

@@ -43,6 +43,7 @@ pub fn pipeline_settings(cfg: &Config) -> PipelineSettings {
             .then(|| Duration::from_secs(cfg.model.idle_unload_s)),
         upsert_pages: 8,
         fail_point: FailPoint::from_env(),
+        wait_when_unavailable: true,
     }
 }
 
@@ -340,6 +341,7 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
     // A one-shot run does not wait for files to settle or for retries.
     settings.settle = Duration::ZERO;
     settings.retry.max_attempts = 1;
+    settings.wait_when_unavailable = false;
     let tracker = ChangeTracker {
         store: store.clone(),
         filter: filter.clone(),

@@ -17,6 +17,9 @@ pub struct StageError {
     pub reason: String,
     /// Retrying will not help until the file changes (a corrupt or encrypted document).
     pub permanent: bool,
+    /// The stage cannot work yet (the model's files are not here and cannot be fetched now):
+    /// in `run` the job waits, using up no attempt, and is tried again with back-off.
+    pub waits: bool,
 }
 
 impl StageError {
@@ -25,13 +28,19 @@ impl StageError {
             stage,
             reason: reason.into(),
             permanent: false,
+            waits: false,
         }
     }
     pub fn permanent(stage: Stage, reason: impl Into<String>) -> StageError {
         StageError {
-            stage,
-            reason: reason.into(),
             permanent: true,
+            ..StageError::transient(stage, reason)
+        }
+    }
+    pub fn unavailable(stage: Stage, reason: impl Into<String>) -> StageError {
+        StageError {
+            waits: true,
+            ..StageError::transient(stage, reason)
         }
     }
 }

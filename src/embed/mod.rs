@@ -103,6 +103,20 @@ fn read_config(path: &std::path::Path) -> Result<ColPaliConfig, EmbedError> {
 }
 
 /// Reads only config.json (no weights): the square image size, for extraction to resize pages to.
+impl EmbedError {
+    /// The model's files are not on this machine and cannot be fetched now (no network, the
+    /// hub unreachable, offline and not in the cache, a model folder on a disk not mounted):
+    /// waiting can help, the documents are not at fault.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            EmbedError::Download { .. }
+                | EmbedError::NotInCache { .. }
+                | EmbedError::LocalDirMissing(_)
+        )
+    }
+}
+
 pub fn model_image_size(cfg: &ModelConfig) -> Result<u32, EmbedError> {
     let path = loader::resolve_config(cfg)?;
     Ok(read_config(&path)?.vision.image_size as u32)

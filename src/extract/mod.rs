@@ -273,7 +273,7 @@ impl ExtractError {
 }
 
 /// Runs extraction jobs. Cheap to share; each `extract` call uses its own worker process.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Extractor {
     opts: ExtractOptions,
     pdfium: PathBuf,
@@ -281,6 +281,13 @@ pub struct Extractor {
 }
 
 impl Extractor {
+    /// The same extractor rendering pages at `image_size`×`image_size` (the model's input).
+    pub fn with_image_size(&self, image_size: u32) -> Extractor {
+        let mut x = self.clone();
+        x.opts.image_size = image_size;
+        x
+    }
+
     /// Checks that the worker executable and PDFium exist, and looks for LibreOffice once.
     pub fn new(opts: ExtractOptions) -> Result<Extractor, ExtractError> {
         if !opts.worker_exe.is_file() {

@@ -122,6 +122,11 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
                         tracing::warn!("no GPU could be used: the model runs on the CPU (much slower); `docusearch-agent doctor` says why");
                     }
                     telemetry.model_loaded(p.device, p.dtype, p.fell_back_to_cpu, secs);
+                    *self
+                        .shared
+                        .unavailable_wait
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = super::UNAVAILABLE_FIRST_WAIT;
                     self.model = Some(m);
                 }
                 Err(e) => {

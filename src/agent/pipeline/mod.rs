@@ -56,7 +56,14 @@ pub struct PipelineSettings {
     pub upsert_pages: usize,
     /// A stage made to fail on purpose (tests; see [`FailPoint`]).
     pub fail_point: Option<FailPoint>,
+    /// A job whose stage cannot work yet (the model's files cannot be fetched now) waits with
+    /// back-off instead of failing (`run`; a one-shot `index` reports it instead).
+    pub wait_when_unavailable: bool,
 }
+
+/// First and longest wait of a job whose model is not available yet.
+const UNAVAILABLE_FIRST_WAIT: Duration = Duration::from_secs(5);
+const UNAVAILABLE_LONGEST_WAIT: Duration = Duration::from_secs(300);
 
 /// A named point where a stage can be made to fail fatally, to test what the agent does when
 /// a stage dies: `DOCUSEARCH_FAILPOINT=extract` (an error) or `extract:panic` (a panic), also
@@ -211,6 +218,8 @@ struct Shared<S> {
     model_id: String,
     telemetry: Arc<Telemetry>,
     outcomes: Option<mpsc::UnboundedSender<Outcome>>,
+    /// The next wait of a job whose model is not available; reset when the model loads.
+    unavailable_wait: Mutex<Duration>,
 }
 
 impl<S> Shared<S> {
@@ -253,8 +262,29 @@ impl<S> Shared<S> {
     fn job_failed(&self, job: &Job, path: &Path, e: &StageError) -> Result<(), StoreError> {
         self.telemetry.in_flight.dec();
         let reason = e.to_string();
-        tracing::warn!(path = %path.display(), "{reason}");
         self.telemetry.failures.inc(e.stage);
+        if e.stage == Stage::Model {
+            // Extraction needs the model's configuration too: the model is what failed.
+            self.telemetry.model_failed(e.reason.clone());
+        }
+        if e.waits && self.settings.wait_when_unavailable {
+            let wait = {
+                let mut w = self
+                    .unavailable_wait
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let now = *w;
+                *w = (now * 2).min(UNAVAILABLE_LONGEST_WAIT);
+                now
+            };
+            tracing::warn!(path = %path.display(), "{reason}; it waits in the queue and is tried again in {wait:?}");
+            self.report(Outcome::Retrying {
+                path: path.to_path_buf(),
+                reason,
+            });
+            return self.store.defer(job, job.seen, wait);
+        }
+        tracing::warn!(path = %path.display(), "{reason}");
         let state = self
             .store
             .fail(job, &reason, e.permanent, self.settings.retry)?;
@@ -344,6 +374,7 @@ pub fn start<X: Extract, L: EmbedLoader, S: Sink>(
         settings,
         telemetry: supervisor.telemetry().clone(),
         outcomes,
+        unavailable_wait: Mutex::new(UNAVAILABLE_FIRST_WAIT),
     });
     let token = supervisor.token().clone();
 

@@ -455,3 +455,67 @@ fn a_stage_that_fails_fatally_degrades_health_then_run_exits_non_zero() {
         );
     }
 }
+
+#[test]
+fn a_model_not_there_at_start_is_waited_for_and_used_once_it_is() {
+    let rig = rig(200);
+    // A model folder on a disk not mounted yet (or a hub not reachable yet: the same wait).
+    let model = rig.cfg.state_dir.join("model");
+    let mut cfg = rig.cfg.clone();
+    cfg.model.name = model.to_string_lossy().into_owned();
+    // One attempt: a wait that used it up would fail the document for good.
+    cfg.pipeline.max_attempts = 1;
+    let agent = Agent::start(&rig, &cfg, &[]);
+    write(&rig.root.join("doc.pdf"), &pdf_pages("later", 0, 1));
+    let health = poll("/health degraded", Duration::from_secs(60), &agent, || {
+        agent.health().filter(|h| !h.is_healthy())
+    });
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|r| r.contains("failed to load") && r.contains("does not exist")),
+        "{health:?}"
+    );
+    // The snapshot's queue counts follow within a second.
+    let waiting = poll(
+        "doc.pdf back in the queue",
+        Duration::from_secs(30),
+        &agent,
+        || {
+            let s = agent.status();
+            (s.queue.queued == 1).then_some(s)
+        },
+    );
+    assert_eq!(
+        waiting.model.state,
+        ModelState::Failed,
+        "{:?}",
+        waiting.model
+    );
+    assert_eq!(
+        waiting.queue.failed, 0,
+        "the document waits, it is not failed"
+    );
+
+    // The model arrives.
+    std::fs::create_dir_all(&model).expect("model dir");
+    for f in std::fs::read_dir(common::fixture("tiny-colpali")).expect("fixture") {
+        let f = f.expect("entry").path();
+        if f.is_file() {
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).expect("copy");
+        }
+    }
+    let done = poll("doc.pdf indexed", Duration::from_secs(120), &agent, || {
+        let s = agent.status();
+        (s.indexed.files == 1).then_some(s)
+    });
+    assert_eq!(done.model.state, ModelState::Loaded, "{:?}", done.model);
+    assert_eq!(done.model.error, None);
+    assert_eq!(done.queue.failed, 0);
+    let rt = Agent::rt();
+    let s = rt.block_on(rig.syncer());
+    assert_eq!(rt.block_on(counts(&s, &rig.doc_id("doc.pdf"))).0, 2);
+    assert!(agent.health().expect("answers").is_healthy());
+    assert!(agent.stop().success());
+}
