@@ -159,6 +159,17 @@ fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write file");
 }
 
+/// The tiny checkpoint's files, copied to `to` (a model folder a test can break or withhold).
+fn copy_tiny_model(to: &Path) {
+    std::fs::create_dir_all(to).expect("model dir");
+    for f in std::fs::read_dir(common::fixture("tiny-colpali")).expect("fixture") {
+        let f = f.expect("entry").path();
+        if f.is_file() {
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
+        }
+    }
+}
+
 /// Polls `f` every 100 ms until it gives `Some`, for at most `limit`.
 fn poll<T>(what: &str, limit: Duration, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
@@ -310,13 +321,7 @@ fn a_model_that_fails_to_load_degrades_health_and_keeps_what_was_indexed() {
     let rig = rig(200);
     // The tiny checkpoint, copied so that it can be broken after a first document is indexed.
     let model = rig.cfg.state_dir.join("model");
-    std::fs::create_dir_all(&model).expect("model dir");
-    for f in std::fs::read_dir(common::fixture("tiny-colpali")).expect("fixture") {
-        let f = f.expect("entry").path();
-        if f.is_file() {
-            std::fs::copy(&f, model.join(f.file_name().unwrap())).expect("copy");
-        }
-    }
+    copy_tiny_model(&model);
     let mut cfg = rig.cfg.clone();
     cfg.model.name = model.to_string_lossy().into_owned();
     cfg.pipeline.max_attempts = 2;
@@ -499,13 +504,7 @@ fn a_model_not_there_at_start_is_waited_for_and_used_once_it_is() {
     );
 
     // The model arrives.
-    std::fs::create_dir_all(&model).expect("model dir");
-    for f in std::fs::read_dir(common::fixture("tiny-colpali")).expect("fixture") {
-        let f = f.expect("entry").path();
-        if f.is_file() {
-            std::fs::copy(&f, model.join(f.file_name().unwrap())).expect("copy");
-        }
-    }
+    copy_tiny_model(&model);
     let done = poll("doc.pdf indexed", Duration::from_secs(120), &agent, || {
         let s = agent.status();
         (s.indexed.files == 1).then_some(s)
