@@ -9,6 +9,14 @@
 //! [`serve`] (or [`ApiServer`]) answers HTTP from that state until the shutdown future resolves.
 //! [`ApiClient`] is the other end, for commands that talk to a running agent.
 //!
+//! The API has no authentication, so a web page in a browser on this machine must not be able
+//! to use it: a request is answered only when its `Host` is the API's own address (loopback, or
+//! the bound address with `api.allow_non_loopback`), so a page whose name was rebound to
+//! 127.0.0.1 (DNS rebinding) cannot read `/status`; and a `POST` is refused when it carries
+//! another site's `Origin`, a `Sec-Fetch-Site` other than `same-origin`, or a body that is not
+//! `application/json` (a page can send a form or plain text without asking the server first,
+//! JSON not). The CLI, curl and scripts send none of these.
+//!
 //! ```no_run
 //! # async fn agent(config: docusearch_agent::config::Config) -> anyhow::Result<()> {
 //! use docusearch_agent::api::{self, ApiState, ChromaProbe};
@@ -43,8 +51,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -408,6 +418,7 @@ pub fn bind_addr(cfg: &ApiConfig) -> Result<SocketAddr, ApiError> {
 pub struct ApiServer {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
+    allow_non_loopback: bool,
 }
 
 impl ApiServer {
@@ -421,7 +432,11 @@ impl ApiServer {
         let addr = listener
             .local_addr()
             .map_err(|source| ApiError::Bind { addr: want, source })?;
-        Ok(ApiServer { listener, addr })
+        Ok(ApiServer {
+            listener,
+            addr,
+            allow_non_loopback: cfg.allow_non_loopback,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -436,7 +451,8 @@ impl ApiServer {
     ) -> Result<(), ApiError> {
         tracing::info!(addr = %self.addr, "status API listening");
         let addr = self.addr;
-        axum::serve(self.listener, router(state))
+        let app = router(state, addr, self.allow_non_loopback);
+        axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|source| ApiError::Serve { addr, source })
@@ -452,8 +468,10 @@ pub async fn serve(
     ApiServer::bind(cfg).await?.run(state, shutdown).await
 }
 
-/// The routes, for embedding in another server or testing.
-pub fn router(state: ApiState) -> Router {
+/// The routes, answering requests addressed to `listening` (see the module's notes on who may
+/// ask), for embedding in another server or testing.
+pub fn router(state: ApiState, listening: SocketAddr, allow_non_loopback: bool) -> Router {
+    let guard = Arc::new(RequestGuard::new(listening, allow_non_loopback));
     Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
@@ -462,6 +480,156 @@ pub fn router(state: ApiState) -> Router {
         .route("/index", post(index))
         .route("/repair", post(repair))
         .with_state(state)
+        .layer(middleware::from_fn_with_state(guard, check_request))
+}
+
+/// Which requests are the API's to answer: those addressed to it by its own address.
+#[derive(Debug, Clone)]
+struct RequestGuard {
+    port: u16,
+    /// The bound address, when it is not loopback (`api.allow_non_loopback`); an unspecified
+    /// one (`0.0.0.0`, `::`) stands for every address of the machine, so any IP address.
+    bound: Option<IpAddr>,
+}
+
+impl RequestGuard {
+    fn new(listening: SocketAddr, allow_non_loopback: bool) -> RequestGuard {
+        let ip = listening.ip();
+        RequestGuard {
+            port: listening.port(),
+            bound: (allow_non_loopback && !ip.is_loopback()).then_some(ip),
+        }
+    }
+
+    /// A `Host` (or an origin's host) naming this API: `localhost` or a loopback address, or
+    /// the bound address, with the port it listens on (none written means 80). Any other name
+    /// may be one that its owner points at 127.0.0.1; an IP address cannot be.
+    fn allows_host(&self, host: &str) -> bool {
+        let (name, port) = match host.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((name, "")) => (name, None),
+                Some((name, after)) => match after.strip_prefix(':') {
+                    Some(port) => (name, Some(port)),
+                    None => return false,
+                },
+                None => return false,
+            },
+            None => match host.rsplit_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (host, None),
+            },
+        };
+        let port = match port {
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) => p,
+                Err(_) => return false,
+            },
+        };
+        if port != self.port {
+            return false;
+        }
+        if name.eq_ignore_ascii_case("localhost") {
+            return true;
+        }
+        let Ok(ip) = name.parse::<IpAddr>() else {
+            return false;
+        };
+        ip.is_loopback()
+            || match self.bound {
+                Some(b) if b.is_unspecified() => true,
+                Some(b) => b == ip,
+                None => false,
+            }
+    }
+
+    /// An `Origin` that is this API's own (`http://127.0.0.1:8002`).
+    fn allows_origin(&self, origin: &str) -> bool {
+        origin
+            .strip_prefix("http://")
+            .is_some_and(|host| !host.contains('/') && self.allows_host(host))
+    }
+
+    /// The addresses the API answers at, for the refusal.
+    fn addresses(&self) -> String {
+        let p = self.port;
+        let mut s = format!("http://127.0.0.1:{p}, http://localhost:{p} or http://[::1]:{p}");
+        match self.bound {
+            Some(b) if b.is_unspecified() => s.push_str(&format!(
+                ", or any IP address of this machine with port {p}"
+            )),
+            Some(b) => s.push_str(&format!(", or {}", SocketAddr::new(b, p))),
+            None => {}
+        }
+        s
+    }
+}
+
+fn json_error(code: StatusCode, msg: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+/// Refuses what is not for the API (see the module's notes) before any handler runs.
+async fn check_request(
+    State(guard): State<Arc<RequestGuard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .map(text)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !host.as_deref().is_some_and(|h| guard.allows_host(h)) {
+        let said = host.map_or("no Host header".to_string(), |h| format!("Host {h:?}"));
+        return json_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "{said} is not this agent's status API, which answers only at {} (so that a web page cannot reach it under a name of its own)",
+                guard.addresses()
+            ),
+        );
+    }
+    if !request.method().is_safe() {
+        if let Some(origin) = headers.get(header::ORIGIN).map(text) {
+            if !guard.allows_origin(&origin) {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    &format!("refused: a request from {origin:?} (a web page of another site) may not change the agent; send it without an Origin header, as `docusearch-agent` and curl do"),
+                );
+            }
+        }
+        if let Some(site) = headers.get("sec-fetch-site").map(text) {
+            if site != "same-origin" && site != "none" {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    &format!("refused: the browser marks this request as {site} (from a web page of another site); it may not change the agent"),
+                );
+            }
+        }
+        if let Some(ctype) = headers.get(header::CONTENT_TYPE).map(text) {
+            let essence = ctype.split(';').next().unwrap_or_default().trim();
+            if !essence.eq_ignore_ascii_case("application/json") {
+                return json_error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    &format!("content-type {ctype:?} is not accepted: send `content-type: application/json` with a JSON body, or no body"),
+                );
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Why a body is not the JSON asked for, as a JSON error.
+fn bad_body(rejection: JsonRejection) -> Response {
+    let msg = match &rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            "send the body as JSON, with `content-type: application/json`".to_string()
+        }
+        other => other.body_text(),
+    };
+    json_error(rejection.status(), &msg)
 }
 
 async fn health(State(state): State<ApiState>) -> Response {
@@ -505,9 +673,7 @@ async fn ask_agent<T: serde::Serialize>(
     state: &ApiState,
     make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> AgentRequest,
 ) -> Response {
-    let error = |code: StatusCode, msg: &str| {
-        (code, Json(serde_json::json!({ "error": msg }))).into_response()
-    };
+    let error = json_error;
     let (reply, answer) = oneshot::channel();
     if !state.send_request(make(reply)) {
         return error(
@@ -529,7 +695,14 @@ async fn ask_agent<T: serde::Serialize>(
     }
 }
 
-async fn index(State(state): State<ApiState>, Json(body): Json<IndexBody>) -> Response {
+async fn index(
+    State(state): State<ApiState>,
+    body: Result<Json<IndexBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(r) => return bad_body(r),
+    };
     ask_agent(&state, |reply| AgentRequest::Index {
         paths: body.paths,
         reply,
@@ -537,7 +710,14 @@ async fn index(State(state): State<ApiState>, Json(body): Json<IndexBody>) -> Re
     .await
 }
 
-async fn repair(State(state): State<ApiState>, Json(body): Json<RepairBody>) -> Response {
+async fn repair(
+    State(state): State<ApiState>,
+    body: Result<Json<RepairBody>, JsonRejection>,
+) -> Response {
+    let body = match body {
+        Ok(Json(b)) => b,
+        Err(r) => return bad_body(r),
+    };
     ask_agent(&state, |reply| AgentRequest::Reconcile {
         dry_run: body.dry_run,
         reply,

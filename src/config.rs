@@ -1,6 +1,7 @@
 //! Configuration: parsed from TOML, overridden by the seed deployment's environment variables,
 //! then validated once, so nothing downstream re-checks raw input.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -395,14 +396,43 @@ impl Config {
                 .map_err(|_| invalid(&format!("environment variable {var}"), value, expected))
         }
         let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-        if let Some(v) = get("CHROMA_HOST") {
-            self.chroma.host = Some(v.trim().to_string());
-            // An explicit host replaces a URL from the file.
-            self.chroma.url = None;
-        }
-        if let Some(v) = get("CHROMA_PORT") {
-            self.chroma.port = Some(num("CHROMA_PORT", &v, "a TCP port number (1-65535)")?);
-            self.chroma.url = None;
+        let env_port = match get("CHROMA_PORT") {
+            Some(v) => Some(
+                num::<u16>("CHROMA_PORT", &v, "a TCP port number (1-65535)").and_then(
+                    |p| match p {
+                        0 => Err(invalid(
+                            "environment variable CHROMA_PORT",
+                            &v,
+                            "a TCP port number (1-65535)",
+                        )),
+                        p => Ok(p),
+                    },
+                )?,
+            ),
+            None => None,
+        };
+        // Either variable replaces a URL from the file.
+        match get("CHROMA_HOST") {
+            Some(v) => match parse_chroma_host(&v, env_port)? {
+                ChromaHost::Url(url) => {
+                    self.chroma.url = Some(url);
+                    self.chroma.host = None;
+                    self.chroma.port = None;
+                }
+                ChromaHost::Host { host, port } => {
+                    self.chroma.url = None;
+                    self.chroma.host = Some(host);
+                    if port.is_some() {
+                        self.chroma.port = port;
+                    }
+                }
+            },
+            None => {
+                if env_port.is_some() {
+                    self.chroma.url = None;
+                    self.chroma.port = env_port;
+                }
+            }
         }
         if let Some(v) = get("DEVICE") {
             self.model.device = DeviceChoice::parse(v.trim()).ok_or_else(|| {
@@ -450,6 +480,20 @@ impl Config {
                 "a name without NUL bytes",
             ));
         }
+        // Relative, it would follow the working directory of whoever starts the agent.
+        if !self.state_dir.is_absolute() {
+            let example = default_state_dir();
+            let expected = if example.is_absolute() {
+                format!("an absolute path, such as {}", example.display())
+            } else {
+                "an absolute path".to_string()
+            };
+            return Err(invalid(
+                "state_dir",
+                self.state_dir.display(),
+                &format!("{expected} (`~` is not expanded)"),
+            ));
+        }
         // A watched folder that is missing is not refused: it may be on a disk that is not
         // mounted yet. `run` skips it with a warning, `doctor` and `status` report it.
         for (key, globs) in [
@@ -462,10 +506,15 @@ impl Config {
             }
         }
         if let Some(url) = &self.chroma.url {
-            let ok = (url.starts_with("http://") || url.starts_with("https://"))
-                && reqwest::Url::parse(url).is_ok();
-            if !ok {
-                return Err(invalid("chroma.url", url, "an http:// or https:// URL"));
+            parse_http_url(url).map_err(|expected| invalid("chroma.url", url, &expected))?;
+        }
+        if let Some(host) = &self.chroma.host {
+            if !is_host(host) {
+                return Err(invalid(
+                    "chroma.host",
+                    host,
+                    "a host name or IP address without scheme or port (a URL goes in chroma.url, a port in chroma.port)",
+                ));
             }
         }
         if self.chroma.port == Some(0) {
@@ -604,13 +653,8 @@ impl Config {
                 "`text` or `json`",
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
-            return Err(invalid(
-                "logging.level",
-                &self.logging.level,
-                "a level (error, warn, info, debug, trace) or a tracing filter",
-            ));
-        }
+        check_log_filter(&self.logging.level)
+            .map_err(|expected| invalid("logging.level", &self.logging.level, &expected))?;
         Ok(())
     }
 
@@ -624,8 +668,11 @@ impl Config {
         match (&self.chroma.host, self.chroma.port) {
             (None, None) => ChromaTarget::Managed,
             (host, port) => {
-                let host = host.clone().unwrap_or_else(|| "localhost".into());
-                let port = port.unwrap_or(8000);
+                let host = match host.as_deref().unwrap_or("localhost") {
+                    h if h.parse::<Ipv6Addr>().is_ok() => format!("[{h}]"),
+                    h => h.to_string(),
+                };
+                let port = port.unwrap_or(DEFAULT_CHROMA_PORT);
                 ChromaTarget::Remote {
                     url: format!("http://{host}:{port}"),
                 }
@@ -642,4 +689,161 @@ impl Config {
     pub fn managed_chroma_dir(&self) -> PathBuf {
         self.state_dir.join("chroma")
     }
+}
+
+/// Chroma's own port, for a host given without one (as the seed deployment's client did).
+pub const DEFAULT_CHROMA_PORT: u16 = 8000;
+
+const CHROMA_HOST_EXPECTED: &str =
+    "a host name or IP address, host:port, or an http:// or https:// URL";
+
+/// What `CHROMA_HOST` says.
+enum ChromaHost {
+    /// It was a URL: the whole address, its port resolved.
+    Url(String),
+    Host {
+        host: String,
+        port: Option<u16>,
+    },
+}
+
+/// `CHROMA_HOST` as the seed deployment's client took it: `chroma.lan`, `10.0.0.5:8001`,
+/// `[::1]:8001`, or `http(s)://host[:port]`. A URL without a port gets `CHROMA_PORT`, else
+/// [`DEFAULT_CHROMA_PORT`]. A port given in both variables must be the same.
+fn parse_chroma_host(value: &str, env_port: Option<u16>) -> Result<ChromaHost, ConfigError> {
+    let bad = |expected: &str| invalid("environment variable CHROMA_HOST", value, expected);
+    let port_of = |given: Option<u16>| match (given, env_port) {
+        (Some(a), Some(b)) if a != b => Err(bad(&format!(
+            "the same port as CHROMA_PORT ({b}), or none: set the port in one of them"
+        ))),
+        (given, env) => Ok(given.or(env)),
+    };
+    let v = value.trim();
+    if v.contains("://") {
+        let (mut url, explicit_port) = parse_http_url(v).map_err(|expected| bad(&expected))?;
+        if !explicit_port {
+            let port = port_of(None)?.unwrap_or(DEFAULT_CHROMA_PORT);
+            url.set_port(Some(port))
+                .map_err(|()| bad(CHROMA_HOST_EXPECTED))?;
+        } else {
+            port_of(url.port_or_known_default())?;
+        }
+        return Ok(ChromaHost::Url(
+            url.as_str().trim_end_matches('/').to_string(),
+        ));
+    }
+    let (host, port) = split_host_port(v).ok_or_else(|| bad(CHROMA_HOST_EXPECTED))?;
+    if !is_host(host) {
+        return Err(bad(CHROMA_HOST_EXPECTED));
+    }
+    let port = match port {
+        Some(p) => Some(parse_port(p).ok_or_else(|| {
+            bad(&format!(
+                "a port from 1 to 65535 after the host ({p:?} is not one)"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(ChromaHost::Host {
+        host: host.to_string(),
+        port: port_of(port)?,
+    })
+}
+
+/// An `http(s)://` URL with a host, and whether it names its port. The error is what was
+/// expected instead, with the reason.
+fn parse_http_url(v: &str) -> Result<(reqwest::Url, bool), String> {
+    const EXPECTED: &str = "an http:// or https:// URL, such as http://127.0.0.1:8000";
+    let Some((scheme, rest)) = v.split_once("://") else {
+        return Err(EXPECTED.into());
+    };
+    if !["http", "https"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s))
+    {
+        return Err(EXPECTED.into());
+    }
+    // The URL parser only says "invalid port number", and drops a port that is the scheme's
+    // default: read the authority first.
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = split_host_port(host_port).ok_or_else(|| {
+        format!("{EXPECTED} (its host {host_port:?} is not a host name, IP address or host:port)")
+    })?;
+    if host.is_empty() {
+        return Err(format!("{EXPECTED} (it has no host)"));
+    }
+    if let Some(p) = port {
+        parse_port(p).ok_or_else(|| {
+            format!("a port from 1 to 65535 in the URL ({p:?} is out of range or not a number)")
+        })?;
+    }
+    let url = reqwest::Url::parse(v).map_err(|e| format!("{EXPECTED} ({e})"))?;
+    Ok((url, port.is_some()))
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address → host (without brackets)
+/// and port text. `None` when it is none of these.
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        host.parse::<Ipv6Addr>().ok()?;
+        return match after {
+            "" => Some((host, None)),
+            a => a.strip_prefix(':').map(|p| (host, Some(p))),
+        };
+    }
+    if s.parse::<Ipv6Addr>().is_ok() {
+        return Some((s, None));
+    }
+    match s.split_once(':') {
+        None => Some((s, None)),
+        Some((_, p)) if p.contains(':') => None,
+        Some((h, p)) => Some((h, Some(p))),
+    }
+}
+
+fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    p.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// A host name or an IP address, nothing around it.
+fn is_host(h: &str) -> bool {
+    if h.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    // One trailing dot is a fully qualified name.
+    let name = h.strip_suffix('.').unwrap_or(h);
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
+
+/// `logging.level`: a level, or a `tracing` filter whose every directive sets a level. A bare
+/// word that is not a level (`verbose`) is a valid filter all the same, selecting a target of
+/// that name, so every other line would be silenced.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const EXPECTED: &str = "a level (off, error, warn, info, debug, trace) or a tracing filter such as `docusearch_agent=debug,info`";
+    if filter.trim().is_empty() {
+        return Err(EXPECTED.into());
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(filter) {
+        return Err(format!("{EXPECTED} ({e})"));
+    }
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !d.contains('=') && d.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(format!(
+                "{EXPECTED}; `{d}` is not a level (a target on its own would hide every other line: write `{d}=trace` if that is meant)"
+            ));
+        }
+    }
+    Ok(())
 }

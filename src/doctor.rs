@@ -115,7 +115,10 @@ fn check_recall(config: &Config) -> Check {
         ),
         Err(e) => Check::fail(
             NAME,
-            format!("the recall check could not run: {e:#}"),
+            format!(
+                "the recall check could not run: {}",
+                crate::errors::describe(e.as_ref())
+            ),
             "check the Chroma server's log, then run `docusearch-agent doctor` again",
         ),
     }

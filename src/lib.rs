@@ -4,7 +4,8 @@
 //! `watch` → `state` (files, jobs) → `extract` (pages, text) → `embed` (ColPali) →
 //! `sync` (Chroma records) ; `search` reads them back; `agent` runs the stages; `service` and
 //! `api` make it a well-behaved background process. `records` is DocuSearch's record format
-//! (ids, metadata keys, encodings); `chroma` a generic client for the server that holds them.
+//! (ids, metadata keys, encodings); `chroma` a generic client for the server that holds them;
+//! `errors` says an error and its causes once.
 
 pub mod agent;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod chroma;
 pub mod config;
 pub mod doctor;
 pub mod embed;
+pub mod errors;
 pub mod extract;
 pub mod logging;
 pub mod records;

@@ -13,8 +13,16 @@ use crate::config::LoggingConfig;
 /// The unified-log subsystem (`log stream --predicate 'subsystem == "com.docusearch.agent"'`).
 pub const OSLOG_SUBSYSTEM: &str = "com.docusearch.agent";
 
+/// Where [`init`] sends the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogDestination {
+    Stderr,
+    /// The macOS unified log (launchd runs us): stderr goes to a file of its own.
+    UnifiedLog,
+}
+
 /// Installs the global subscriber. `RUST_LOG` wins over the configured level.
-pub fn init(config: &LoggingConfig) {
+pub fn init(config: &LoggingConfig) -> LogDestination {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -28,7 +36,7 @@ pub fn init(config: &LoggingConfig) {
                 tracing_oslog::OsLogger::new(OSLOG_SUBSYSTEM, category)
             }))
             .try_init();
-        return;
+        return LogDestination::UnifiedLog;
     }
 
     let fmt = tracing_subscriber::fmt::layer()
@@ -40,6 +48,7 @@ pub fn init(config: &LoggingConfig) {
     } else {
         registry.with(fmt.boxed()).try_init()
     };
+    LogDestination::Stderr
 }
 
 /// Unified-log categories, one per stage, so Console.app and `log stream` can filter by stage

@@ -265,26 +265,51 @@ pub fn queue_paths(
 
 /// `index PATH...` sent to the running agent (`POST /index`): its paths must lie in the
 /// watched folders, since the agent's store and watcher cover only those. Blocking.
+///
+/// Whoever reaches the API may send any path, so a refusal tells nothing about the file system
+/// outside the watched folders: a path is first checked as written (absolute, no `..`, under a
+/// watched folder) without looking at the disk; then resolved, and refused in the same words
+/// when it does not exist or leads outside through a symbolic link, without saying where.
 pub fn queue_paths_in_agent(
     tracker: &ChangeTracker,
     paths: &[PathBuf],
 ) -> Result<QueuedPaths, String> {
+    let roots: Vec<String> = tracker
+        .filter
+        .roots()
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect();
+    let roots = roots.join(", ");
     let (mut dirs, mut files) = (Vec::new(), Vec::new());
     for p in paths {
-        let c = std::fs::canonicalize(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        if tracker.filter.root_of(&c).is_none() {
-            let roots: Vec<String> = tracker
-                .filter
-                .roots()
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect();
+        if !p.is_absolute() {
             return Err(format!(
-                "{} is not in a folder the running agent watches ({}). Fix: add its folder to watch.folders and restart the agent, or stop the agent and run `index` again",
-                c.display(),
-                roots.join(", ")
+                "{:?} is a relative path, and the agent does not know your working directory. Fix: send an absolute path (`docusearch-agent index` does)",
+                p.display().to_string()
             ));
         }
+        if p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(format!(
+                "{} contains `..`. Fix: send the path without it (`realpath` prints it)",
+                p.display()
+            ));
+        }
+        if tracker.filter.root_of(p).is_none() {
+            return Err(format!(
+                "{} is not in a folder the running agent watches ({roots}). Fix: add its folder to watch.folders and restart the agent, or stop the agent and run `index` again",
+                p.display()
+            ));
+        }
+        let resolved = std::fs::canonicalize(p)
+            .ok()
+            .filter(|c| tracker.filter.root_of(c).is_some());
+        let Some(c) = resolved else {
+            return Err(format!(
+                "{} does not exist in the folders the running agent watches ({roots}), or leads outside them through a symbolic link. Fix: check the path; a file outside them is indexed once its own folder is added to watch.folders",
+                p.display()
+            ));
+        };
         if c.is_dir() {
             dirs.push(c);
         } else {

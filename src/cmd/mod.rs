@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use docusearch_agent::config::Config;
+use docusearch_agent::logging::LogDestination;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -196,7 +197,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG: launchd/systemd show it as a config error
         }
     };
-    docusearch_agent::logging::init(&config.logging);
+    let log = docusearch_agent::logging::init(&config.logging);
     let ctx = Context {
         config,
         config_path: cli.config.clone(),
@@ -218,8 +219,12 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            let text = docusearch_agent::errors::describe(e.as_ref());
+            // Once on stderr: a log that goes there already would say it a second time.
+            if log != LogDestination::Stderr {
+                tracing::error!("{text}");
+            }
+            eprintln!("error: {text}");
             ExitCode::FAILURE
         }
     }

@@ -239,7 +239,7 @@ fn health_line(ctx: &Context) -> String {
         };
     let rt = match client_runtime() {
         Ok(rt) => rt,
-        Err(e) => return format!("{e:#}"),
+        Err(e) => return docusearch_agent::errors::describe(e.as_ref()),
     };
     match rt.block_on(client.health()) {
         Ok(None) => format!("no agent answers at {}", client.base_url()),

@@ -834,3 +834,324 @@ fn the_initial_status_follows_the_configuration() {
     assert_eq!(s.chroma.url, "http://chroma.local:8000");
     assert_eq!(s.agent_id, "laptop");
 }
+
+/// One HTTP/1.1 request written by hand (so its `Host` is what the test says), and the answer's
+/// status and body.
+async fn raw_request(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn quiet_state() -> ApiState {
+    ApiState::new(
+        initial_status(""),
+        ChromaProbe::new(None, Duration::from_secs(1)).expect("probe"),
+    )
+}
+
+/// A web page can reach 127.0.0.1: under its own name rebound to 127.0.0.1 (DNS rebinding) it
+/// could read `/status`, and any page can send a form POST. Neither is answered; the CLI is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_web_pages_are_refused_and_the_cli_is_answered() {
+    let state = quiet_state();
+    let api = RunningApi::start(&loopback_config(), state.clone()).await;
+    let port = api.addr.port();
+
+    // Another name for this machine, or another port: refused before any handler runs.
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("127.0.0.1:{}", port.wrapping_add(1)),
+        format!("localhost.evil.example:{port}"),
+        format!("10.0.0.7:{port}"),
+    ] {
+        for path in ["/status", "/health", "/metrics", "/nope"] {
+            let (code, body) = raw_request(
+                api.addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: {host}"),
+                "",
+            )
+            .await;
+            assert!(code == 421, "{host} {path}: {code} {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+            assert!(
+                json["error"].as_str().is_some_and(|e| e.contains("Host")),
+                "{body}"
+            );
+            assert!(!body.contains("agent_id"), "nothing of the status: {body}");
+        }
+    }
+    // Its own addresses.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (code, body) = raw_request(
+            api.addr,
+            &format!("GET /status HTTP/1.1\r\nHost: {host}"),
+            "",
+        )
+        .await;
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+
+    // A POST from another origin, or that a browser marks as cross-site, changes nothing.
+    let host = format!("Host: 127.0.0.1:{port}");
+    for extra in [
+        "Origin: http://evil.example",
+        "Origin: null",
+        &format!("Origin: http://evil.example:{port}"),
+        "Sec-Fetch-Site: cross-site",
+        "Sec-Fetch-Site: same-site",
+    ] {
+        for path in ["/rescan", "/index", "/repair"] {
+            let (code, body) = raw_request(
+                api.addr,
+                &format!(
+                    "POST {path} HTTP/1.1\r\n{host}\r\n{extra}\r\nContent-Type: application/json"
+                ),
+                "{\"paths\": [\"/watched/a.pdf\"]}",
+            )
+            .await;
+            assert_eq!(code, 403, "{extra} {path}: {body}");
+            assert!(body.contains("\"error\""), "{body}");
+        }
+    }
+    // A form, or plain text: what a page sends without asking the server first.
+    for ctype in [
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+    ] {
+        for path in ["/rescan", "/index", "/repair"] {
+            let (code, body) = raw_request(
+                api.addr,
+                &format!("POST {path} HTTP/1.1\r\n{host}\r\nContent-Type: {ctype}"),
+                "paths=/watched/a.pdf",
+            )
+            .await;
+            assert_eq!(code, 415, "{ctype} {path}: {body}");
+            assert!(body.contains("application/json"), "{body}");
+        }
+    }
+    // A JSON endpoint needs its content type, and says so in JSON.
+    let (code, body) = raw_request(
+        api.addr,
+        &format!("POST /index HTTP/1.1\r\n{host}"),
+        "{\"paths\": []}",
+    )
+    .await;
+    assert_eq!(code, 415, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|j| j["error"].is_string()),
+        "{body}"
+    );
+    assert_eq!(
+        state.telemetry().counters().rescans_requested,
+        0,
+        "no refused request reached the agent"
+    );
+    assert!(!state.snapshot().rescan_pending);
+
+    // The API's own origin, and the CLI (no Origin at all), are answered.
+    let (code, body) = raw_request(
+        api.addr,
+        &format!("POST /rescan HTTP/1.1\r\n{host}\r\nOrigin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin"),
+        "",
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let client = ApiClient::at(api.addr, Duration::from_secs(30)).expect("client");
+    assert!(client.rescan().await.expect("rescan"));
+    assert!(client.status().await.expect("status").is_some());
+    assert!(client.health().await.expect("health").is_some());
+    match client.index(&[PathBuf::from("/watched/a.pdf")]).await {
+        // Through the checks; nothing takes requests in this test.
+        Err(ApiError::Response { status: 503, .. }) => {}
+        other => panic!("the CLI's index request reaches the agent: {other:?}"),
+    }
+    assert_eq!(state.telemetry().counters().rescans_requested, 2);
+    api.shutdown().await;
+}
+
+/// With `api.allow_non_loopback`, the machine's own addresses are answered too, never a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_api_answers_its_addresses_not_names() {
+    let cfg = ApiConfig {
+        bind: "0.0.0.0".into(),
+        allow_non_loopback: true,
+        ..loopback_config()
+    };
+    let api = RunningApi::start(&cfg, quiet_state()).await;
+    let port = api.addr.port();
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    for (host, answered) in [
+        (format!("192.0.2.10:{port}"), true),
+        (format!("127.0.0.1:{port}"), true),
+        (format!("evil.example:{port}"), false),
+        (format!("192.0.2.10:{}", port.wrapping_add(1)), false),
+    ] {
+        let (code, body) =
+            raw_request(to, &format!("GET /status HTTP/1.1\r\nHost: {host}"), "").await;
+        assert_eq!(code == 200, answered, "{host}: {code} {body}");
+    }
+    api.shutdown().await;
+}
+
+/// `POST /index` from whoever reaches the API: a path outside the watched folders is refused
+/// without a word on whether it exists or where a link points; a relative path is refused.
+/// Through the real server, the real change tracker and store, as the running agent answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_refusals_say_nothing_about_what_lies_outside_the_watched_folders() {
+    use docusearch_agent::agent::changes::ChangeTracker;
+    use docusearch_agent::agent::runtime::queue_paths_in_agent;
+    use docusearch_agent::api::AgentRequest;
+    use docusearch_agent::state::Store;
+    use docusearch_agent::watch::Filter;
+
+    let (_w, root) = common::canonical_tempdir();
+    let (_o, outside) = common::canonical_tempdir();
+    let state_dir = tempfile::tempdir().expect("state dir");
+    common::write_file(&root.join("a.pdf"), b"%PDF-1.4 inside");
+    common::write_file(&outside.join("secret.pdf"), b"%PDF-1.4 outside");
+    std::os::unix::fs::symlink(outside.join("secret.pdf"), root.join("to-file.pdf")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("to-dir")).unwrap();
+    std::os::unix::fs::symlink(outside.join("gone.pdf"), root.join("dangling.pdf")).unwrap();
+    std::os::unix::fs::symlink(root.join("a.pdf"), root.join("alias.pdf")).unwrap();
+
+    let store = Store::open(state_dir.path()).expect("store");
+    let tracker = ChangeTracker {
+        store: store.clone(),
+        filter: Filter::new(std::slice::from_ref(&root), &[], &[]).expect("filter"),
+        settle: Duration::ZERO,
+        model: "tiny".into(),
+    };
+    let state = quiet_state();
+    let mut requests = state.take_requests().expect("the agent's end");
+    let agent = tokio::spawn(async move {
+        while let Some(r) = requests.recv().await {
+            if let AgentRequest::Index { paths, reply } = r {
+                let t = tracker.clone();
+                let answer = tokio::task::spawn_blocking(move || queue_paths_in_agent(&t, &paths))
+                    .await
+                    .expect("no panic");
+                let _ = reply.send(answer);
+            }
+        }
+    });
+    let api = RunningApi::start(&loopback_config(), state).await;
+    let client = ApiClient::at(api.addr, Duration::from_secs(30)).expect("client");
+    let refusal = |p: PathBuf| {
+        let client = client.clone();
+        async move {
+            match client.index(std::slice::from_ref(&p)).await {
+                Err(ApiError::Response {
+                    status: 422, body, ..
+                }) => {
+                    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                    json["error"].as_str().expect("an error").to_string()
+                }
+                other => panic!("{} is refused: {other:?}", p.display()),
+            }
+        }
+    };
+    // Said with the path as sent, nothing else about it.
+    let generic = |msg: &str, p: &std::path::Path| msg.replace(&p.display().to_string(), "PATH");
+
+    // Outside: the same words whether or not it exists.
+    let there = refusal(outside.join("secret.pdf")).await;
+    let absent = refusal(outside.join("absent.pdf")).await;
+    assert_eq!(
+        generic(&there, &outside.join("secret.pdf")),
+        generic(&absent, &outside.join("absent.pdf")),
+        "existence is not told"
+    );
+    assert!(
+        there.contains("not in a folder the running agent watches"),
+        "{there}"
+    );
+    assert!(!there.contains("No such file"), "{there}");
+    // `..` is not resolved: refused as written.
+    let up = root
+        .join("..")
+        .join(outside.file_name().unwrap())
+        .join("secret.pdf");
+    let up_msg = refusal(up.clone()).await;
+    assert!(up_msg.contains(".."), "{up_msg}");
+    assert!(!up_msg.contains("No such file"), "{up_msg}");
+
+    // Inside, leading outside through a link: refused, without where it leads, and the same
+    // whether or not what it leads to exists.
+    let links = [
+        root.join("to-file.pdf"),
+        root.join("to-dir/secret.pdf"),
+        root.join("to-dir/absent.pdf"),
+        root.join("to-dir"),
+        root.join("dangling.pdf"),
+        root.join("absent.pdf"),
+    ];
+    let mut said = Vec::new();
+    for p in &links {
+        let msg = refusal(p.clone()).await;
+        assert!(
+            !msg.contains(&outside.display().to_string()),
+            "{}: where the link points is not told: {msg}",
+            p.display()
+        );
+        assert!(!msg.contains("No such file"), "{msg}");
+        said.push(generic(&msg, p));
+    }
+    assert!(
+        said.windows(2).all(|w| w[0] == w[1]),
+        "one refusal for all of them: {said:#?}"
+    );
+
+    // Relative: refused, not resolved against the agent's working directory.
+    for rel in ["a.pdf", "./a.pdf", ""] {
+        let msg = refusal(PathBuf::from(rel)).await;
+        assert!(msg.contains("absolute path"), "{rel:?}: {msg}");
+    }
+    assert!(store.all_jobs().expect("jobs").is_empty(), "nothing queued");
+
+    // What lies inside is queued, through a link inside too (under its own path).
+    let q = client
+        .index(&[root.join("a.pdf")])
+        .await
+        .expect("index")
+        .expect("answered");
+    assert_eq!((q.queued, q.unchanged), (1, 0));
+    client
+        .index(&[root.join("alias.pdf"), root.clone()])
+        .await
+        .expect("index")
+        .expect("answered");
+    let jobs: Vec<PathBuf> = store
+        .all_jobs()
+        .expect("jobs")
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(jobs, vec![root.join("a.pdf")], "{jobs:?}");
+    api.shutdown().await;
+    agent.abort();
+}

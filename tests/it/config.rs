@@ -230,3 +230,228 @@ fn missing_config_file_is_named() {
     .to_string();
     assert!(err.contains("/nope/config.toml"), "{err}");
 }
+
+#[test]
+fn a_log_level_that_is_no_level_is_refused() {
+    // `verbose` is a valid tracing filter (a target of that name at every level) that silences
+    // every other line: refused, with the levels.
+    for bad in ["verbose", "", "info,verbose", "docusearch_agent"] {
+        let err = load_text(&format!("[logging]\nlevel = {bad:?}\n"), &[]).unwrap_err();
+        assert!(
+            err.contains("logging.level") && err.contains(&format!("{bad:?}")),
+            "{err}"
+        );
+        assert!(
+            err.contains("error, warn, info, debug, trace"),
+            "the valid values: {err}"
+        );
+    }
+    let err = load_text("[logging]\nlevel = \"verbose\"\n", &[]).unwrap_err();
+    assert!(err.contains("`verbose` is not a level"), "{err}");
+    let err = load_text("[logging]\nlevel = \"docusearch_agent=loud\"\n", &[]).unwrap_err();
+    assert!(err.contains("logging.level"), "{err}");
+    for good in [
+        "info",
+        "DEBUG",
+        "off",
+        "docusearch_agent=debug,info",
+        "warn,docusearch_agent::embed=trace",
+        "docusearch_agent=trace",
+    ] {
+        let c = load_text(&format!("[logging]\nlevel = {good:?}\n"), &[])
+            .unwrap_or_else(|e| panic!("{good:?} is accepted: {e}"));
+        assert_eq!(c.logging.level, good);
+    }
+}
+
+#[test]
+fn a_state_dir_that_is_empty_or_relative_is_refused() {
+    for bad in ["", "state", "./state", "~/docusearch"] {
+        let err = load_text(&format!("state_dir = {bad:?}\n"), &[]).unwrap_err();
+        assert!(
+            err.contains("`state_dir`") && err.contains("an absolute path"),
+            "{bad:?}: {err}"
+        );
+    }
+    let c = load_text("state_dir = \"/var/tmp/docusearch\"\n", &[]).unwrap();
+    assert_eq!(c.state_dir, std::path::PathBuf::from("/var/tmp/docusearch"));
+}
+
+#[test]
+fn chroma_host_takes_a_host_a_host_and_port_or_a_url() {
+    let url_of = |env: &[(&str, &str)]| match load_text("", env)
+        .unwrap_or_else(|e| panic!("{env:?} is accepted: {e}"))
+        .chroma_target()
+    {
+        ChromaTarget::Remote { url } => url,
+        ChromaTarget::Managed => panic!("{env:?}: a remote server"),
+    };
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("CHROMA_HOST", "chroma.lan")], "http://chroma.lan:8000"),
+        (
+            &[("CHROMA_HOST", "chroma.lan"), ("CHROMA_PORT", "8123")],
+            "http://chroma.lan:8123",
+        ),
+        (
+            &[("CHROMA_HOST", "127.0.0.1:19003")],
+            "http://127.0.0.1:19003",
+        ),
+        (
+            &[("CHROMA_HOST", "127.0.0.1:19003"), ("CHROMA_PORT", "19003")],
+            "http://127.0.0.1:19003",
+        ),
+        (
+            &[("CHROMA_HOST", "http://127.0.0.1")],
+            "http://127.0.0.1:8000",
+        ),
+        (
+            &[
+                ("CHROMA_HOST", "http://127.0.0.1/"),
+                ("CHROMA_PORT", "9000"),
+            ],
+            "http://127.0.0.1:9000",
+        ),
+        (
+            &[("CHROMA_HOST", "https://chroma.example:8443")],
+            "https://chroma.example:8443",
+        ),
+        (
+            &[("CHROMA_HOST", "http://chroma.lan:80")],
+            "http://chroma.lan",
+        ),
+        (&[("CHROMA_HOST", "::1")], "http://[::1]:8000"),
+        (&[("CHROMA_HOST", "[::1]:8001")], "http://[::1]:8001"),
+        (&[("CHROMA_HOST", "http://[::1]")], "http://[::1]:8000"),
+        (&[("CHROMA_PORT", "8124")], "http://localhost:8124"),
+    ];
+    for (env, want) in cases {
+        assert_eq!(url_of(env), *want, "{env:?}");
+    }
+}
+
+#[test]
+fn a_chroma_host_that_is_no_host_is_refused_naming_the_variable() {
+    for bad in [
+        "not a host!",
+        "ftp://chroma.lan",
+        "http://",
+        "chroma.lan:port",
+        "chroma.lan:99999",
+        "chroma.lan:0",
+        "a:b:c",
+        "http://chroma.lan:99999",
+        "chroma.lan/path",
+    ] {
+        let err = load_text("", &[("CHROMA_HOST", bad)]).unwrap_err();
+        assert!(
+            err.contains("environment variable CHROMA_HOST") && err.contains(&format!("{bad:?}")),
+            "{bad:?}: {err}"
+        );
+    }
+    let err = load_text(
+        "",
+        &[("CHROMA_HOST", "127.0.0.1:19003"), ("CHROMA_PORT", "8000")],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("CHROMA_HOST") && err.contains("CHROMA_PORT (8000)"),
+        "{err}"
+    );
+    let err = load_text("", &[("CHROMA_PORT", "0")]).unwrap_err();
+    assert!(err.contains("environment variable CHROMA_PORT"), "{err}");
+    // The file's host is a host too.
+    let err = load_text("[chroma]\nhost = \"http://10.0.0.5\"\n", &[]).unwrap_err();
+    assert!(
+        err.contains("`chroma.host`") && err.contains("chroma.url"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_chroma_url_with_a_port_out_of_range_says_so() {
+    let err = load_text("[chroma]\nurl = \"http://127.0.0.1:99999\"\n", &[]).unwrap_err();
+    assert!(
+        err.contains("`chroma.url`") && err.contains("a port from 1 to 65535"),
+        "{err}"
+    );
+    let err = load_text("[chroma]\nurl = \"http://127.0.0.1:0\"\n", &[]).unwrap_err();
+    assert!(err.contains("a port from 1 to 65535"), "{err}");
+    let err = load_text("[chroma]\nurl = \"http://\"\n", &[]).unwrap_err();
+    assert!(
+        err.contains("`chroma.url`") && err.contains("no host"),
+        "{err}"
+    );
+    let c = load_text("[chroma]\nurl = \"https://chroma.example/\"\n", &[]).unwrap();
+    assert_eq!(
+        c.chroma_target(),
+        ChromaTarget::Remote {
+            url: "https://chroma.example".into()
+        }
+    );
+}
+
+/// Runs the binary with `config` (and `env`), returns (exit code, stderr).
+fn run_binary(config: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_docusearch-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("runs the binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_refused_configuration_exits_78_and_says_so_once() {
+    let here = tempfile::tempdir().unwrap();
+    let config = here.path().join("config.toml");
+    let state = format!("state_dir = {:?}\n", here.path().join("state"));
+    std::fs::write(&config, format!("{state}[logging]\nlevel = \"verbose\"\n")).unwrap();
+    let (code, stderr) = run_binary(&config, &[], &["status"]);
+    assert_eq!(code, 78, "{stderr}");
+    assert_eq!(
+        stderr.matches("bad value for `logging.level`").count(),
+        1,
+        "{stderr}"
+    );
+
+    // A Chroma host the client cannot use is a configuration error too (it was exit 1, which
+    // makes systemd restart the agent in a loop), naming the variable.
+    std::fs::write(&config, &state).unwrap();
+    for bad in ["http://", "127.0.0.1:19003:8000"] {
+        let (code, stderr) = run_binary(&config, &[("CHROMA_HOST", bad)], &["status"]);
+        assert_eq!(code, 78, "{bad}: {stderr}");
+        assert_eq!(
+            stderr.matches("environment variable CHROMA_HOST").count(),
+            1,
+            "{stderr}"
+        );
+    }
+}
+
+/// An error with a cause (the state store cannot be opened) is printed once, its cause once: not
+/// logged and printed, not "X: X".
+#[test]
+fn an_error_and_its_cause_are_printed_once() {
+    let here = tempfile::tempdir().unwrap();
+    let state = here.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // A file where the store's folder should be.
+    std::fs::write(state.join("state.sled"), b"not a folder").unwrap();
+    let config = here.path().join("config.toml");
+    std::fs::write(&config, format!("state_dir = {state:?}\n")).unwrap();
+    let (code, stderr) = run_binary(&config, &[], &["status"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("cannot open the state store").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+}
