@@ -275,6 +275,9 @@ impl ApiState {
         s.in_progress = t.documents();
         s.counters = t.counters();
         s.task_failures = t.task_failures();
+        let missing = t.missing_folders();
+        s.missing_folders.retain(|f| !missing.contains(f));
+        s.missing_folders.extend(missing);
     }
 
     /// Numbers a `POST /index` request whose jobs are now in the store (see

@@ -9,8 +9,8 @@
 
 mod rate;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -217,6 +217,9 @@ pub struct Telemetry {
     /// By job sequence number.
     documents: Mutex<BTreeMap<u64, DocumentProgress>>,
     task_failures: Mutex<Vec<TaskFailure>>,
+    /// Watched folders that are not there now (an unmounted disk, a folder deleted): the
+    /// watcher watches each again once it is back.
+    missing_folders: Mutex<BTreeSet<PathBuf>>,
     changed: Notify,
 }
 
@@ -254,6 +257,7 @@ impl Telemetry {
             }),
             documents: Mutex::new(BTreeMap::new()),
             task_failures: Mutex::new(Vec::new()),
+            missing_folders: Mutex::new(BTreeSet::new()),
             changed: Notify::new(),
         }
     }
@@ -396,6 +400,26 @@ impl Telemetry {
 
     pub fn task_failures(&self) -> Vec<TaskFailure> {
         lock(&self.task_failures).clone()
+    }
+
+    /// A watched folder is not there (at start, or gone since): the agent is degraded until
+    /// it is back.
+    pub fn folder_missing(&self, folder: PathBuf) {
+        if lock(&self.missing_folders).insert(folder) {
+            self.poke();
+        }
+    }
+
+    /// A watched folder that was missing is there and watched again.
+    pub fn folder_back(&self, folder: &Path) {
+        if lock(&self.missing_folders).remove(folder) {
+            self.poke();
+        }
+    }
+
+    /// The watched folders missing now, in path order.
+    pub fn missing_folders(&self) -> Vec<PathBuf> {
+        lock(&self.missing_folders).iter().cloned().collect()
     }
 }
 
