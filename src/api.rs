@@ -286,6 +286,9 @@ impl ApiState {
         s.counters = t.counters();
         s.task_failures = t.task_failures();
         s.sync_waiting = t.chroma_waiting_reason();
+        let missing = t.missing_folders();
+        s.missing_folders.retain(|f| !missing.contains(f));
+        s.missing_folders.extend(missing);
     }
 
     /// Numbers a `POST /index` request whose jobs are now in the store (see

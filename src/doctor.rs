@@ -147,12 +147,12 @@ fn check_watched_folders(watch: &crate::config::WatchConfig) -> Check {
     Check::fail(
         NAME,
         format!(
-            "{} of {} missing or not a folder (an unmounted disk?): {}; the agent watches the others and skips these",
+            "{} of {} missing or not a folder (an unmounted disk?): {}; the agent watches the others, and each of these once it is there",
             missing.len(),
             watch.folders.len(),
             names.join(", ")
         ),
-        "mount the disk or create the folder, then restart the agent; or remove it from watch.folders in the config file",
+        "mount the disk or create the folder (a running agent picks it up within 30 s); or remove it from watch.folders in the config file",
     )
 }
 

@@ -3,13 +3,16 @@
 //!
 //! What the OS reports is translated here once, so nothing downstream knows about inotify or
 //! FSEvents quirks: an atomic save (a `Create` of a path we know) is just a change, `Name(To)`
-//! a creation, `Name(From)` a removal, `Access` nothing, a lost event queue a rescan.
+//! a creation, `Name(From)` a removal, `Access` nothing, a lost event queue a rescan, and a
+//! watched folder that goes away (deleted, moved off, its disk unmounted) [`FsEvent::RootGone`]
+//! until it is back and watched again ([`FsEvent::RootBack`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use ignore::gitignore::Gitignore;
@@ -54,6 +57,13 @@ pub enum FsEvent {
     /// Events may have been lost, or a folder appeared, or its ignore rules changed: the
     /// subtree must be compared with what is known.
     Rescan(PathBuf),
+    /// A watched folder itself is gone (deleted, moved away, its disk unmounted): nothing under
+    /// it can be watched or read until it is back. Not a deletion of its files: an unmounted
+    /// disk looks the same.
+    RootGone(PathBuf),
+    /// A watched folder that was gone (or missing at start) is there and watched again: what
+    /// it holds must be compared with what is known, as for a [`FsEvent::Rescan`].
+    RootBack(PathBuf),
 }
 
 /// A folder's ignore file as last read: its mtime (`None`: no file) and its rules.
@@ -120,7 +130,9 @@ pub fn is_excluded_name(name: &OsStr, is_dir: bool) -> bool {
 }
 
 impl Filter {
-    /// `roots` must exist; they are canonicalised (event paths are compared with them).
+    /// `roots` are canonicalised (event paths are compared with them). A root that is not
+    /// there (an unmounted disk) is kept as an absolute path, canonical as far as it exists:
+    /// [`FsWatcher`] watches it from the moment it appears.
     pub fn new(
         roots: &[PathBuf],
         include: &[String],
@@ -128,16 +140,7 @@ impl Filter {
     ) -> Result<Filter, WatchError> {
         let mut canon = Vec::new();
         for r in roots {
-            let c = std::fs::canonicalize(r).map_err(|source| WatchError::Folder {
-                path: r.clone(),
-                source,
-            })?;
-            if !c.is_dir() {
-                return Err(WatchError::Folder {
-                    path: r.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a folder"),
-                });
-            }
+            let c = canonical_root(r);
             if !canon.contains(&c) {
                 canon.push(c);
             }
@@ -158,6 +161,11 @@ impl Filter {
 
     pub fn roots(&self) -> &[PathBuf] {
         &self.inner.roots
+    }
+
+    /// Whether `path` is one of the watched folders themselves.
+    pub fn is_root(&self, path: &Path) -> bool {
+        self.inner.roots.iter().any(|r| r == path)
     }
 
     /// The watched folder `path` lies in (the deepest, if folders nest).
@@ -371,6 +379,13 @@ impl Filter {
         }
         match event.kind {
             EventKind::Access(_) => {}
+            // A watched folder moved away (within another watched folder).
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both))
+                if event.paths.len() == 2 && self.is_root(&event.paths[0]) =>
+            {
+                out.push(FsEvent::RootGone(event.paths[0].clone()));
+                self.present(&event.paths[1], out);
+            }
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) if event.paths.len() == 2 => {
                 self.renamed(&event.paths[0], &event.paths[1], out);
             }
@@ -393,6 +408,10 @@ impl Filter {
         if self.root_of(path).is_none() {
             return;
         }
+        // Even if something is there again, the watch went with the folder it was on.
+        if self.is_root(path) {
+            return out.push(FsEvent::RootGone(path.to_path_buf()));
+        }
         // Stale: something is there again (events of an atomic save can arrive late).
         if std::fs::symlink_metadata(path).is_ok() {
             return self.present(path, out);
@@ -403,6 +422,14 @@ impl Filter {
     fn present(&self, path: &Path, out: &mut Vec<FsEvent>) {
         if self.root_of(path).is_none() {
             return;
+        }
+        if self.is_root(path) {
+            // The watched folder itself (its permissions, say), or a reminder that it is gone.
+            return out.push(if path.is_dir() {
+                FsEvent::Rescan(path.to_path_buf())
+            } else {
+                FsEvent::RootGone(path.to_path_buf())
+            });
         }
         match std::fs::symlink_metadata(path) {
             Err(_) => out.push(FsEvent::Removed(path.to_path_buf())),
@@ -458,10 +485,211 @@ impl Filter {
     }
 }
 
-/// Watches the folders of a [`Filter`] recursively and sends batches of [`FsEvent`]s. Stops
-/// when dropped.
+/// A watched folder's path made absolute and canonical: all of it when it exists, else its
+/// deepest existing ancestor, with the rest as given.
+fn canonical_root(path: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(path) {
+        return c;
+    }
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for ancestor in abs.ancestors().skip(1) {
+        if let (Ok(c), Ok(rest)) = (std::fs::canonicalize(ancestor), abs.strip_prefix(ancestor)) {
+            return c.join(rest);
+        }
+    }
+    abs
+}
+
+/// How soon a missing watched folder is looked for again: soon at first (a folder re-created
+/// at once, a disk being mounted), then less and less often, up to [`RETURN_CHECK_MAX`].
+const RETURN_CHECK_FIRST: Duration = Duration::from_secs(1);
+const RETURN_CHECK_MAX: Duration = Duration::from_secs(30);
+/// How often a watched folder is checked to still be the folder watched: an unmount, or a
+/// parent folder renamed, sends no event.
+const ROOT_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// Which folder a path is (device and inode on Unix), to notice one replaced by another.
+type FolderId = (u64, u64);
+
+/// `None` when nothing, or no folder, is at `path` now.
+fn folder_id(path: &Path) -> Option<FolderId> {
+    let md = std::fs::metadata(path).ok()?;
+    if !md.is_dir() {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((md.dev(), md.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        Some((0, 0))
+    }
+}
+
+type NotifyDebouncer = Debouncer<notify::RecommendedWatcher, RecommendedCache>;
+
+/// What the root keeper hears from the event handler and from [`FsWatcher`]'s drop.
+enum KeeperMsg {
+    /// The OS reported the watched folder itself removed or moved: its watch is dead.
+    Gone(PathBuf),
+    Stop,
+}
+
+/// A watched folder, as the root keeper knows it.
+enum RootState {
+    Watched { id: FolderId, next_check: Instant },
+    Missing { next_check: Instant, wait: Duration },
+}
+
+impl RootState {
+    fn next_check(&self) -> Instant {
+        match self {
+            RootState::Watched { next_check, .. } | RootState::Missing { next_check, .. } => {
+                *next_check
+            }
+        }
+    }
+
+    fn missing(now: Instant) -> RootState {
+        RootState::Missing {
+            next_check: now + RETURN_CHECK_FIRST,
+            wait: RETURN_CHECK_FIRST,
+        }
+    }
+}
+
+/// Owns the OS watches: drops a watched folder's watch when the folder goes, looks for its
+/// return with back-off, and watches it again when it is back. The one thread that says
+/// [`FsEvent::RootGone`] and [`FsEvent::RootBack`], so they alternate for each folder.
+struct RootKeeper {
+    debouncer: NotifyDebouncer,
+    roots: Vec<(PathBuf, RootState)>,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
+}
+
+impl RootKeeper {
+    fn run(mut self, rx: Receiver<KeeperMsg>) {
+        loop {
+            let next = self.roots.iter().map(|(_, s)| s.next_check()).min();
+            let msg = match next {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match msg {
+                Ok(KeeperMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(KeeperMsg::Gone(root)) => self.reported_gone(&root),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.check_due();
+        }
+    }
+
+    fn send(&self, event: FsEvent) {
+        let _ = self.tx.send(vec![event]);
+    }
+
+    /// The OS said so: the watch is dead even if a folder is there again, so it is dropped and
+    /// the folder looked for at once.
+    fn reported_gone(&mut self, root: &Path) {
+        let Some(i) = self.roots.iter().position(|(r, _)| r == root) else {
+            return;
+        };
+        if matches!(self.roots[i].1, RootState::Watched { .. }) {
+            self.lose(i);
+        }
+        self.roots[i].1 = RootState::Missing {
+            next_check: Instant::now(),
+            wait: RETURN_CHECK_FIRST,
+        };
+    }
+
+    /// A watched folder is no longer watched: its watch goes (notify may have dropped it
+    /// already) and the consumer is told.
+    fn lose(&mut self, i: usize) {
+        let root = self.roots[i].0.clone();
+        let _ = self.debouncer.unwatch(&root);
+        self.roots[i].1 = RootState::missing(Instant::now());
+        tracing::warn!(
+            "watched folder {} is gone (deleted, moved or unmounted): what was indexed from it stays in the index, and it is watched again once it is back",
+            root.display()
+        );
+        self.send(FsEvent::RootGone(root));
+    }
+
+    fn check_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.roots.len() {
+            if self.roots[i].1.next_check() > now {
+                continue;
+            }
+            let root = self.roots[i].0.clone();
+            let found = folder_id(&root);
+            match (&self.roots[i].1, found) {
+                (RootState::Watched { id, .. }, Some(found)) if *id == found => {
+                    self.roots[i].1 = RootState::Watched {
+                        id: found,
+                        next_check: now + ROOT_CHECK_EVERY,
+                    };
+                }
+                // Replaced by another folder under the same name (re-created, or a disk
+                // mounted over it) with no event for the old one: watch the new one.
+                (RootState::Watched { .. }, Some(_)) => {
+                    tracing::warn!(
+                        "watched folder {} was replaced by another folder of the same name; watching the new one",
+                        root.display()
+                    );
+                    self.lose(i);
+                    self.check_missing(i, now);
+                }
+                (RootState::Watched { .. }, None) => self.lose(i),
+                (RootState::Missing { .. }, _) => self.check_missing(i, now),
+            }
+        }
+    }
+
+    /// Watches a missing folder if it is there, else looks again later, less often each time.
+    fn check_missing(&mut self, i: usize, now: Instant) {
+        let RootState::Missing { wait, .. } = self.roots[i].1 else {
+            return;
+        };
+        let root = self.roots[i].0.clone();
+        if let Some(id) = folder_id(&root) {
+            match self.debouncer.watch(&root, RecursiveMode::Recursive) {
+                Ok(()) => {
+                    self.roots[i].1 = RootState::Watched {
+                        id,
+                        next_check: now + ROOT_CHECK_EVERY,
+                    };
+                    tracing::info!("watched folder {} is there: watching it", root.display());
+                    // After the watch, so that nothing written from now on is missed.
+                    return self.send(FsEvent::RootBack(root));
+                }
+                Err(e) => {
+                    let _ = self.debouncer.unwatch(&root);
+                    tracing::warn!(
+                        "watched folder {} is back but cannot be watched yet: {e} — on Linux, raise fs.inotify.max_user_watches if the folder is large",
+                        root.display()
+                    );
+                }
+            }
+        }
+        let wait = (wait * 3 / 2).min(RETURN_CHECK_MAX);
+        self.roots[i].1 = RootState::Missing {
+            next_check: now + wait,
+            wait,
+        };
+    }
+}
+
+/// Watches the folders of a [`Filter`] recursively and sends batches of [`FsEvent`]s. A
+/// watched folder that goes away, or is missing at start, is watched from the moment it is
+/// there ([`FsEvent::RootGone`], [`FsEvent::RootBack`]). Stops when dropped.
 pub struct FsWatcher {
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    keeper: Option<std::thread::JoinHandle<()>>,
+    keeper_tx: Sender<KeeperMsg>,
+    missing_at_start: Vec<PathBuf>,
 }
 
 impl FsWatcher {
@@ -472,7 +700,9 @@ impl FsWatcher {
         debounce: Duration,
         tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
     ) -> Result<FsWatcher, WatchError> {
+        let (keeper_tx, keeper_rx) = std::sync::mpsc::channel();
         let f = filter.clone();
+        let (events_tx, gone_tx) = (tx.clone(), keeper_tx.clone());
         let handler = move |res: DebounceEventResult| {
             let mut out = Vec::new();
             match res {
@@ -497,8 +727,20 @@ impl FsWatcher {
                     }
                 }
             }
+            // A watched folder gone is the keeper's to say, after it has dropped the watch.
+            let mut gone = Vec::new();
+            out.retain(|e| match e {
+                FsEvent::RootGone(root) => {
+                    gone.push(root.clone());
+                    false
+                }
+                _ => true,
+            });
             if !out.is_empty() {
-                let _ = tx.send(out);
+                let _ = events_tx.send(out);
+            }
+            for root in gone {
+                let _ = gone_tx.send(KeeperMsg::Gone(root));
             }
         };
         // The debouncer thread wakes every tick; a tick as long as the timeout keeps an idle
@@ -508,16 +750,63 @@ impl FsWatcher {
                 path: PathBuf::new(),
                 message: e.to_string(),
             })?;
+        let now = Instant::now();
+        let mut roots = Vec::new();
+        let mut missing_at_start = Vec::new();
         for root in filter.roots() {
-            debouncer
-                .watch(root, RecursiveMode::Recursive)
-                .map_err(|e| WatchError::Watch {
-                    path: root.clone(),
-                    message: e.to_string(),
-                })?;
+            let state = match folder_id(root) {
+                Some(id) => match debouncer.watch(root, RecursiveMode::Recursive) {
+                    Ok(()) => RootState::Watched {
+                        id,
+                        next_check: now + ROOT_CHECK_EVERY,
+                    },
+                    // Gone in the meantime.
+                    Err(_) if !root.is_dir() => RootState::missing(now),
+                    Err(e) => {
+                        return Err(WatchError::Watch {
+                            path: root.clone(),
+                            message: e.to_string(),
+                        })
+                    }
+                },
+                None => RootState::missing(now),
+            };
+            if matches!(state, RootState::Missing { .. }) {
+                missing_at_start.push(root.clone());
+            }
+            roots.push((root.clone(), state));
         }
+        let keeper = RootKeeper {
+            debouncer,
+            roots,
+            tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("watched folders".into())
+            .spawn(move || keeper.run(keeper_rx))
+            .map_err(|e| WatchError::Watch {
+                path: PathBuf::new(),
+                message: format!("cannot start the thread that keeps the watches: {e}"),
+            })?;
         Ok(FsWatcher {
-            _debouncer: debouncer,
+            keeper: Some(thread),
+            keeper_tx,
+            missing_at_start,
         })
+    }
+
+    /// The watched folders that were not there at start: each is watched once it appears
+    /// ([`FsEvent::RootBack`]).
+    pub fn missing_at_start(&self) -> &[PathBuf] {
+        &self.missing_at_start
+    }
+}
+
+impl Drop for FsWatcher {
+    fn drop(&mut self) {
+        let _ = self.keeper_tx.send(KeeperMsg::Stop);
+        if let Some(t) = self.keeper.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -46,8 +46,17 @@ impl ChangeTracker {
             FsEvent::Changed(p) => self.changed(&p),
             FsEvent::Removed(p) => self.removed(&p),
             FsEvent::Renamed { from, to } => self.renamed(&from, &to),
-            FsEvent::Rescan(dir) => self.reconcile(&dir).map(|_| ()),
+            FsEvent::Rescan(dir) | FsEvent::RootBack(dir) => self.reconcile(&dir).map(|_| ()),
+            // Nothing under it is known to be deleted (an unmounted disk looks the same): its
+            // files keep their entries until it is back and compared again.
+            FsEvent::RootGone(_) => Ok(()),
         }
+    }
+
+    /// Whether `path` lies in a watched folder that is not there now. Nothing under such a
+    /// folder is deleted: once it is back, [`FsEvent::RootBack`] compares it with the store.
+    fn in_missing_root(&self, path: &Path) -> bool {
+        self.filter.root_of(path).is_some_and(|root| !root.is_dir())
     }
 
     fn changed(&self, path: &Path) -> Result<(), StoreError> {
@@ -79,6 +88,9 @@ impl ChangeTracker {
     /// Everything known at or under `path` goes. The deletion waits a little, so that the
     /// other half of a move reported as two events can still turn it into a re-key.
     fn removed(&self, path: &Path) -> Result<(), StoreError> {
+        if self.in_missing_root(path) {
+            return Ok(());
+        }
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.is_file() && self.filter.accepts_file(path) => return self.changed(path),
             Ok(md) if md.is_dir() => {
@@ -157,7 +169,8 @@ impl ChangeTracker {
 
     /// Compares the folder `dir` with the store and files the jobs that make them agree.
     /// Known files with unchanged size and mtime are not read; changed ones are hashed; a
-    /// vanished file whose content reappears elsewhere in `dir` is a move.
+    /// vanished file whose content reappears elsewhere in `dir` is a move. A watched folder
+    /// that is missing is left as it is (see [`FsEvent::RootGone`]).
     pub fn reconcile(&self, dir: &Path) -> Result<ReconcileReport, StoreError> {
         let mut report = ReconcileReport::default();
         if !dir.is_dir() {
@@ -264,7 +277,7 @@ impl ChangeTracker {
         Ok(report)
     }
 
-    /// Reconciles every watched folder.
+    /// Reconciles every watched folder (those missing now are skipped).
     pub fn reconcile_all(&self) -> Result<ReconcileReport, StoreError> {
         let mut total = ReconcileReport::default();
         for root in self.filter.roots().to_vec() {

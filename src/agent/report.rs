@@ -106,8 +106,6 @@ async fn next_request(rx: &mut Option<UnboundedReceiver<AgentRequest>>) -> Optio
 pub struct RepairTarget {
     pub client: ChromaClient,
     pub chroma: ChromaConfig,
-    /// Watched folders missing at start: their files are out of reach, not gone.
-    pub missing_folders: Vec<std::path::PathBuf>,
 }
 
 /// Does what a `POST /index` or `POST /repair` asked for and sends the answer back.
@@ -132,13 +130,15 @@ async fn carry_out(
             let _ = reply.send(queued);
         }
         AgentRequest::Reconcile { dry_run, reply } => {
+            // Watched folders missing now: their files are out of reach, not gone.
+            let missing = state.telemetry().missing_folders();
             let report = match &repair {
                 Some(r) => reconcile_with_store(
                     &r.client,
                     &r.chroma,
                     &agent_id,
                     &tracker.store,
-                    &r.missing_folders,
+                    &missing,
                     dry_run,
                 )
                 .await

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::state::{FileStamp, JobKind, RetryPolicy, Store, StoreError};
 use crate::supervisor::{Supervisor, TaskError};
 use crate::telemetry::{Stage, TaskFailure, Telemetry};
-use crate::watch::{Filter, FsWatcher, WatchError};
+use crate::watch::{Filter, FsEvent, FsWatcher, WatchError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -64,7 +64,9 @@ pub struct Agent {
 
 impl Agent {
     /// Starts watching `folders`, reconciles them with the store, and starts the pipeline, as
-    /// tasks of a supervisor of its own. Must be called inside a tokio runtime.
+    /// tasks of a supervisor of its own. A folder that is not there is watched once it is
+    /// (and listed in [`Telemetry::missing_folders`] until then). Must be called inside a
+    /// tokio runtime.
     pub async fn start<X: Extract, L: EmbedLoader, S: Sink>(
         cfg: &Config,
         folders: &[PathBuf],
@@ -112,6 +114,10 @@ impl Agent {
         // Watch first, so that nothing happening during the scan is missed.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher = FsWatcher::start(filter, debounce(settings.settle), tx)?;
+        // Until each is there (then `RootBack` clears it), /health says so.
+        for f in watcher.missing_at_start() {
+            telemetry.folder_missing(f.clone());
+        }
         let t = tracker.clone();
         let startup = tokio::task::spawn_blocking(move || t.reconcile_all())
             .await
@@ -141,6 +147,11 @@ impl Agent {
                 let (t, tel2) = (t.clone(), tel.clone());
                 tokio::task::spawn_blocking(move || {
                     for e in batch {
+                        match &e {
+                            FsEvent::RootGone(root) => tel2.folder_missing(root.clone()),
+                            FsEvent::RootBack(root) => tel2.folder_back(root),
+                            _ => {}
+                        }
                         if let Err(err) = t.apply(e) {
                             tel2.failures.inc(Stage::Store);
                             tracing::error!("could not record a file change: {err}");

@@ -91,8 +91,8 @@ pub struct Status {
     /// The running agent's `/health`.
     pub health: Option<Health>,
     pub chroma: ChromaStatus,
-    /// Watched folders that are missing (an unmounted disk): not watched by the running agent,
-    /// or missing now when it is not running.
+    /// Watched folders that are missing now (an unmounted disk): as the running agent says,
+    /// which watches each again once it is there, or as found when no agent runs.
     pub missing_folders: Vec<PathBuf>,
     /// What could not be told, and why.
     pub notes: Vec<String>,

@@ -24,8 +24,8 @@ pub struct AgentStatus {
     pub started_at: String,
     pub uptime_s: u64,
     pub watched_folders: Vec<PathBuf>,
-    /// Configured folders that were missing at start (an unmounted disk), so not watched.
-    /// Makes `/health` degraded.
+    /// Watched folders that are not there now (an unmounted disk, a folder deleted): each is
+    /// watched again once it is there. Makes `/health` degraded.
     #[serde(default)]
     pub missing_folders: Vec<PathBuf>,
     pub queue: QueueCounts,
@@ -186,7 +186,7 @@ impl AgentStatus {
         let mut reasons = Vec::new();
         for f in &self.missing_folders {
             reasons.push(format!(
-                "watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                "watched folder {} is missing (an unmounted disk?): it is watched once it is there",
                 f.display()
             ));
         }

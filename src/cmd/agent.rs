@@ -87,12 +87,11 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     if cfg.watch.folders.is_empty() {
         bail!("no folder to watch: give one (`docusearch-agent run ~/Documents`) or set watch.folders in the config file");
     }
-    // A missing folder (an unmounted disk) is skipped, not fatal: the others are watched, and
-    // /health and `status` report it.
-    let missing = cfg.watch.missing_folders();
-    for f in &missing {
+    // A missing folder (an unmounted disk) is not fatal: it is watched once it is there, and
+    // until then /health and `status` report it.
+    for f in &cfg.watch.missing_folders() {
         tracing::warn!(
-            "watched folder {} is missing (an unmounted disk?): not watching it; once it is back, restart the agent",
+            "watched folder {} is missing (an unmounted disk?): it is watched once it is there",
             f.display()
         );
     }
@@ -107,13 +106,11 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         let repair = RepairTarget {
             client: syncer.client().clone(),
             chroma: cfg.chroma.clone(),
-            missing_folders: missing.clone(),
         };
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };
-        let folders: Vec<PathBuf> =
-            cfg.watch.folders.iter().filter(|f| !missing.contains(f)).cloned().collect();
+        let folders: Vec<PathBuf> = cfg.watch.folders.clone();
         let supervisor = Supervisor::new(Arc::new(Telemetry::new(&cfg.model.name)));
         let api_state = ApiState::with_telemetry(
             api::initial_status(&cfg),
@@ -123,7 +120,6 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         api_state.update(|s| {
             s.chroma.url = url.clone();
             s.watched_folders = folders.clone();
-            s.missing_folders = missing.clone();
         });
         // The status API answers from the start (a failure to listen is reported, not fatal:
         // indexing matters more than its dashboard).
@@ -481,7 +477,7 @@ fn render(s: &Status) -> String {
         line(
             &mut out,
             format!(
-                "warning: watched folder {} is missing (an unmounted disk?) and not watched; once it is back, restart the agent",
+                "warning: watched folder {} is missing (an unmounted disk?): it is watched once it is there",
                 f.display()
             ),
         );

@@ -9,8 +9,8 @@
 
 mod rate;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -219,6 +219,9 @@ pub struct Telemetry {
     task_failures: Mutex<Vec<TaskFailure>>,
     /// Why writes to Chroma are waiting (it is away), while they are.
     chroma_waiting: Mutex<Option<String>>,
+    /// Watched folders that are not there now (an unmounted disk, a folder deleted): the
+    /// watcher watches each again once it is back.
+    missing_folders: Mutex<BTreeSet<PathBuf>>,
     changed: Notify,
 }
 
@@ -257,6 +260,7 @@ impl Telemetry {
             documents: Mutex::new(BTreeMap::new()),
             task_failures: Mutex::new(Vec::new()),
             chroma_waiting: Mutex::new(None),
+            missing_folders: Mutex::new(BTreeSet::new()),
             changed: Notify::new(),
         }
     }
@@ -414,9 +418,29 @@ impl Telemetry {
         }
     }
 
+    /// A watched folder is not there (at start, or gone since): the agent is degraded until
+    /// it is back.
+    pub fn folder_missing(&self, folder: PathBuf) {
+        if lock(&self.missing_folders).insert(folder) {
+            self.poke();
+        }
+    }
+
     /// Why writes to Chroma are waiting, while they are.
     pub fn chroma_waiting_reason(&self) -> Option<String> {
         lock(&self.chroma_waiting).clone()
+    }
+
+    /// A watched folder that was missing is there and watched again.
+    pub fn folder_back(&self, folder: &Path) {
+        if lock(&self.missing_folders).remove(folder) {
+            self.poke();
+        }
+    }
+
+    /// The watched folders missing now, in path order.
+    pub fn missing_folders(&self) -> Vec<PathBuf> {
+        lock(&self.missing_folders).iter().cloned().collect()
     }
 }
 

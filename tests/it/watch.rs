@@ -245,3 +245,76 @@ async fn changing_an_ignore_file_rescans_its_folder() {
     write_file(&root.join("sub/.docusearchignore"), b"a.pdf\n");
     collect_until(&mut rx, |e| e.contains(&FsEvent::Rescan(root.join("sub")))).await;
 }
+
+/// Whether an event is about `path` or something under it.
+fn mentions(e: &FsEvent, path: &Path) -> bool {
+    match e {
+        FsEvent::Changed(p)
+        | FsEvent::Removed(p)
+        | FsEvent::Rescan(p)
+        | FsEvent::RootGone(p)
+        | FsEvent::RootBack(p) => p.starts_with(path),
+        FsEvent::Renamed { from, to } => from.starts_with(path) || to.starts_with(path),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_deleted_and_recreated_is_watched_again() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("docs");
+    write_file(&root.join("a.pdf"), b"a");
+    let (_f, w, mut rx) = watcher(&root, &[], &[]);
+    assert!(w.missing_at_start().is_empty());
+
+    std::fs::remove_dir_all(&root).expect("rm -r the watched folder");
+    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::RootGone(root.clone()))).await;
+    assert!(
+        !ev.contains(&FsEvent::Removed(root.clone())),
+        "the folder itself is not a removal of its files: {ev:?}"
+    );
+
+    std::fs::create_dir(&root).expect("mkdir it again");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::RootBack(root.clone()))).await;
+    let after = root.join("after.pdf");
+    write_file(&after, b"written after it came back");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(after.clone()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_missing_at_start_is_watched_once_it_appears() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("not-mounted-yet");
+    let (filter, w, mut rx) = watcher(&root, &[], &[]);
+    assert_eq!(filter.roots(), std::slice::from_ref(&root));
+    assert_eq!(w.missing_at_start(), std::slice::from_ref(&root));
+
+    write_file(&root.join("sub/first.pdf"), b"first");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::RootBack(root.clone()))).await;
+    let second = root.join("sub/second.pdf");
+    write_file(&second, b"second");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(second.clone()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_moved_away_is_not_followed_and_is_watched_again_when_back() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("docs");
+    write_file(&root.join("sub/a.pdf"), b"a");
+    let (_f, _w, mut rx) = watcher(&root, &[], &[]);
+
+    let away = parent.join("docs.away");
+    std::fs::rename(&root, &away).expect("move the watched folder away");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::RootGone(root.clone()))).await;
+    // The old watch would report this under the old name; it is gone with the folder.
+    write_file(&away.join("sub/stray.pdf"), b"written while away");
+
+    std::fs::rename(&away, &root).expect("move it back");
+    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::RootBack(root.clone()))).await;
+    assert!(
+        !ev.iter().any(|e| mentions(e, &root.join("sub/stray.pdf"))),
+        "{ev:?}"
+    );
+    let after = root.join("sub/after.pdf");
+    write_file(&after, b"after");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(after.clone()))).await;
+}

@@ -258,3 +258,116 @@ async fn live_events_become_jobs() {
 mod failures;
 pub(crate) mod pipeline;
 mod telemetry;
+
+/// A watched folder deleted and created again is watched again: what it holds when it is
+/// back is compared with the store, and a file written into it afterwards becomes a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_deleted_and_recreated_is_watched_again() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("docs");
+    write_file(&root.join("old.pdf"), b"old");
+    let state = tempfile::tempdir().expect("state dir");
+    let store = Store::open(state.path()).expect("store");
+    let t = tracker(&root, &store);
+    t.reconcile_all().expect("reconcile");
+    drain_jobs(&store);
+    let _live = live(&t);
+
+    std::fs::remove_dir_all(&root).expect("rm -r the watched folder");
+    write_file(&root.join("back.pdf"), b"back");
+    // Its old file went with it; the new folder's file is found.
+    until_jobs(
+        &store,
+        vec![
+            JobKind::Index {
+                path: root.join("back.pdf"),
+            },
+            JobKind::Delete {
+                path: root.join("old.pdf"),
+            },
+        ],
+    )
+    .await;
+    drain_jobs(&store);
+    store
+        .remove_file(&root.join("old.pdf"))
+        .expect("as the pipeline does");
+
+    // Watched again: a file written now is seen.
+    write_file(&root.join("after.pdf"), b"after");
+    until_jobs(
+        &store,
+        vec![JobKind::Index {
+            path: root.join("after.pdf"),
+        }],
+    )
+    .await;
+}
+
+/// A watched folder that does not exist at start (a disk not mounted yet) is watched from the
+/// moment it appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_missing_at_start_is_watched_once_it_appears() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("not-mounted-yet");
+    let state = tempfile::tempdir().expect("state dir");
+    let store = Store::open(state.path()).expect("store");
+    let t = tracker(&root, &store);
+    assert_eq!(
+        t.reconcile_all().expect("a missing folder is no error"),
+        Default::default()
+    );
+    let _live = live(&t);
+
+    write_file(&root.join("first.pdf"), b"first");
+    until_jobs(
+        &store,
+        vec![JobKind::Index {
+            path: root.join("first.pdf"),
+        }],
+    )
+    .await;
+    drain_jobs(&store);
+    write_file(&root.join("sub/second.pdf"), b"second");
+    until_jobs(
+        &store,
+        vec![JobKind::Index {
+            path: root.join("sub/second.pdf"),
+        }],
+    )
+    .await;
+}
+
+/// A watched folder that goes away as a whole (an unmounted disk, a folder moved off) keeps its
+/// files' entries while it is missing, and nothing is re-queued when it comes back unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_moved_away_keeps_its_files_until_it_is_back() {
+    let (_t, parent) = canonical_tempdir();
+    let root = parent.join("docs");
+    write_file(&root.join("a.pdf"), b"a");
+    write_file(&root.join("sub/b.pdf"), b"b");
+    let state = tempfile::tempdir().expect("state dir");
+    let store = Store::open(state.path()).expect("store");
+    let t = tracker(&root, &store);
+    t.reconcile_all().expect("reconcile");
+    drain_jobs(&store);
+    let _live = live(&t);
+
+    let away = parent.join("docs.away");
+    std::fs::rename(&root, &away).expect("move the watched folder away");
+    // A reconcile while it is missing (the periodic one, `POST /rescan`) deletes nothing.
+    t.reconcile_all().expect("reconcile");
+    assert_eq!(jobs(&store), vec![]);
+
+    std::fs::rename(&away, &root).expect("move it back");
+    write_file(&root.join("new.pdf"), b"new");
+    until_jobs(
+        &store,
+        vec![JobKind::Index {
+            path: root.join("new.pdf"),
+        }],
+    )
+    .await;
+    assert!(store.file(&root.join("a.pdf")).expect("file").is_some());
+    assert!(store.file(&root.join("sub/b.pdf")).expect("file").is_some());
+}

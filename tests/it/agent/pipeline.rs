@@ -564,9 +564,9 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
 }
 
 /// A watched folder on a disk that is not mounted: `run` warns, indexes the folder that is there,
-/// and `/health` and `status` name the missing one.
+/// and `/health` and `status` name the missing one until it appears; then it is watched.
 #[test]
-fn run_skips_a_missing_watched_folder_and_reports_it() {
+fn run_reports_a_missing_watched_folder_and_watches_it_once_it_appears() {
     let rig = rig(200);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let s = rt.block_on(rig.syncer());
@@ -626,6 +626,48 @@ fn run_skips_a_missing_watched_folder_and_reports_it() {
         "{stdout}"
     );
 
+    // Mounted later: watched from then on, and healthy again.
+    write_file(&missing.join("b.pdf"), &pdf_pages("missing-folder-b", 0, 0));
+    let b = docusearch_agent::types::DocId::new(&cfg.agent_id, &missing.join("b.pdf"));
+    rt.block_on(until(
+        "b.pdf indexed from the folder that appeared",
+        || async { counts(&s, &b).await.0 == 1 },
+    ));
+    let health = rt.block_on(async {
+        let url = format!("http://127.0.0.1:{}/health", cfg.api.port);
+        let mut code = 0;
+        for _ in 0..100 {
+            code = reqwest::get(&url)
+                .await
+                .expect("GET /health")
+                .status()
+                .as_u16();
+            if code == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        code
+    });
+    assert_eq!(health, 200);
+    let status = rt.block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{}/status", cfg.api.port))
+            .await
+            .expect("GET /status")
+            .json::<serde_json::Value>()
+            .await
+            .expect("JSON")
+    });
+    assert_eq!(status["missing_folders"], serde_json::json!([]), "{status}");
+    let out = std::process::Command::new(agent_exe())
+        .arg("--config")
+        .arg(&config)
+        .arg("status")
+        .output()
+        .expect("status runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("warning: watched folder"), "{stdout}");
+
     agent.signal(libc::SIGTERM);
     let st = agent.wait();
     assert!(
@@ -633,6 +675,74 @@ fn run_skips_a_missing_watched_folder_and_reports_it() {
         "SIGTERM ends it with status 0, got {st:?}; log: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+}
+
+/// A watched folder that goes away is reported while it is missing and watched again once it
+/// is back. Moved off and back (an unmounted disk looks the same): nothing is deleted while it
+/// is away, nothing embedded again when it returns. Deleted and created again: what it held is
+/// deleted, what it holds now is indexed, and so is a file written into it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_folder_that_goes_away_is_reported_and_watched_again() {
+    let rig = rig(200);
+    let s = rig.syncer().await;
+    let agent = rig.start().await;
+    write_file(&rig.root.join("a.pdf"), &pdf_pages("folder-away-a", 0, 1));
+    let a = rig.doc_id("a.pdf");
+    until("a.pdf indexed", || async { counts(&s, &a).await.0 == 2 }).await;
+    quiet(&agent).await;
+    assert!(agent.telemetry.missing_folders().is_empty());
+    let extracted = agent.telemetry.files_extracted.get();
+
+    let away = rig.root.with_extension("away");
+    std::fs::rename(&rig.root, &away).expect("move the watched folder away");
+    until("the folder reported missing", || async {
+        agent.telemetry.missing_folders() == [rig.root.clone()]
+    })
+    .await;
+    // A full reconcile while it is missing (the periodic one, `POST /rescan`) deletes nothing.
+    agent.tracker.reconcile_all().expect("reconcile");
+    quiet(&agent).await;
+    assert_eq!(
+        counts(&s, &a).await.0,
+        2,
+        "its records stay while it is away"
+    );
+
+    std::fs::rename(&away, &rig.root).expect("move it back");
+    until("the folder no longer missing", || async {
+        agent.telemetry.missing_folders().is_empty()
+    })
+    .await;
+    write_file(&rig.root.join("b.pdf"), &pdf_pages("folder-away-b", 0, 0));
+    let b = rig.doc_id("b.pdf");
+    until("b.pdf, written after the return, indexed", || async {
+        counts(&s, &b).await.0 == 1
+    })
+    .await;
+    quiet(&agent).await;
+    assert_eq!(
+        agent.telemetry.files_extracted.get(),
+        extracted + 1,
+        "only b.pdf went through the pipeline: a.pdf came back unchanged"
+    );
+    assert_eq!(counts(&s, &a).await.0, 2);
+
+    std::fs::remove_dir_all(&rig.root).expect("rm -r the watched folder");
+    std::fs::create_dir(&rig.root).expect("create it again");
+    write_file(&rig.root.join("c.pdf"), &pdf_pages("folder-away-c", 0, 0));
+    let c = rig.doc_id("c.pdf");
+    until("the old documents deleted, the new one indexed", || async {
+        counts(&s, &a).await == (0, 0)
+            && counts(&s, &b).await == (0, 0)
+            && counts(&s, &c).await.0 == 1
+    })
+    .await;
+    quiet(&agent).await;
+    assert!(agent.telemetry.missing_folders().is_empty());
+    write_file(&rig.root.join("d.pdf"), &pdf_pages("folder-away-d", 0, 0));
+    let d = rig.doc_id("d.pdf");
+    until("d.pdf indexed", || async { counts(&s, &d).await.0 == 1 }).await;
+    agent.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
