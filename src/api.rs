@@ -349,6 +349,12 @@ impl ApiState {
     /// Checks Chroma now (recording the answer in the snapshot) and combines it with what the
     /// pipeline reported.
     pub async fn check_health(&self) -> Health {
+        self.check().await.0
+    }
+
+    /// [`ApiState::check_health`], with the snapshot it judged (its Chroma fields just
+    /// checked): what `/status` and `/metrics` answer.
+    pub async fn check(&self) -> (Health, AgentStatus) {
         let url = self.lock().chroma.url.clone();
         let chroma = if url.is_empty() {
             Err("the managed Chroma server has not started yet".to_string())
@@ -370,7 +376,7 @@ impl ApiState {
             Ok(()) => {}
         }
         reasons.extend(s.degraded_reasons());
-        Health::from_reasons(reasons)
+        (Health::from_reasons(reasons), s)
     }
 }
 
@@ -646,14 +652,13 @@ async fn health(State(state): State<ApiState>) -> Response {
 }
 
 async fn status(State(state): State<ApiState>) -> Json<AgentStatus> {
-    // Refreshes the Chroma fields with a live heartbeat.
-    state.check_health().await;
-    Json(state.snapshot())
+    // The Chroma fields with a live heartbeat.
+    Json(state.check().await.1)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    state.check_health().await;
-    let body = render_prometheus(state.telemetry(), &state.snapshot());
+    let (_, snapshot) = state.check().await;
+    let body = render_prometheus(state.telemetry(), &snapshot);
     ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], body).into_response()
 }
 

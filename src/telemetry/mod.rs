@@ -365,9 +365,7 @@ impl Telemetry {
 
     pub fn document_stage(&self, seq: u64, stage: DocStage) {
         if let Some(d) = lock(&self.documents).get_mut(&seq) {
-            if d.stage != stage {
-                d.stage = stage;
-            }
+            d.stage = stage;
         }
         self.poke();
     }

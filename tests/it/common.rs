@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::runtime::Agent;
+use docusearch_agent::agent::stages::{EmbedLoader, Extract, Sink};
 use docusearch_agent::chroma::managed::ManagedChroma;
 use docusearch_agent::config::{Config, DeviceChoice};
 use docusearch_agent::runtime_paths;
@@ -179,12 +180,23 @@ impl Rig {
     }
 
     pub async fn start(&self) -> Agent {
-        let store = Store::open(&self.cfg.store_dir()).expect("store");
         let extract = RealExtract::new(&self.cfg, agent_exe()).expect("extractor");
         let loader = RealModelLoader {
             cfg: self.cfg.model.clone(),
         };
         let sink = RealSink(self.syncer().await);
+        self.start_with(extract, loader, sink).await
+    }
+
+    /// The agent on the rig's store and folder with these stages (the real ones, or wrappers
+    /// of them that fail on purpose).
+    pub async fn start_with<X: Extract, L: EmbedLoader, S: Sink>(
+        &self,
+        extract: X,
+        loader: L,
+        sink: S,
+    ) -> Agent {
+        let store = Store::open(&self.cfg.store_dir()).expect("store");
         Agent::start(
             &self.cfg,
             std::slice::from_ref(&self.root),
@@ -317,4 +329,20 @@ impl Drop for RunningAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `status --json` for the configuration at `config`, as a user types it.
+pub fn status_json(config: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(agent_exe())
+        .arg("--config")
+        .arg(config)
+        .args(["status", "--json"])
+        .output()
+        .expect("status runs");
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }

@@ -13,6 +13,7 @@ use crate::agent::stages::{
     ChunkRecord, Embed, EmbedLoader, Page, PageRecord, Stage, StageError, TextChunk,
 };
 use crate::supervisor::TaskError;
+use crate::types::MultiVector;
 
 /// Longest a part-filled batch waits for pages that extraction is still rendering.
 const MAX_BATCH_WAIT: Duration = Duration::from_secs(2);
@@ -213,23 +214,8 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
             }
         }
         if !images.is_empty() {
-            telemetry.embed_calls.inc();
             telemetry.image_batches.inc();
-            let started = Instant::now();
-            let vecs = m.embed_images(&images)?;
-            telemetry
-                .embed_latency
-                .observe(started.elapsed().as_secs_f64());
-            if vecs.len() != images.len() {
-                return Err(StageError::transient(
-                    Stage::Embed,
-                    format!(
-                        "the model returned {} vectors for {} pages",
-                        vecs.len(),
-                        images.len()
-                    ),
-                ));
-            }
+            let vecs = model_call(telemetry, "pages", images.len(), || m.embed_images(&images))?;
             for (i, v) in idx.into_iter().zip(vecs) {
                 if let StageMsg::Page(_, p) = &items[i] {
                     page_vecs.insert(
@@ -260,22 +246,7 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
         while chunks.peek().is_some() {
             let group: Vec<(usize, TextChunk)> = chunks.by_ref().take(batch_text).collect();
             let texts: Vec<&str> = group.iter().map(|(_, c)| c.text.as_str()).collect();
-            telemetry.embed_calls.inc();
-            let started = Instant::now();
-            let vecs = m.embed_texts(&texts)?;
-            telemetry
-                .embed_latency
-                .observe(started.elapsed().as_secs_f64());
-            if vecs.len() != texts.len() {
-                return Err(StageError::transient(
-                    Stage::Embed,
-                    format!(
-                        "the model returned {} vectors for {} chunks",
-                        vecs.len(),
-                        texts.len()
-                    ),
-                ));
-            }
+            let vecs = model_call(telemetry, "chunks", texts.len(), || m.embed_texts(&texts))?;
             let n = texts.len() as u64;
             for ((i, c), v) in group.into_iter().zip(vecs) {
                 chunk_vecs.entry(i).or_default().push(ChunkRecord {
@@ -290,4 +261,27 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
         }
         Ok(())
     }
+}
+
+/// One call into the model: counted, timed, and checked to give one vector per input (`n`
+/// `what`s).
+fn model_call(
+    telemetry: &crate::telemetry::Telemetry,
+    what: &str,
+    n: usize,
+    call: impl FnOnce() -> Result<Vec<MultiVector>, StageError>,
+) -> Result<Vec<MultiVector>, StageError> {
+    telemetry.embed_calls.inc();
+    let started = Instant::now();
+    let vecs = call()?;
+    telemetry
+        .embed_latency
+        .observe(started.elapsed().as_secs_f64());
+    if vecs.len() != n {
+        return Err(StageError::transient(
+            Stage::Embed,
+            format!("the model returned {} vectors for {n} {what}", vecs.len()),
+        ));
+    }
+    Ok(vecs)
 }

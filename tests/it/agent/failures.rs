@@ -9,7 +9,6 @@ use docusearch_agent::agent::runtime::Agent;
 use docusearch_agent::agent::stages::{
     ChunkRecord, DocumentMeta, EmbedLoader, PageRecord, Sink, Stage, StageError,
 };
-use docusearch_agent::state::Store;
 use docusearch_agent::telemetry::ModelState;
 use docusearch_agent::types::DocId;
 
@@ -87,7 +86,6 @@ impl EmbedLoader for FlakyLoader {
 }
 
 async fn start(rig: &Rig, fail_upserts: u32, fail_loads: u32) -> Agent {
-    let store = Store::open(&rig.cfg.store_dir()).expect("store");
     let extract = RealExtract::new(&rig.cfg, agent_exe()).expect("extractor");
     let loader = FlakyLoader {
         inner: RealModelLoader {
@@ -99,16 +97,7 @@ async fn start(rig: &Rig, fail_upserts: u32, fail_loads: u32) -> Agent {
         inner: RealSink(rig.syncer().await),
         fail_upserts: AtomicU32::new(fail_upserts),
     };
-    Agent::start(
-        &rig.cfg,
-        std::slice::from_ref(&rig.root),
-        store,
-        extract,
-        loader,
-        sink,
-    )
-    .await
-    .expect("agent starts")
+    rig.start_with(extract, loader, sink).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -420,18 +420,7 @@ fn killed_mid_batch_then_restarted_converges_and_sigterm_exits_cleanly() {
     // `status` while the agent runs (and holds the store): answered through its API.
     let mut live = serde_json::Value::Null;
     for _ in 0..100 {
-        let out = std::process::Command::new(agent_exe())
-            .arg("--config")
-            .arg(&config)
-            .args(["status", "--json"])
-            .output()
-            .expect("status runs");
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        live = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+        live = common::status_json(&config);
         if live["files"]["indexed"] == expected.len() {
             break;
         }

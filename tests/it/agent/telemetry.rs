@@ -110,18 +110,7 @@ impl Agent {
 
     /// `status --json`, the command a user types.
     fn status_command(&self) -> serde_json::Value {
-        let out = Command::new(agent_exe())
-            .arg("--config")
-            .arg(&self.config)
-            .args(["status", "--json"])
-            .output()
-            .expect("status runs");
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+        common::status_json(&self.config)
     }
 
     fn log_text(&self) -> String {
