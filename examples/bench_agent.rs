@@ -94,6 +94,7 @@ fn reconcile_bench(n: usize) {
             filter: filter.clone(),
             settle: Duration::from_secs(2),
             model: "m".into(),
+            telemetry: std::sync::Arc::new(docusearch_agent::telemetry::Telemetry::new("m")),
         };
         t.reconcile_all().expect("reconcile")
     });

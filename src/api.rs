@@ -286,6 +286,18 @@ impl ApiState {
         s.counters = t.counters();
         s.task_failures = t.task_failures();
         s.sync_waiting = t.chroma_waiting_reason();
+        s.watch_polling = t.polling();
+        // Files no job can index (their name, their permissions) are failures too.
+        for (path, reason) in t.refused() {
+            if !s.failures.iter().any(|f| f.path == path) {
+                s.failures.push(FailedDocument {
+                    path,
+                    reason,
+                    attempts: 0,
+                    at: String::new(),
+                });
+            }
+        }
         let missing = t.missing_folders();
         s.missing_folders.retain(|f| !missing.contains(f));
         s.missing_folders.extend(missing);

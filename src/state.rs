@@ -26,7 +26,7 @@ use crate::types::{ContentHash, DocId};
 pub enum StoreError {
     #[error("the state store at {path} is in use by another docusearch-agent process (sled holds its lock) — stop that agent, or ask it through `status`")]
     Locked { path: PathBuf },
-    #[error("cannot open the state store at {path}: {source} — check the permissions of state_dir, or delete the folder to rebuild the state from the watched folders")]
+    #[error("cannot open the state store at {path}: {source} — {}", advice(source, true))]
     Open { path: PathBuf, source: sled::Error },
     #[error("the state store at {path} has schema version {found}, newer than this program's {supported} — upgrade docusearch-agent, or delete the folder to rebuild it")]
     Newer {
@@ -47,7 +47,7 @@ pub enum StoreError {
         from: u32,
         source: Box<StoreError>,
     },
-    #[error("the state store failed while {doing}: {source} — the disk may be full or the folder removed")]
+    #[error("the state store failed while {doing}: {source} — {}", advice(source, false))]
     Io { doing: String, source: sled::Error },
     #[error("the state store holds an unreadable {what} record for {key}: {message} — delete state_dir's state.sled to rebuild it")]
     Corrupt {
@@ -57,6 +57,31 @@ pub enum StoreError {
     },
     #[error("{path} cannot be tracked: its name is not valid UTF-8 (Chroma metadata needs text) — rename the file")]
     NotUtf8 { path: PathBuf },
+}
+
+impl StoreError {
+    /// The store cannot be written or read (a full or read-only disk, a failing one): nothing
+    /// can be recorded until that is fixed. Not a problem with one file.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Io { .. } | StoreError::Open { .. })
+    }
+}
+
+/// What to do about a failed read or write, by its cause. A full or read-only disk is common
+/// and harmless to the state once fixed: the agent starts again and catches up from the watched
+/// folders, so nothing is to be deleted then.
+fn advice(e: &sled::Error, opening: bool) -> &'static str {
+    let os = match e {
+        sled::Error::Io(io) => io.raw_os_error(),
+        _ => None,
+    };
+    match os {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "the disk holding state_dir is full: free space on it; the agent then starts again and catches up with the watched folders by itself",
+        Some(libc::EROFS) => "the file system holding state_dir is read-only: make it writable (or set state_dir to a writable folder); the agent then starts again and catches up by itself",
+        Some(libc::EACCES) | Some(libc::EPERM) => "this user may not write to state_dir: fix its permissions or owner",
+        _ if opening => "check the permissions of state_dir, or delete the folder to rebuild the state from the watched folders",
+        _ => "the disk may be failing, or state_dir was removed while the agent ran: check it, then start the agent again",
+    }
 }
 
 fn io(doing: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {

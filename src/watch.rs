@@ -64,6 +64,9 @@ pub enum FsEvent {
     /// A watched folder that was gone (or missing at start) is there and watched again: what
     /// it holds must be compared with what is known, as for a [`FsEvent::Rescan`].
     RootBack(PathBuf),
+    /// The OS's file events cannot be had (on Linux, the inotify limits are used up): the
+    /// folders are polled from now on, every [`POLL_EVERY`], and this says why.
+    Polling(String),
 }
 
 /// A folder's ignore file as last read: its mtime (`None`: no file) and its rules.
@@ -99,6 +102,25 @@ fn glob_set(key: &'static str, globs: &[String]) -> Result<GlobSet, WatchError> 
         glob: globs.join(", "),
         message: e.to_string(),
     })
+}
+
+/// Why a file whose name is not UTF-8 is not indexed.
+pub const NOT_UTF8: &str = "its name is not valid UTF-8, and Chroma keeps names as text, so it cannot be indexed. Fix: rename it (`convmv` converts names from another encoding)";
+
+fn unreadable(err: &dyn std::fmt::Display) -> String {
+    format!("cannot be read ({err}), so it is not indexed. Fix: make it readable by the user the agent runs as, or exclude it (watch.exclude, .docusearchignore)")
+}
+
+/// The path a walk error is about, if it says.
+fn error_path(err: &ignore::Error) -> Option<&Path> {
+    match err {
+        ignore::Error::WithPath { path, .. } => Some(path),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            error_path(err)
+        }
+        ignore::Error::Loop { child, .. } => Some(child),
+        _ => None,
+    }
 }
 
 /// Names never indexed, whatever the configuration: hidden entries, partial downloads and
@@ -304,6 +326,16 @@ impl Filter {
     /// mtime. Symlinks are not followed, so nothing outside the watched folders is reached.
     /// Unreadable folders are skipped with a warning.
     pub fn scan(&self, dir: &Path) -> Vec<(PathBuf, FileStamp)> {
+        self.scan_reporting(dir, &mut Vec::new())
+    }
+
+    /// [`Filter::scan`], adding to `refused` what it had to leave out with the reason (names
+    /// that are not UTF-8, folders and files it may not read), for the user to fix.
+    pub fn scan_reporting(
+        &self,
+        dir: &Path,
+        refused: &mut Vec<(PathBuf, String)>,
+    ) -> Vec<(PathBuf, FileStamp)> {
         if self.root_of(dir).is_none() || !(self.root_of(dir) == Some(dir) || self.accepts_dir(dir))
         {
             return Vec::new();
@@ -311,6 +343,8 @@ impl Filter {
         let filter = self.clone();
         // Each folder's ignore file is looked up once per scan, not once per file.
         let seen: Mutex<HashMap<PathBuf, Option<Arc<Gitignore>>>> = Mutex::new(HashMap::new());
+        let bad_names: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
+        let bad = bad_names.clone();
         let mut builder = ignore::WalkBuilder::new(dir);
         builder
             .standard_filters(false)
@@ -319,6 +353,10 @@ impl Filter {
                 let is_dir = e.file_type().is_some_and(|t| t.is_dir());
                 if e.depth() == 0 {
                     return true;
+                }
+                if e.file_name().to_str().is_none() {
+                    bad.lock().unwrap_or_else(|p| p.into_inner()).push(e.path().to_path_buf());
+                    return false;
                 }
                 let lookup = |d: &Path| {
                     let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -340,12 +378,17 @@ impl Filter {
                     }
                     match e.metadata() {
                         Ok(md) => out.push((e.into_path(), FileStamp::of_metadata(&md))),
-                        Err(err) => tracing::warn!("cannot read {}: {err}", e.path().display()),
+                        Err(err) => refused.push((e.path().to_path_buf(), unreadable(&err))),
                     }
                 }
-                Err(err) => tracing::warn!("skipped while scanning {}: {err}", dir.display()),
+                Err(err) => match error_path(&err) {
+                    Some(p) => refused.push((p.to_path_buf(), unreadable(&err))),
+                    None => tracing::warn!("skipped while scanning {}: {err}", dir.display()),
+                },
             }
         }
+        let bad = std::mem::take(&mut *bad_names.lock().unwrap_or_else(|p| p.into_inner()));
+        refused.extend(bad.into_iter().map(|p| (p, NOT_UTF8.to_string())));
         out
     }
 
@@ -528,12 +571,62 @@ fn folder_id(path: &Path) -> Option<FolderId> {
     }
 }
 
-type NotifyDebouncer = Debouncer<notify::RecommendedWatcher, RecommendedCache>;
+/// How often the folders are compared with what they held when the OS's events cannot be had.
+pub const POLL_EVERY: Duration = Duration::from_secs(3);
+
+/// The watches: the OS's events, or polling once those cannot be had.
+enum Watches {
+    Os(Debouncer<notify::RecommendedWatcher, RecommendedCache>),
+    Polling(Debouncer<notify::PollWatcher, notify_debouncer_full::FileIdMap>),
+}
+
+impl Watches {
+    fn watch(&mut self, root: &Path) -> notify::Result<()> {
+        match self {
+            Watches::Os(d) => d.watch(root, RecursiveMode::Recursive),
+            Watches::Polling(d) => d.watch(root, RecursiveMode::Recursive),
+        }
+    }
+
+    fn unwatch(&mut self, root: &Path) -> notify::Result<()> {
+        match self {
+            Watches::Os(d) => d.unwatch(root),
+            Watches::Polling(d) => d.unwatch(root),
+        }
+    }
+
+    fn is_polling(&self) -> bool {
+        matches!(self, Watches::Polling(_))
+    }
+}
+
+/// Whether a watch failed because the OS's watch resources are used up (inotify's
+/// `max_user_watches` or `max_user_instances`), which polling does not need.
+fn is_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => matches!(
+            io.raw_os_error(),
+            Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOSPC)
+        ),
+        _ => false,
+    }
+}
+
+/// Why polling, for a person: the limit and how to raise it.
+fn polling_reason(e: &notify::Error) -> String {
+    format!(
+        "the OS's file events cannot be had ({e}); the folders are polled every {} s instead. Fix: on Linux raise the inotify limits (sysctl fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=512) and restart the agent",
+        POLL_EVERY.as_secs()
+    )
+}
 
 /// What the root keeper hears from the event handler and from [`FsWatcher`]'s drop.
 enum KeeperMsg {
     /// The OS reported the watched folder itself removed or moved: its watch is dead.
     Gone(PathBuf),
+    /// A watch could not be added (the OS's limit is reached): poll instead.
+    Limit(String),
     Stop,
 }
 
@@ -564,9 +657,11 @@ impl RootState {
 /// return with back-off, and watches it again when it is back. The one thread that says
 /// [`FsEvent::RootGone`] and [`FsEvent::RootBack`], so they alternate for each folder.
 struct RootKeeper {
-    debouncer: NotifyDebouncer,
+    debouncer: Watches,
     roots: Vec<(PathBuf, RootState)>,
     tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
+    /// Makes the polling watches, should the OS's give out.
+    poller: Box<dyn Fn() -> Result<Watches, notify::Error> + Send>,
 }
 
 impl RootKeeper {
@@ -580,6 +675,7 @@ impl RootKeeper {
             match msg {
                 Ok(KeeperMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Ok(KeeperMsg::Gone(root)) => self.reported_gone(&root),
+                Ok(KeeperMsg::Limit(why)) => self.poll_instead(why),
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.check_due();
@@ -588,6 +684,34 @@ impl RootKeeper {
 
     fn send(&self, event: FsEvent) {
         let _ = self.tx.send(vec![event]);
+    }
+
+    /// Replaces the OS's watches with polling ones: a folder the OS could not watch would
+    /// otherwise be blind. What changed meanwhile is found by a rescan.
+    fn poll_instead(&mut self, why: String) {
+        if self.debouncer.is_polling() {
+            return;
+        }
+        match (self.poller)() {
+            Ok(mut polling) => {
+                for (root, state) in &mut self.roots {
+                    if matches!(state, RootState::Watched { .. }) && polling.watch(root).is_err() {
+                        *state = RootState::missing(Instant::now());
+                    }
+                }
+                self.debouncer = polling;
+                tracing::warn!("{why}");
+                let mut events = vec![FsEvent::Polling(why)];
+                events.extend(
+                    self.roots
+                        .iter()
+                        .filter(|(_, s)| matches!(s, RootState::Watched { .. }))
+                        .map(|(r, _)| FsEvent::Rescan(r.clone())),
+                );
+                let _ = self.tx.send(events);
+            }
+            Err(e) => tracing::error!("{why}; and polling could not be started either: {e}"),
+        }
     }
 
     /// The OS said so: the watch is dead even if a folder is there again, so it is dropped and
@@ -656,7 +780,7 @@ impl RootKeeper {
         };
         let root = self.roots[i].0.clone();
         if let Some(id) = folder_id(&root) {
-            match self.debouncer.watch(&root, RecursiveMode::Recursive) {
+            match self.debouncer.watch(&root) {
                 Ok(()) => {
                     self.roots[i].1 = RootState::Watched {
                         id,
@@ -666,10 +790,17 @@ impl RootKeeper {
                     // After the watch, so that nothing written from now on is missed.
                     return self.send(FsEvent::RootBack(root));
                 }
+                Err(e) if is_limit(&e) && !self.debouncer.is_polling() => {
+                    let _ = self.debouncer.unwatch(&root);
+                    self.poll_instead(polling_reason(&e));
+                    // Looked at again soon, now with polling.
+                    self.roots[i].1 = RootState::missing(now);
+                    return;
+                }
                 Err(e) => {
                     let _ = self.debouncer.unwatch(&root);
                     tracing::warn!(
-                        "watched folder {} is back but cannot be watched yet: {e} — on Linux, raise fs.inotify.max_user_watches if the folder is large",
+                        "watched folder {} is back but cannot be watched yet: {e}",
                         root.display()
                     );
                 }
@@ -683,6 +814,65 @@ impl RootKeeper {
     }
 }
 
+fn watch_error(path: &Path, e: &notify::Error) -> WatchError {
+    WatchError::Watch {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Turns the debouncer's batches into ours; errors mean a rescan, and a watch the OS has no
+/// room for means polling from now on.
+fn event_handler(
+    f: Filter,
+    events_tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
+    keeper_tx: Sender<KeeperMsg>,
+) -> impl FnMut(DebounceEventResult) + Send + 'static {
+    move |res: DebounceEventResult| {
+        let mut out = Vec::new();
+        match res {
+            Ok(events) => {
+                for e in &events {
+                    f.translate(&e.event, &mut out);
+                }
+            }
+            Err(errors) => {
+                if let Some(limit) = errors.iter().find(|e| is_limit(e)) {
+                    let _ = keeper_tx.send(KeeperMsg::Limit(polling_reason(limit)));
+                }
+                // The kernel queue overflowed or a watch broke: compare everything again.
+                for e in &errors {
+                    tracing::warn!("file watcher error, rescanning: {e}");
+                }
+                let roots: Vec<PathBuf> = errors
+                    .iter()
+                    .flat_map(|e| e.paths.iter().filter(|p| f.root_of(p).is_some()).cloned())
+                    .collect();
+                if roots.is_empty() {
+                    out.extend(f.roots().iter().cloned().map(FsEvent::Rescan));
+                } else {
+                    out.extend(roots.into_iter().map(FsEvent::Rescan));
+                }
+            }
+        }
+        // A watched folder gone is the keeper's to say, after it has dropped the watch.
+        let mut gone = Vec::new();
+        out.retain(|e| match e {
+            FsEvent::RootGone(root) => {
+                gone.push(root.clone());
+                false
+            }
+            _ => true,
+        });
+        if !out.is_empty() {
+            let _ = events_tx.send(out);
+        }
+        for root in gone {
+            let _ = keeper_tx.send(KeeperMsg::Gone(root));
+        }
+    }
+}
+
 /// Watches the folders of a [`Filter`] recursively and sends batches of [`FsEvent`]s. A
 /// watched folder that goes away, or is missing at start, is watched from the moment it is
 /// there ([`FsEvent::RootGone`], [`FsEvent::RootBack`]). Stops when dropped.
@@ -690,6 +880,7 @@ pub struct FsWatcher {
     keeper: Option<std::thread::JoinHandle<()>>,
     keeper_tx: Sender<KeeperMsg>,
     missing_at_start: Vec<PathBuf>,
+    polling_at_start: Option<String>,
 }
 
 impl FsWatcher {
@@ -701,74 +892,71 @@ impl FsWatcher {
         tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
     ) -> Result<FsWatcher, WatchError> {
         let (keeper_tx, keeper_rx) = std::sync::mpsc::channel();
-        let f = filter.clone();
-        let (events_tx, gone_tx) = (tx.clone(), keeper_tx.clone());
-        let handler = move |res: DebounceEventResult| {
-            let mut out = Vec::new();
-            match res {
-                Ok(events) => {
-                    for e in &events {
-                        f.translate(&e.event, &mut out);
-                    }
-                }
-                Err(errors) => {
-                    // The kernel queue overflowed or a watch broke: compare everything again.
-                    for e in &errors {
-                        tracing::warn!("file watcher error, rescanning: {e}");
-                    }
-                    let roots: Vec<PathBuf> = errors
-                        .iter()
-                        .flat_map(|e| e.paths.iter().filter(|p| f.root_of(p).is_some()).cloned())
-                        .collect();
-                    if roots.is_empty() {
-                        out.extend(f.roots().iter().cloned().map(FsEvent::Rescan));
-                    } else {
-                        out.extend(roots.into_iter().map(FsEvent::Rescan));
-                    }
-                }
-            }
-            // A watched folder gone is the keeper's to say, after it has dropped the watch.
-            let mut gone = Vec::new();
-            out.retain(|e| match e {
-                FsEvent::RootGone(root) => {
-                    gone.push(root.clone());
-                    false
-                }
-                _ => true,
-            });
-            if !out.is_empty() {
-                let _ = events_tx.send(out);
-            }
-            for root in gone {
-                let _ = gone_tx.send(KeeperMsg::Gone(root));
+        let handler = {
+            let (filter, tx, keeper_tx) = (filter.clone(), tx.clone(), keeper_tx.clone());
+            move || event_handler(filter.clone(), tx.clone(), keeper_tx.clone())
+        };
+        let poller = {
+            let handler = handler.clone();
+            move || -> Result<Watches, notify::Error> {
+                let config = notify::Config::default().with_poll_interval(POLL_EVERY);
+                notify_debouncer_full::new_debouncer_opt(
+                    debounce,
+                    Some(debounce),
+                    handler(),
+                    notify_debouncer_full::FileIdMap::new(),
+                    config,
+                )
+                .map(Watches::Polling)
             }
         };
         // The debouncer thread wakes every tick; a tick as long as the timeout keeps an idle
         // agent nearly asleep.
-        let mut debouncer =
-            new_debouncer(debounce, Some(debounce), handler).map_err(|e| WatchError::Watch {
-                path: PathBuf::new(),
-                message: e.to_string(),
-            })?;
+        let (mut debouncer, mut polling) = match new_debouncer(debounce, Some(debounce), handler())
+        {
+            Ok(d) => (Watches::Os(d), None),
+            Err(e) if is_limit(&e) => {
+                let why = polling_reason(&e);
+                tracing::warn!("{why}");
+                (poller().map_err(|e| watch_error(Path::new(""), &e))?, Some(why))
+            }
+            Err(e) => return Err(watch_error(Path::new(""), &e)),
+        };
         let now = Instant::now();
-        let mut roots = Vec::new();
+        let mut roots: Vec<(PathBuf, RootState)> = Vec::new();
         let mut missing_at_start = Vec::new();
         for root in filter.roots() {
             let state = match folder_id(root) {
-                Some(id) => match debouncer.watch(root, RecursiveMode::Recursive) {
-                    Ok(()) => RootState::Watched {
-                        id,
-                        next_check: now + ROOT_CHECK_EVERY,
-                    },
-                    // Gone in the meantime.
-                    Err(_) if !root.is_dir() => RootState::missing(now),
-                    Err(e) => {
-                        return Err(WatchError::Watch {
-                            path: root.clone(),
-                            message: e.to_string(),
-                        })
+                Some(id) => {
+                    let mut watched = debouncer.watch(root);
+                    if let Err(e) = &watched {
+                        if is_limit(e) && polling.is_none() {
+                            // Every folder is polled then, not just this one: one mode is
+                            // simpler to reason about, and the limit is per user anyway.
+                            let why = polling_reason(e);
+                            tracing::warn!("{why}");
+                            debouncer = poller().map_err(|e| watch_error(root, &e))?;
+                            for (r, s) in &mut roots {
+                                if matches!(s, RootState::Watched { .. })
+                                    && debouncer.watch(r).is_err()
+                                {
+                                    *s = RootState::missing(now);
+                                }
+                            }
+                            polling = Some(why);
+                            watched = debouncer.watch(root);
+                        }
                     }
-                },
+                    match watched {
+                        Ok(()) => RootState::Watched {
+                            id,
+                            next_check: now + ROOT_CHECK_EVERY,
+                        },
+                        // Gone in the meantime.
+                        Err(_) if !root.is_dir() => RootState::missing(now),
+                        Err(e) => return Err(watch_error(root, &e)),
+                    }
+                }
                 None => RootState::missing(now),
             };
             if matches!(state, RootState::Missing { .. }) {
@@ -780,6 +968,7 @@ impl FsWatcher {
             debouncer,
             roots,
             tx,
+            poller: Box::new(poller),
         };
         let thread = std::thread::Builder::new()
             .name("watched folders".into())
@@ -792,7 +981,14 @@ impl FsWatcher {
             keeper: Some(thread),
             keeper_tx,
             missing_at_start,
+            polling_at_start: polling,
         })
+    }
+
+    /// Why the folders are polled from the start (the OS's events could not be had), if so.
+    /// A switch later is sent as [`FsEvent::Polling`].
+    pub fn polling_at_start(&self) -> Option<&str> {
+        self.polling_at_start.as_deref()
     }
 
     /// The watched folders that were not there at start: each is watched once it appears

@@ -6,9 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
 use crate::types::ContentHash;
-use crate::watch::{Filter, FsEvent};
+use crate::telemetry::Telemetry;
+use crate::watch::{Filter, FsEvent, NOT_UTF8};
 
 /// Turns changes into jobs. Cheap to clone.
 #[derive(Clone)]
@@ -19,6 +22,8 @@ pub struct ChangeTracker {
     pub settle: Duration,
     /// The configured model: files embedded by another model are re-indexed.
     pub model: String,
+    /// Where files that cannot be indexed whatever they hold are listed, for `status`.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// What a reconcile found.
@@ -50,6 +55,8 @@ impl ChangeTracker {
             // Nothing under it is known to be deleted (an unmounted disk looks the same): its
             // files keep their entries until it is back and compared again.
             FsEvent::RootGone(_) => Ok(()),
+            // The watcher's own news: the runtime reports it.
+            FsEvent::Polling(_) => Ok(()),
         }
     }
 
@@ -60,6 +67,13 @@ impl ChangeTracker {
     }
 
     fn changed(&self, path: &Path) -> Result<(), StoreError> {
+        if path.to_str().is_none() {
+            // The store and Chroma key files by their name as text.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                self.telemetry.refuse(path.to_path_buf(), NOT_UTF8.to_string());
+            }
+            return Ok(());
+        }
         let Some(stamp) = FileStamp::of_path(path) else {
             return self.removed(path);
         };
@@ -91,6 +105,15 @@ impl ChangeTracker {
         if self.in_missing_root(path) {
             return Ok(());
         }
+        self.telemetry.clear_refused(path);
+        if path.to_str().is_none() {
+            // Nothing under a name that is not text was ever recorded; it may have become a
+            // folder with files (reported as they are found).
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                self.telemetry.refuse(path.to_path_buf(), NOT_UTF8.to_string());
+            }
+            return Ok(());
+        }
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.is_file() && self.filter.accepts_file(path) => return self.changed(path),
             Ok(md) if md.is_dir() => {
@@ -107,6 +130,14 @@ impl ChangeTracker {
     }
 
     fn renamed(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+        if from.to_str().is_none() || to.to_str().is_none() {
+            // Not a re-key the store can do: the old name goes, the new one is looked at.
+            self.removed(from)?;
+            return match std::fs::symlink_metadata(to) {
+                Ok(md) if md.is_dir() => self.reconcile(to).map(|_| ()),
+                _ => self.changed(to),
+            };
+        }
         match std::fs::symlink_metadata(to) {
             Ok(md) if md.is_dir() => {
                 for old in self.known_at_or_under(from)? {
@@ -177,7 +208,12 @@ impl ChangeTracker {
             self.removed(dir)?;
             return Ok(report);
         }
-        let found = self.filter.scan(dir);
+        let mut refused = Vec::new();
+        let found = self.filter.scan_reporting(dir, &mut refused);
+        self.telemetry.clear_refused(dir);
+        for (path, reason) in refused {
+            self.telemetry.refuse(path, reason);
+        }
         report.scanned = found.len();
         let mut known: HashMap<PathBuf, crate::state::FileRecord> =
             self.store.files_under(dir)?.into_iter().collect();

@@ -110,6 +110,7 @@ impl Agent {
             filter: filter.clone(),
             settle: settings.settle,
             model: loader.model_id(),
+            telemetry: telemetry.clone(),
         };
         // Watch first, so that nothing happening during the scan is missed.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -117,6 +118,9 @@ impl Agent {
         // Until each is there (then `RootBack` clears it), /health says so.
         for f in watcher.missing_at_start() {
             telemetry.folder_missing(f.clone());
+        }
+        if let Some(why) = watcher.polling_at_start() {
+            telemetry.set_polling(Some(why.to_string()));
         }
         let t = tracker.clone();
         let startup = tokio::task::spawn_blocking(move || t.reconcile_all())
@@ -145,21 +149,9 @@ impl Agent {
                 };
                 let Some(batch) = batch else { return Ok(()) };
                 let (t, tel2) = (t.clone(), tel.clone());
-                tokio::task::spawn_blocking(move || {
-                    for e in batch {
-                        match &e {
-                            FsEvent::RootGone(root) => tel2.folder_missing(root.clone()),
-                            FsEvent::RootBack(root) => tel2.folder_back(root),
-                            _ => {}
-                        }
-                        if let Err(err) = t.apply(e) {
-                            tel2.failures.inc(Stage::Store);
-                            tracing::error!("could not record a file change: {err}");
-                        }
-                    }
-                })
-                .await
-                .map_err(|e| TaskError::new(format!("the file change handler failed: {e}")))?;
+                tokio::task::spawn_blocking(move || record_changes(&t, &tel2, batch))
+                    .await
+                    .map_err(|e| TaskError::new(format!("the file change handler failed: {e}")))??;
                 // The queue changed: the status snapshot shows it.
                 tel.poke();
             }
@@ -230,6 +222,35 @@ impl Agent {
         self.supervisor.wait().await;
         self.tracker.store.flush()
     }
+}
+
+/// Records a batch of the watcher's events as jobs, durably: a store that cannot be written
+/// (a full or read-only disk) stops the agent, whose service manager starts it again; the
+/// start-up reconcile then finds what these events said. A file whose name the store cannot
+/// hold is listed as refused instead.
+fn record_changes(
+    tracker: &ChangeTracker,
+    telemetry: &Telemetry,
+    batch: Vec<FsEvent>,
+) -> Result<(), TaskError> {
+    for e in batch {
+        match &e {
+            FsEvent::RootGone(root) => telemetry.folder_missing(root.clone()),
+            FsEvent::RootBack(root) => telemetry.folder_back(root),
+            FsEvent::Polling(why) => telemetry.set_polling(Some(why.clone())),
+            _ => {}
+        }
+        if let Err(err) = tracker.apply(e) {
+            telemetry.failures.inc(Stage::Store);
+            return Err(TaskError::new(format!(
+                "a file change could not be recorded: {err}"
+            )));
+        }
+    }
+    tracker
+        .store
+        .flush()
+        .map_err(|err| TaskError::new(format!("file changes could not be recorded: {err}")))
 }
 
 /// Files the jobs for an explicit request to index `dirs` (reconciled with the store) and
@@ -341,6 +362,32 @@ pub struct IndexSummary {
     pub pages: u64,
 }
 
+/// A path given to `index`, resolved.
+enum Requested {
+    Folder(PathBuf),
+    File(PathBuf),
+}
+
+/// Resolves a path given to `index`, or says why it cannot be indexed.
+fn requested_path(p: &Path) -> Result<Requested, String> {
+    let c = std::fs::canonicalize(p).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => "is a loop of symbolic links that leads to no file. Fix: remove or correct the link".to_string(),
+        _ if e.kind() == std::io::ErrorKind::NotFound => "does not exist (or is a symbolic link to nothing)".to_string(),
+        _ => format!("cannot be read: {e}"),
+    })?;
+    if c.to_str().is_none() {
+        return Err(crate::watch::NOT_UTF8.to_string());
+    }
+    let md = std::fs::metadata(&c).map_err(|e| format!("cannot be read: {e}"))?;
+    if md.is_dir() {
+        Ok(Requested::Folder(c))
+    } else if md.is_file() {
+        Ok(Requested::File(c))
+    } else {
+        Err("is not a regular file (a FIFO, socket or device): only files are indexed".into())
+    }
+}
+
 /// `index PATH...` without the terminal: files the jobs for `paths` (files or folders), runs
 /// the pipeline until the queue is empty, and reports every outcome to `progress`.
 #[allow(clippy::too_many_arguments)]
@@ -356,20 +403,23 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
 ) -> Result<IndexSummary, AgentError> {
     let mut roots = Vec::new();
     let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut summary = IndexSummary::default();
     for p in paths {
-        let c = std::fs::canonicalize(p).map_err(|source| WatchError::Folder {
-            path: p.clone(),
-            source,
-        })?;
-        if c.is_dir() {
-            roots.push(c);
-        } else {
-            roots.push(
-                c.parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| c.clone()),
-            );
-            files.push(c);
+        match requested_path(p) {
+            Ok(Requested::Folder(c)) => {
+                roots.push(c.clone());
+                dirs.push(c);
+            }
+            Ok(Requested::File(c)) => {
+                roots.push(
+                    c.parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| c.clone()),
+                );
+                files.push(c);
+            }
+            Err(reason) => summary.failed.push((p.clone(), reason)),
         }
     }
     let filter = Filter::new(&roots, &cfg.watch.include, &cfg.watch.exclude)?;
@@ -383,13 +433,16 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
         filter: filter.clone(),
         settle: Duration::ZERO,
         model: loader.model_id(),
+        telemetry: telemetry.clone(),
     };
-    let mut summary = IndexSummary::default();
-    let dirs: Vec<PathBuf> = paths
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .filter(|p| p.is_dir())
-        .collect();
+    for f in &files {
+        if !filter.accepts_file(f) {
+            summary.failed.push((
+                f.clone(),
+                "is not indexed: hidden or temporary, not a format the agent reads (PDF, images, Office, text), or excluded by watch.include / watch.exclude or a .docusearchignore".into(),
+            ));
+        }
+    }
     let t = tracker.clone();
     let queued = tokio::task::spawn_blocking(move || queue_paths(&t, &dirs, &files))
         .await

@@ -94,6 +94,8 @@ pub struct Status {
     /// Watched folders that are missing now (an unmounted disk): as the running agent says,
     /// which watches each again once it is there, or as found when no agent runs.
     pub missing_folders: Vec<PathBuf>,
+    /// Why the running agent polls its folders instead of using the OS's file events.
+    pub watch_polling: Option<String>,
     /// What could not be told, and why.
     pub notes: Vec<String>,
 }
@@ -138,11 +140,24 @@ async fn chroma_status(cfg: &Config) -> ChromaStatus {
 }
 
 /// The running agent's own snapshot and health, through its status API.
-async fn live_status(cfg: &Config) -> Option<(crate::api::AgentStatus, Option<Health>)> {
-    let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(3)).ok()?;
-    let status = client.status().await.ok().flatten()?;
+/// The running agent's `/status` and `/health`, or why they could not be had.
+async fn live_status(
+    cfg: &Config,
+) -> Result<(crate::api::AgentStatus, Option<Health>), String> {
+    let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let status = match client.status().await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err(format!(
+                "nothing answers on its status API port {} (api.enabled = false, or another port?)",
+                cfg.api.port
+            ))
+        }
+        Err(e) => return Err(format!("its status API did not answer: {e}")),
+    };
     let health = client.health().await.ok().flatten();
-    Some((status, health))
+    Ok((status, health))
 }
 
 /// Gathers the status. `store_dir` is normally `cfg.store_dir()`.
@@ -163,6 +178,7 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
         health: None,
         chroma,
         missing_folders: cfg.watch.missing_folders(),
+        watch_polling: None,
         notes: Vec::new(),
     };
     if !store_dir.exists() {
@@ -189,10 +205,11 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
             status.agent_running = true;
             status.agent_pid = running_agent(cfg);
             match live_status(cfg).await {
-                Some((live, health)) => {
+                Ok((live, health)) => {
                     status.health = health;
                     status.agent_pid = Some(live.pid);
                     status.missing_folders = live.missing_folders.clone();
+                    status.watch_polling = live.watch_polling.clone();
                     status.files = Some(FileCounts {
                         indexed: live.indexed.files as usize,
                         pages: live.indexed.pages,
@@ -219,10 +236,9 @@ pub async fn gather(cfg: &Config, store_dir: &Path) -> Result<Status, StoreError
                         status.chroma.reachable = r;
                     }
                 }
-                None => status.notes.push(format!(
-                    "the agent is running{} and holds the state store, but its status API on port {} does not answer (api.enabled = false?), so its counts cannot be shown",
+                Err(why) => status.notes.push(format!(
+                    "the agent is running{} and holds the state store, but {why}, so its counts cannot be shown",
                     status.agent_pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-                    cfg.api.port
                 )),
             }
         }

@@ -58,6 +58,10 @@ pub struct AgentStatus {
     /// they do; they are written when it takes them again. Makes `/health` degraded.
     #[serde(default)]
     pub sync_waiting: Option<String>,
+    /// Why the watcher polls the folders instead of using the OS's file events (the inotify
+    /// limits are used up, for one), while it does: changes are then seen within seconds.
+    #[serde(default)]
+    pub watch_polling: Option<String>,
 }
 
 /// What the agent did with a `POST /index` request.

@@ -284,7 +284,8 @@ fn page_progress(t: &Telemetry, started: Instant) -> String {
 pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode> {
     let cfg = ctx.config.clone();
     for p in &args.paths {
-        if !p.exists() {
+        // A link to nowhere or a loop is there, and `index` says what it is.
+        if std::fs::symlink_metadata(p).is_err() {
             bail!("{} does not exist", p.display());
         }
     }
@@ -439,7 +440,11 @@ fn render(s: &Status) -> String {
         };
         line(
             &mut out,
-            format!("  {:?}{pages}: {}", d.stage, d.path.display()).to_lowercase(),
+            format!(
+                "  {}{pages}: {}",
+                format!("{:?}", d.stage).to_lowercase(),
+                d.path.display()
+            ),
         );
     }
     for f in &s.failures {
@@ -480,6 +485,12 @@ fn render(s: &Status) -> String {
                 "warning: watched folder {} is missing (an unmounted disk?): it is watched once it is there",
                 f.display()
             ),
+        );
+    }
+    if let Some(why) = &s.watch_polling {
+        line(
+            &mut out,
+            format!("warning: the watcher polls the folders (changes are seen within seconds): {why}"),
         );
     }
     if let Some(h) = &s.health {

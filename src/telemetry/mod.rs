@@ -222,6 +222,11 @@ pub struct Telemetry {
     /// Watched folders that are not there now (an unmounted disk, a folder deleted): the
     /// watcher watches each again once it is back.
     missing_folders: Mutex<BTreeSet<PathBuf>>,
+    /// Files and folders the agent cannot index whatever they hold (a name that is not UTF-8,
+    /// no permission to read), with why. Found again by every scan, so kept in memory only.
+    refused: Mutex<BTreeMap<PathBuf, String>>,
+    /// Why the watcher polls instead of using the OS's events, while it does.
+    polling: Mutex<Option<String>>,
     changed: Notify,
 }
 
@@ -261,6 +266,8 @@ impl Telemetry {
             task_failures: Mutex::new(Vec::new()),
             chroma_waiting: Mutex::new(None),
             missing_folders: Mutex::new(BTreeSet::new()),
+            refused: Mutex::new(BTreeMap::new()),
+            polling: Mutex::new(None),
             changed: Notify::new(),
         }
     }
@@ -439,6 +446,46 @@ impl Telemetry {
     /// The watched folders missing now, in path order.
     pub fn missing_folders(&self) -> Vec<PathBuf> {
         lock(&self.missing_folders).iter().cloned().collect()
+    }
+
+    /// `path` cannot be indexed, for `reason`, until it is renamed or made readable.
+    pub fn refuse(&self, path: PathBuf, reason: String) {
+        let mut refused = lock(&self.refused);
+        if refused.get(&path) != Some(&reason) {
+            tracing::warn!(path = %path.display(), "{reason}");
+            refused.insert(path, reason);
+            drop(refused);
+            self.poke();
+        }
+    }
+
+    /// Forgets the refusals at or under `path` (it is gone, or about to be looked at again).
+    pub fn clear_refused(&self, path: &Path) {
+        let mut refused = lock(&self.refused);
+        let before = refused.len();
+        refused.retain(|p, _| !p.starts_with(path));
+        if refused.len() != before {
+            drop(refused);
+            self.poke();
+        }
+    }
+
+    /// What cannot be indexed now, in path order.
+    pub fn refused(&self) -> Vec<(PathBuf, String)> {
+        lock(&self.refused)
+            .iter()
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect()
+    }
+
+    /// The watcher polls the folders (`Some(why)`) or uses the OS's events (`None`).
+    pub fn set_polling(&self, why: Option<String>) {
+        *lock(&self.polling) = why;
+        self.poke();
+    }
+
+    pub fn polling(&self) -> Option<String> {
+        lock(&self.polling).clone()
     }
 }
 

@@ -1045,6 +1045,7 @@ async fn index_refusals_say_nothing_about_what_lies_outside_the_watched_folders(
         filter: Filter::new(std::slice::from_ref(&root), &[], &[]).expect("filter"),
         settle: Duration::ZERO,
         model: "tiny".into(),
+        telemetry: std::sync::Arc::new(docusearch_agent::telemetry::Telemetry::new("tiny")),
     };
     let state = quiet_state();
     let mut requests = state.take_requests().expect("the agent's end");

@@ -255,6 +255,7 @@ fn mentions(e: &FsEvent, path: &Path) -> bool {
         | FsEvent::RootGone(p)
         | FsEvent::RootBack(p) => p.starts_with(path),
         FsEvent::Renamed { from, to } => from.starts_with(path) || to.starts_with(path),
+        FsEvent::Polling(_) => false,
     }
 }
 

@@ -340,7 +340,7 @@ const CHROMA_AWAY_RETRY: Duration = Duration::from_secs(10);
 
 /// A store error a stage cannot go on after.
 fn fatal(what: &str, e: StoreError) -> TaskError {
-    TaskError::new(format!("{what}: {e}. The agent stops so that its service manager restarts it; check that the state directory's disk has space and is writable"))
+    TaskError::new(format!("{what}: {e}"))
 }
 
 /// When the dispatcher stops taking jobs.
