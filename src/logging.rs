@@ -26,6 +26,12 @@ pub fn init(config: &LoggingConfig) -> LogDestination {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // notify's poller warns about each folder it cannot read on every pass (every few
+    // seconds); the agent says it once, in its own words, and lists it in `status`.
+    let filter = match "notify::poll=error".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let registry = tracing_subscriber::registry().with(filter);
     let to_terminal = std::io::stderr().is_terminal();
 

@@ -71,14 +71,21 @@ impl StoreError {
 /// and harmless to the state once fixed: the agent starts again and catches up from the watched
 /// folders, so nothing is to be deleted then.
 fn advice(e: &sled::Error, opening: bool) -> &'static str {
-    let os = match e {
-        sled::Error::Io(io) => io.raw_os_error(),
+    use std::io::ErrorKind as K;
+    // sled re-wraps some errors, keeping the kind but not the OS's number.
+    let kind = match e {
+        sled::Error::Io(io) => match io.raw_os_error() {
+            Some(libc::ENOSPC) => Some(K::StorageFull),
+            Some(libc::EDQUOT) => Some(K::QuotaExceeded),
+            Some(libc::EROFS) => Some(K::ReadOnlyFilesystem),
+            _ => Some(io.kind()),
+        },
         _ => None,
     };
-    match os {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "the disk holding state_dir is full: free space on it; the agent then starts again and catches up with the watched folders by itself",
-        Some(libc::EROFS) => "the file system holding state_dir is read-only: make it writable (or set state_dir to a writable folder); the agent then starts again and catches up by itself",
-        Some(libc::EACCES) | Some(libc::EPERM) => "this user may not write to state_dir: fix its permissions or owner",
+    match kind {
+        Some(K::StorageFull) | Some(K::QuotaExceeded) => "the disk holding state_dir is full: free space on it; the agent then starts again and catches up with the watched folders by itself",
+        Some(K::ReadOnlyFilesystem) => "the file system holding state_dir is read-only: make it writable (or set state_dir to a writable folder); the agent then starts again and catches up by itself",
+        Some(K::PermissionDenied) => "this user may not write to state_dir: fix its permissions or owner",
         _ if opening => "check the permissions of state_dir, or delete the folder to rebuild the state from the watched folders",
         _ => "the disk may be failing, or state_dir was removed while the agent ran: check it, then start the agent again",
     }

@@ -613,6 +613,25 @@ fn is_limit(e: &notify::Error) -> bool {
     }
 }
 
+/// Why the OS cannot watch `root` but polling can, if that is why `e` happened: its limits
+/// are used up, or a folder inside cannot be read (inotify needs read access to each folder,
+/// and stops at the first it may not read; polling skips it). `None`: polling would not help.
+fn poll_because(e: &notify::Error, root: &Path) -> Option<String> {
+    if is_limit(e) {
+        return Some(polling_reason(e));
+    }
+    let denied = matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied);
+    let inside = e.paths.iter().find(|p| p.as_path() != root && p.starts_with(root));
+    match (denied, inside) {
+        (true, Some(p)) => Some(format!(
+            "{} cannot be read, and the OS's file events need every folder readable; the folders are polled every {} s instead. Fix: make it readable by the user the agent runs as, or remove it, and restart the agent",
+            p.display(),
+            POLL_EVERY.as_secs()
+        )),
+        _ => None,
+    }
+}
+
 /// Why polling, for a person: the limit and how to raise it.
 fn polling_reason(e: &notify::Error) -> String {
     format!(
@@ -790,9 +809,9 @@ impl RootKeeper {
                     // After the watch, so that nothing written from now on is missed.
                     return self.send(FsEvent::RootBack(root));
                 }
-                Err(e) if is_limit(&e) && !self.debouncer.is_polling() => {
+                Err(e) if poll_because(&e, &root).is_some() && !self.debouncer.is_polling() => {
                     let _ = self.debouncer.unwatch(&root);
-                    self.poll_instead(polling_reason(&e));
+                    self.poll_instead(poll_because(&e, &root).unwrap_or_default());
                     // Looked at again soon, now with polling.
                     self.roots[i].1 = RootState::missing(now);
                     return;
@@ -827,6 +846,7 @@ fn event_handler(
     f: Filter,
     events_tx: tokio::sync::mpsc::UnboundedSender<Vec<FsEvent>>,
     keeper_tx: Sender<KeeperMsg>,
+    polling: bool,
 ) -> impl FnMut(DebounceEventResult) + Send + 'static {
     move |res: DebounceEventResult| {
         let mut out = Vec::new();
@@ -834,6 +854,13 @@ fn event_handler(
             Ok(events) => {
                 for e in &events {
                     f.translate(&e.event, &mut out);
+                }
+            }
+            // The poller reports what it cannot read on every pass (a locked folder, a link
+            // loop); it loses no events, and the scans list those paths as refused.
+            Err(errors) if polling => {
+                for e in &errors {
+                    tracing::debug!("poller: {e}");
                 }
             }
             Err(errors) => {
@@ -894,7 +921,7 @@ impl FsWatcher {
         let (keeper_tx, keeper_rx) = std::sync::mpsc::channel();
         let handler = {
             let (filter, tx, keeper_tx) = (filter.clone(), tx.clone(), keeper_tx.clone());
-            move || event_handler(filter.clone(), tx.clone(), keeper_tx.clone())
+            move |polling: bool| event_handler(filter.clone(), tx.clone(), keeper_tx.clone(), polling)
         };
         let poller = {
             let handler = handler.clone();
@@ -903,7 +930,7 @@ impl FsWatcher {
                 notify_debouncer_full::new_debouncer_opt(
                     debounce,
                     Some(debounce),
-                    handler(),
+                    handler(true),
                     notify_debouncer_full::FileIdMap::new(),
                     config,
                 )
@@ -912,7 +939,7 @@ impl FsWatcher {
         };
         // The debouncer thread wakes every tick; a tick as long as the timeout keeps an idle
         // agent nearly asleep.
-        let (mut debouncer, mut polling) = match new_debouncer(debounce, Some(debounce), handler())
+        let (mut debouncer, mut polling) = match new_debouncer(debounce, Some(debounce), handler(false))
         {
             Ok(d) => (Watches::Os(d), None),
             Err(e) if is_limit(&e) => {
@@ -930,10 +957,10 @@ impl FsWatcher {
                 Some(id) => {
                     let mut watched = debouncer.watch(root);
                     if let Err(e) = &watched {
-                        if is_limit(e) && polling.is_none() {
+                        if let (Some(why), None) = (poll_because(e, root), &polling) {
                             // Every folder is polled then, not just this one: one mode is
                             // simpler to reason about, and the limit is per user anyway.
-                            let why = polling_reason(e);
+                            let _ = debouncer.unwatch(root);
                             tracing::warn!("{why}");
                             debouncer = poller().map_err(|e| watch_error(root, &e))?;
                             for (r, s) in &mut roots {

@@ -210,10 +210,7 @@ impl ChangeTracker {
         }
         let mut refused = Vec::new();
         let found = self.filter.scan_reporting(dir, &mut refused);
-        self.telemetry.clear_refused(dir);
-        for (path, reason) in refused {
-            self.telemetry.refuse(path, reason);
-        }
+        self.telemetry.refused_under(dir, refused);
         report.scanned = found.len();
         let mut known: HashMap<PathBuf, crate::state::FileRecord> =
             self.store.files_under(dir)?.into_iter().collect();

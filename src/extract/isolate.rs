@@ -18,6 +18,8 @@ use super::{DocumentInfo, ExtractError, ExtractEvent, ExtractOptions};
 /// Kept from the worker's stderr for the error message.
 const STDERR_TAIL: usize = 2048;
 const POLL: Duration = Duration::from_millis(10);
+/// How long a worker whose output ended may take to exit by itself.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 enum Clock {
     Pause,
@@ -113,6 +115,18 @@ pub(crate) fn run_worker(
             Err(e) => break Outcome::Ended(Some(e.to_string())),
         }
     };
+    if matches!(outcome, Outcome::Ended(None)) {
+        // Its output ended: it may still be on its way out (a panic unwinds and frees first).
+        // Its own exit status and last words say why, so it gets a moment before the kill.
+        let deadline = Instant::now() + EXIT_GRACE;
+        while Instant::now() < deadline
+            && child
+                .lock()
+                .is_ok_and(|mut c| matches!(c.try_wait(), Ok(None)))
+        {
+            thread::sleep(POLL);
+        }
+    }
     if !matches!(outcome, Outcome::Done | Outcome::Failed(_)) {
         // Stopped by us or talking nonsense: it must not run on. (Harmless if already gone.)
         if let Ok(mut c) = child.lock() {
@@ -148,20 +162,37 @@ pub(crate) fn run_worker(
             seconds: opts.render_timeout.as_secs_f64().ceil() as u64,
         }),
         Outcome::Ended(broken) => {
+            let status_code = status;
             let status = match (status, broken) {
                 (_, Some(protocol_error)) => format!("garbled output: {protocol_error}"),
                 (Some(s), None) => describe_status(s),
                 (None, None) => "exit status unknown".into(),
             };
             let lower = stderr.to_ascii_lowercase();
-            if opts.worker_memory_mb > 0
-                && (lower.contains("memory allocation of") || lower.contains("out of memory"))
-            {
+            // Rust's allocator, `try_reserve` callers (the image crate) and C++ (PDFium) say
+            // it each their own way.
+            const OUT_OF_MEMORY: [&str; 5] = [
+                "memory allocation of",
+                "out of memory",
+                "allocerror",
+                "cannot allocate memory",
+                "bad_alloc",
+            ];
+            if opts.worker_memory_mb > 0 && OUT_OF_MEMORY.iter().any(|m| lower.contains(m)) {
                 return Err(ExtractError::OutOfMemory {
                     path: file,
                     limit_mb: opts.worker_memory_mb,
                 });
             }
+            // PDFium's allocator aborts on a failed allocation without a word: a silent
+            // abort under a memory bound is most often that bound.
+            let status = match (status_signal(status_code), opts.worker_memory_mb) {
+                (Some(_), mb) if mb > 0 && stderr.is_empty() => format!(
+                    "{status_text}; it said nothing, which is most often its {mb} MiB memory bound running out: raise extract.worker_memory_mb if such files matter",
+                    status_text = status
+                ),
+                _ => status,
+            };
             Err(ExtractError::Crashed {
                 path: file,
                 status,
@@ -262,6 +293,20 @@ fn read_tail(mut stderr: impl Read) -> String {
     }
     let start = tail.len().saturating_sub(STDERR_TAIL);
     String::from_utf8_lossy(&tail[start..]).trim().to_string()
+}
+
+/// The signal that ended the worker, if one did.
+fn status_signal(status: Option<ExitStatus>) -> Option<i32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        status.and_then(|s| s.signal())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        None
+    }
 }
 
 fn describe_status(status: ExitStatus) -> String {

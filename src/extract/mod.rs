@@ -241,7 +241,7 @@ impl ExtractError {
             Corrupt { format, detail, .. } => format!("corrupt {format}: {detail}"),
             Conversion { detail, .. } => format!("LibreOffice conversion failed: {detail}"),
             Timeout { seconds, .. } => format!("renderer timed out after {seconds} s"),
-            OutOfMemory { limit_mb, .. } => format!("renderer exceeded {limit_mb} MiB"),
+            OutOfMemory { limit_mb, .. } => format!("renderer needed more than its {limit_mb} MiB memory bound (extract.worker_memory_mb)"),
             Crashed { status, .. } => format!("renderer crashed ({status})"),
             Unreadable { source, .. } => format!("unreadable: {source}"),
             WorkerStart { detail, .. } => format!("renderer could not start: {detail}"),

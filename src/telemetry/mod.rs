@@ -459,6 +459,25 @@ impl Telemetry {
         }
     }
 
+    /// Makes `found` the refusals at or under `dir` (what a scan of it just found), saying only
+    /// what is new.
+    pub fn refused_under(&self, dir: &Path, found: Vec<(PathBuf, String)>) {
+        let mut refused = lock(&self.refused);
+        let before = refused.clone();
+        refused.retain(|p, _| !p.starts_with(dir));
+        for (path, reason) in found {
+            if before.get(&path) != Some(&reason) {
+                tracing::warn!(path = %path.display(), "{reason}");
+            }
+            refused.insert(path, reason);
+        }
+        let changed = *refused != before;
+        drop(refused);
+        if changed {
+            self.poke();
+        }
+    }
+
     /// Forgets the refusals at or under `path` (it is gone, or about to be looked at again).
     pub fn clear_refused(&self, path: &Path) {
         let mut refused = lock(&self.refused);
@@ -470,11 +489,12 @@ impl Telemetry {
         }
     }
 
-    /// What cannot be indexed now, in path order.
+    /// What cannot be indexed now, in path order; names that are not UTF-8 made readable
+    /// (with U+FFFD), since they are shown and sent as JSON.
     pub fn refused(&self) -> Vec<(PathBuf, String)> {
         lock(&self.refused)
             .iter()
-            .map(|(p, r)| (p.clone(), r.clone()))
+            .map(|(p, r)| (PathBuf::from(p.to_string_lossy().into_owned()), r.clone()))
             .collect()
     }
 

@@ -4,9 +4,14 @@
 //! silently skipped.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
+
+use docusearch_agent::api::{AgentStatus, ApiClient, Health};
 
 use docusearch_agent::agent::real::{RealExtract, RealModelLoader, RealSink};
 use docusearch_agent::agent::runtime::Agent;
@@ -345,4 +350,179 @@ pub fn status_json(config: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// `run` on the rig's folder with its status API on a free port, and `env` set.
+pub struct ServedAgent {
+    pub child: Child,
+    pub api: ApiClient,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+/// How [`ServedAgent::launch`] starts `run`.
+#[derive(Default, Clone, Copy)]
+pub struct Launch {
+    /// Run as this user (and group) instead of the test's: root reads what nobody may.
+    pub uid: Option<u32>,
+    /// Return at once instead of waiting for the status API (an agent expected to exit).
+    pub no_wait: bool,
+}
+
+impl ServedAgent {
+    pub fn start(rig: &Rig, cfg: &Config, env: &[(&str, &str)]) -> ServedAgent {
+        Self::launch(rig, cfg, env, Launch::default())
+    }
+
+    /// [`ServedAgent::start`], as `how` says. The configuration is written beside the rig's
+    /// state (not `cfg.state_dir`, which a test may fill or take away).
+    pub fn launch(rig: &Rig, cfg: &Config, env: &[(&str, &str)], how: Launch) -> ServedAgent {
+        let mut cfg = cfg.clone();
+        cfg.api.port = free_port();
+        let config = rig.cfg.state_dir.join("config.toml");
+        std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML"))
+            .expect("write config");
+        let log = rig.cfg.state_dir.join("agent.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut cmd = Command::new(agent_exe());
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .arg(&rig.root)
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if let Some(uid) = how.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd.spawn().expect("start the agent");
+        let addr = SocketAddr::from(([127, 0, 0, 1], cfg.api.port));
+        let api = ApiClient::at(addr, Duration::from_secs(10)).expect("API client");
+        let agent = ServedAgent {
+            child,
+            api,
+            addr,
+            config,
+            log,
+        };
+        if !how.no_wait {
+            agent.wait_for_api();
+        }
+        agent
+    }
+
+    pub fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    pub fn wait_for_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = Self::rt().block_on(self.api.status()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the agent's API never answered; log:\n{}", self.log_text());
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        Self::rt()
+            .block_on(self.api.status())
+            .expect("GET /status")
+            .expect("the agent answers")
+    }
+
+    /// `None` once nothing listens.
+    pub fn health(&self) -> Option<Health> {
+        Self::rt().block_on(self.api.health()).ok().flatten()
+    }
+
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let body = Self::rt().block_on(async {
+            reqwest::Client::new()
+                .get(format!("http://{}/metrics", self.addr))
+                .send()
+                .await
+                .expect("GET /metrics")
+                .text()
+                .await
+                .expect("body")
+        });
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// `status --json`, the command a user types.
+    pub fn status_command(&self) -> serde_json::Value {
+        status_json(&self.config)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(mut self) -> ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait_exit(Duration::from_secs(30))
+            .expect("the agent exits after SIGTERM")
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ServedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+
+/// Polls `f` every 100 ms until it gives `Some`, for at most `limit`.
+pub fn poll<T>(what: &str, limit: Duration, agent: &ServedAgent, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}; log:\n{}", agent.log_text());
+}
+
+
+/// A current-thread runtime for a blocking test's async calls.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }

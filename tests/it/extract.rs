@@ -792,7 +792,7 @@ fn build_pdf(media: [u32; 2], stream: &[u8], encrypt: Option<(String, String)>) 
 
 /// A one-page PDF whose content stream is encrypted for user password `user_pw` (PDF 1.7
 /// §7.6.3, algorithms 2, 3 and 4).
-fn encrypted_pdf(user_pw: &[u8], text: &str) -> Vec<u8> {
+pub(crate) fn encrypted_pdf(user_pw: &[u8], text: &str) -> Vec<u8> {
     let id = *b"0123456789abcdef";
     let p: i32 = -44; // print + copy allowed, the rest not
     let owner_key = &md5(&[&padded(b"owner")])[..5];

@@ -257,6 +257,7 @@ async fn live_events_become_jobs() {
     .await;
 }
 mod failures;
+mod faults;
 pub(crate) mod pipeline;
 mod telemetry;
 

@@ -1,148 +1,13 @@
 //! What the running agent says about itself, checked against what it did: the real `run`
 //! binary on real documents, read through `/status`, `/metrics`, `/health` and `status --json`.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use docusearch_agent::api::{AgentStatus, ApiClient, DocStage, Health, ModelState};
-use docusearch_agent::config::{Config, DeviceChoice};
+use docusearch_agent::api::{DocStage, ModelState};
+use docusearch_agent::config::DeviceChoice;
 
-use crate::common::{self, agent_exe, counts, free_port, pdf_pages, rig, Rig};
-
-/// `run` on the rig's folder with its status API on a free port, and `env` set.
-struct Agent {
-    child: Child,
-    api: ApiClient,
-    addr: SocketAddr,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(rig: &Rig, cfg: &Config, env: &[(&str, &str)]) -> Agent {
-        let mut cfg = cfg.clone();
-        cfg.api.port = free_port();
-        let config = rig.cfg.state_dir.join("config.toml");
-        std::fs::write(&config, toml::to_string(&cfg).expect("config as TOML"))
-            .expect("write config");
-        let log = rig.cfg.state_dir.join("agent.log");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let mut cmd = Command::new(agent_exe());
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("run")
-            .arg(&rig.root)
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("start the agent");
-        let addr = SocketAddr::from(([127, 0, 0, 1], cfg.api.port));
-        let api = ApiClient::at(addr, Duration::from_secs(10)).expect("API client");
-        let agent = Agent {
-            child,
-            api,
-            addr,
-            config,
-            log,
-        };
-        agent.wait_for_api();
-        agent
-    }
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    }
-
-    fn wait_for_api(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = Self::rt().block_on(self.api.status()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the agent's API never answered; log:\n{}", self.log_text());
-    }
-
-    fn status(&self) -> AgentStatus {
-        Self::rt()
-            .block_on(self.api.status())
-            .expect("GET /status")
-            .expect("the agent answers")
-    }
-
-    /// `None` once nothing listens.
-    fn health(&self) -> Option<Health> {
-        Self::rt().block_on(self.api.health()).ok().flatten()
-    }
-
-    fn metrics(&self) -> HashMap<String, f64> {
-        let body = Self::rt().block_on(async {
-            reqwest::Client::new()
-                .get(format!("http://{}/metrics", self.addr))
-                .send()
-                .await
-                .expect("GET /metrics")
-                .text()
-                .await
-                .expect("body")
-        });
-        body.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// `status --json`, the command a user types.
-    fn status_command(&self) -> serde_json::Value {
-        common::status_json(&self.config)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) -> ExitStatus {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        self.wait_exit(Duration::from_secs(30))
-            .expect("the agent exits after SIGTERM")
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::common::{self, counts, pdf_pages, poll, rig, ServedAgent as Agent};
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write file");
@@ -157,18 +22,6 @@ fn copy_tiny_model(to: &Path) {
             std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
         }
     }
-}
-
-/// Polls `f` every 100 ms until it gives `Some`, for at most `limit`.
-fn poll<T>(what: &str, limit: Duration, agent: &Agent, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(v) = f() {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}; log:\n{}", agent.log_text());
 }
 
 #[test]
