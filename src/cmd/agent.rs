@@ -79,6 +79,37 @@ async fn wait_for_signal() {
     }
 }
 
+/// After a run that did not stop cleanly: records that no file in the store accounts for (a
+/// move or a deletion written to Chroma just before the kill, the store's half lost) are
+/// deleted, and files whose records are incomplete are queued again, as `repair` does. Before
+/// the pipeline starts, so nothing changes meanwhile.
+async fn recover_index(target: &RepairTarget, cfg: &Config, store: &Store) {
+    tracing::info!("the last run did not stop cleanly: comparing the index with the state store");
+    let missing = cfg.watch.missing_folders();
+    match docusearch_agent::search::repair::reconcile_with_store(
+        &target.client,
+        &target.chroma,
+        &cfg.agent_id,
+        store,
+        &missing,
+        false,
+    )
+    .await
+    {
+        Ok(r) if r.orphans.is_empty() && r.missing.is_empty() => {
+            tracing::info!(records = r.records, "the index agrees with the state store")
+        }
+        Ok(r) => tracing::warn!(
+            orphans = r.orphans.len(),
+            incomplete = r.missing.len(),
+            "the index had records left from the interrupted run: deleted the orphans, queued the incomplete files again"
+        ),
+        Err(e) => tracing::warn!(
+            "could not compare the index with the state store after an unclean stop ({e}); `docusearch-agent repair` does it later"
+        ),
+    }
+}
+
 pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = ctx.config.clone();
     if !args.folders.is_empty() {
@@ -96,6 +127,9 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let store = open_store(&cfg, "run")?;
+    // We hold the store's lock, so a pid file left behind is of a run that did not stop
+    // cleanly (killed, crashed, power lost), maybe between a write to Chroma and the store.
+    let unclean = status::pid_file(&cfg).exists();
     let _pid = PidFile::write(&cfg)
         .with_context(|| format!("cannot write the pid file in {}", cfg.state_dir.display()))?;
     let (url, mut managed) = chroma(&cfg, false)?;
@@ -107,6 +141,9 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             client: syncer.client().clone(),
             chroma: cfg.chroma.clone(),
         };
+        if unclean {
+            recover_index(&repair, &cfg, &store).await;
+        }
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
         let extract = RealExtract::new(&cfg, exe)?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };

@@ -86,6 +86,11 @@ async fn dispatch<S: Sink>(
         }
         JobKind::Move { from, to } => {
             if FileStamp::of_path(&to).is_none() {
+                // Gone again. A move that reached Chroma before the agent was killed (and
+                // before the store recorded it) left the records under `to`'s id: they go too.
+                if let Err(e) = shared.sink.delete_document(&shared.doc_id(&to)).await {
+                    return shared.sync_failed(&job, &to, &e);
+                }
                 return delete(shared, &job, &from).await;
             }
             let rec = shared.store.file(&from)?;
