@@ -74,7 +74,10 @@ struct Held {
 
 /// Everything the agent has in Chroma, by document.
 async fn held(rig: &Rig) -> BTreeMap<String, Held> {
-    let syncer = rig.syncer().await;
+    let url = rig.cfg.chroma.url.clone().expect("the rig's Chroma");
+    let syncer = docusearch_agent::sync::Syncer::connect(&url, &rig.cfg)
+        .await
+        .expect("connect to Chroma");
     let mut out: BTreeMap<String, Held> = BTreeMap::new();
     for (collection, visual) in [
         (syncer.visual_collection(), true),
@@ -114,7 +117,15 @@ struct Tally {
 /// difference. `files` is every document in the folder; what the agent cannot index must be
 /// among `status`'s failures with a reason, and have nothing in Chroma.
 async fn oracle(rig: &Rig, agent: &ServedAgent, files: &[PathBuf]) -> Tally {
-    let want = expectations(&rig.cfg, files);
+    oracle_of(rig, agent, expectations(&rig.cfg, files)).await
+}
+
+/// [`oracle`] with the expectations given (many files whose content the test wrote).
+async fn oracle_of(
+    rig: &Rig,
+    agent: &ServedAgent,
+    want: BTreeMap<PathBuf, Result<Expected, String>>,
+) -> Tally {
     let mut held = held(rig).await;
     let status = status_json(&agent.config);
     let failures: BTreeMap<String, String> = status["failures"]
@@ -709,4 +720,131 @@ fn with_the_inotify_limits_used_up_the_agent_polls_and_says_so() {
     running(&mut agent);
     let files = documents(&rig.root);
     crate::common::rt().block_on(oracle(&rig, &agent, &files));
+}
+
+// ---- Chroma killed, away for a while, back on the same port and data ----
+
+/// `chroma run` on `port` with its data in `dir`, as a user runs it (not restarted by anyone).
+fn chroma_process(dir: &Path, port: u16) -> Child {
+    let child = Command::new(crate::common::chroma_bin())
+        .args(["run", "--host", "127.0.0.1", "--port", &port.to_string(), "--path"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chroma");
+    let url = format!("http://127.0.0.1:{port}");
+    let rt = crate::common::rt();
+    let up = crate::common::wait_until(Duration::from_secs(60), || {
+        rt.block_on(docusearch_agent::chroma::client::probe(&url, None, Duration::from_secs(2)))
+            .is_ok()
+    });
+    assert!(up, "chroma did not start on port {port}");
+    child
+}
+
+#[test]
+fn chroma_killed_for_a_while_costs_no_document_and_no_second_embedding() {
+    let mut rig = rig(300);
+    let data = tempfile::tempdir().expect("chroma data");
+    let port = crate::common::free_port();
+    rig.cfg.chroma.url = Some(format!("http://127.0.0.1:{port}"));
+    rig.cfg.pipeline.max_attempts = 2;
+    let mut chroma = chroma_process(data.path(), port);
+    let root = rig.root.clone();
+    write_file(&root.join("a.pdf"), &pdf_pages("a", 0, 3));
+    write_file(&root.join("b.pdf"), &pdf_pages("b", 0, 1));
+    let mut agent = ServedAgent::start(&rig, &rig.cfg, &[]);
+    quiet(&agent, Duration::from_secs(120));
+
+    let _ = chroma.kill();
+    let _ = chroma.wait();
+    // While it is away: new documents, an edit, a deletion.
+    write_file(&root.join("c.pdf"), &pdf_pages("c", 0, 4));
+    write_file(&root.join("d.pdf"), &pdf_pages("d", 0, 2));
+    write_file(&root.join("a.pdf"), &pdf_pages("a2", 0, 5));
+    std::fs::remove_file(root.join("b.pdf")).unwrap();
+    let away = if soak() { Duration::from_secs(300) } else { Duration::from_secs(45) };
+    let until = std::time::Instant::now() + away;
+    let mut said = false;
+    while std::time::Instant::now() < until {
+        let s = agent.status();
+        said |= s.sync_waiting.is_some()
+            && agent.health().is_some_and(|h| !h.is_healthy());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(said, "neither /status nor /health said Chroma was away");
+    running(&mut agent);
+
+    chroma = chroma_process(data.path(), port);
+    quiet(&agent, Duration::from_secs(180));
+    let s = agent.status();
+    assert!(s.sync_waiting.is_none(), "{s:?}");
+    assert!(s.failures.is_empty(), "an outage is not a document failure: {:?}", s.failures);
+    // Embedded once each: a (4 pages), b (2), then c (5), d (3) and a's new version (6).
+    assert_eq!(s.counters.pages_embedded, 4 + 2 + 5 + 3 + 6, "{:?}", s.counters);
+    let files = documents(&root);
+    let tally = crate::common::rt().block_on(oracle(&rig, &agent, &files));
+    assert_eq!(tally.indexed, 3, "{tally:?}");
+    drop(agent);
+    let _ = chroma.kill();
+    let _ = chroma.wait();
+}
+
+// ---- 10,000 small files in one burst ----
+
+#[test]
+fn ten_thousand_small_files_in_one_burst_are_all_indexed_once() {
+    let rig = rig(300);
+    let agent = ServedAgent::start(&rig, &rig.cfg, &[]);
+    let n = if soak() { 50_000 } else { 10_000 };
+    let mut want = BTreeMap::new();
+    for i in 0..n {
+        let p = rig.root.join(format!("burst/{:02}/note-{i}.txt", i / 1000));
+        let text = format!("note {i} about rivers, mountains and printing\n");
+        write_file(&p, text.as_bytes());
+        let hash = ContentHash::of_bytes(text.as_bytes()).to_string();
+        want.insert(p, Ok(Expected { pages: 0, chunks: 1, hash }));
+    }
+    let mut agent = agent;
+    quiet(&agent, Duration::from_secs(1200));
+    running(&mut agent);
+    let s = agent.status();
+    assert_eq!(s.indexed.files, n as u64, "{:?}", s.indexed);
+    assert_eq!(s.counters.chunks_embedded, n as u64, "each embedded once: {:?}", s.counters);
+    let tally = crate::common::rt().block_on(oracle_of(&rig, &agent, want));
+    assert_eq!(tally.indexed, n);
+    eprintln!("burst of {n} files: {tally:?}, {:?}", s.counters);
+}
+
+// ---- a file rewritten every 100 ms ----
+
+#[test]
+fn a_file_rewritten_every_100_ms_for_a_minute_is_indexed_once_when_it_stops() {
+    let mut rig = rig(0);
+    // The default: what a user has.
+    rig.cfg.watch.settle_ms = docusearch_agent::config::Config::default().watch.settle_ms;
+    let agent = ServedAgent::start(&rig, &rig.cfg, &[]);
+    let path = rig.root.join("busy.pdf");
+    let span = if soak() { Duration::from_secs(300) } else { Duration::from_secs(60) };
+    let started = std::time::Instant::now();
+    let mut i = 0u32;
+    while started.elapsed() < span {
+        // Each write a different length, as a program saving as it goes would.
+        write_file(&path, &pdf_pages(&format!("v{i}"), 0, (i % 3) as u16));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut agent = agent;
+    quiet(&agent, Duration::from_secs(120));
+    running(&mut agent);
+    let s = agent.status();
+    let last_pages = u64::from((i - 1) % 3) + 1;
+    assert_eq!(
+        s.counters.pages_embedded, last_pages,
+        "only the last version is embedded, once ({i} writes): {:?}",
+        s.counters
+    );
+    let tally = crate::common::rt().block_on(oracle(&rig, &agent, &[path]));
+    assert_eq!(tally.indexed, 1);
 }
