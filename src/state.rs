@@ -26,7 +26,10 @@ use crate::types::{ContentHash, DocId};
 pub enum StoreError {
     #[error("the state store at {path} is in use by another docusearch-agent process (sled holds its lock) — stop that agent, or ask it through `status`")]
     Locked { path: PathBuf },
-    #[error("cannot open the state store at {path}: {source} — {}", advice(source, true))]
+    #[error(
+        "cannot open the state store at {path}: {source} — {}",
+        advice(source, true)
+    )]
     Open { path: PathBuf, source: sled::Error },
     #[error("the state store at {path} has schema version {found}, newer than this program's {supported} — upgrade docusearch-agent, or delete the folder to rebuild it")]
     Newer {
@@ -47,7 +50,10 @@ pub enum StoreError {
         from: u32,
         source: Box<StoreError>,
     },
-    #[error("the state store failed while {doing}: {source} — {}", advice(source, false))]
+    #[error(
+        "the state store failed while {doing}: {source} — {}",
+        advice(source, false)
+    )]
     Io { doing: String, source: sled::Error },
     #[error("the state store holds an unreadable {what} record for {key}: {message} — delete state_dir's state.sled to rebuild it")]
     Corrupt {
@@ -911,6 +917,31 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn store_errors_say_what_to_do_by_their_cause() {
+        use std::io::{Error, ErrorKind};
+        let msg = |e: Error| {
+            StoreError::Io {
+                doing: "writing a job".into(),
+                source: sled::Error::Io(e),
+            }
+            .to_string()
+        };
+        assert!(msg(Error::from_raw_os_error(libc::ENOSPC)).contains("is full: free space"));
+        // sled re-wraps some errors with their kind only.
+        assert!(msg(Error::new(ErrorKind::StorageFull, "full")).contains("is full: free space"));
+        assert!(msg(Error::from_raw_os_error(libc::EROFS)).contains("read-only: make it writable"));
+        assert!(msg(Error::from_raw_os_error(libc::EACCES)).contains("fix its permissions"));
+        assert!(msg(Error::other("disk on fire")).contains("may be failing"));
+        let open = StoreError::Open {
+            path: PathBuf::from("/s"),
+            source: sled::Error::Io(Error::from_raw_os_error(libc::ENOSPC)),
+        };
+        // A full disk is no reason to delete the state.
+        assert!(!open.to_string().contains("delete"), "{open}");
+    }
+
     use super::*;
 
     fn set_version(dir: &Path, v: u32) {

@@ -355,7 +355,9 @@ impl Filter {
                     return true;
                 }
                 if e.file_name().to_str().is_none() {
-                    bad.lock().unwrap_or_else(|p| p.into_inner()).push(e.path().to_path_buf());
+                    bad.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(e.path().to_path_buf());
                     return false;
                 }
                 let lookup = |d: &Path| {
@@ -621,7 +623,10 @@ fn poll_because(e: &notify::Error, root: &Path) -> Option<String> {
         return Some(polling_reason(e));
     }
     let denied = matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied);
-    let inside = e.paths.iter().find(|p| p.as_path() != root && p.starts_with(root));
+    let inside = e
+        .paths
+        .iter()
+        .find(|p| p.as_path() != root && p.starts_with(root));
     match (denied, inside) {
         (true, Some(p)) => Some(format!(
             "{} cannot be read, and the OS's file events need every folder readable; the folders are polled every {} s instead. Fix: make it readable by the user the agent runs as, or remove it, and restart the agent",
@@ -921,7 +926,9 @@ impl FsWatcher {
         let (keeper_tx, keeper_rx) = std::sync::mpsc::channel();
         let handler = {
             let (filter, tx, keeper_tx) = (filter.clone(), tx.clone(), keeper_tx.clone());
-            move |polling: bool| event_handler(filter.clone(), tx.clone(), keeper_tx.clone(), polling)
+            move |polling: bool| {
+                event_handler(filter.clone(), tx.clone(), keeper_tx.clone(), polling)
+            }
         };
         let poller = {
             let handler = handler.clone();
@@ -939,16 +946,19 @@ impl FsWatcher {
         };
         // The debouncer thread wakes every tick; a tick as long as the timeout keeps an idle
         // agent nearly asleep.
-        let (mut debouncer, mut polling) = match new_debouncer(debounce, Some(debounce), handler(false))
-        {
-            Ok(d) => (Watches::Os(d), None),
-            Err(e) if is_limit(&e) => {
-                let why = polling_reason(&e);
-                tracing::warn!("{why}");
-                (poller().map_err(|e| watch_error(Path::new(""), &e))?, Some(why))
-            }
-            Err(e) => return Err(watch_error(Path::new(""), &e)),
-        };
+        let (mut debouncer, mut polling) =
+            match new_debouncer(debounce, Some(debounce), handler(false)) {
+                Ok(d) => (Watches::Os(d), None),
+                Err(e) if is_limit(&e) => {
+                    let why = polling_reason(&e);
+                    tracing::warn!("{why}");
+                    (
+                        poller().map_err(|e| watch_error(Path::new(""), &e))?,
+                        Some(why),
+                    )
+                }
+                Err(e) => return Err(watch_error(Path::new(""), &e)),
+            };
         let now = Instant::now();
         let mut roots: Vec<(PathBuf, RootState)> = Vec::new();
         let mut missing_at_start = Vec::new();

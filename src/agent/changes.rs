@@ -9,8 +9,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
-use crate::types::ContentHash;
 use crate::telemetry::Telemetry;
+use crate::types::ContentHash;
 use crate::watch::{Filter, FsEvent, NOT_UTF8};
 
 /// Turns changes into jobs. Cheap to clone.
@@ -70,7 +70,8 @@ impl ChangeTracker {
         if path.to_str().is_none() {
             // The store and Chroma key files by their name as text.
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-                self.telemetry.refuse(path.to_path_buf(), NOT_UTF8.to_string());
+                self.telemetry
+                    .refuse(path.to_path_buf(), NOT_UTF8.to_string());
             }
             return Ok(());
         }
@@ -110,7 +111,8 @@ impl ChangeTracker {
             // Nothing under a name that is not text was ever recorded; it may have become a
             // folder with files (reported as they are found).
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-                self.telemetry.refuse(path.to_path_buf(), NOT_UTF8.to_string());
+                self.telemetry
+                    .refuse(path.to_path_buf(), NOT_UTF8.to_string());
             }
             return Ok(());
         }

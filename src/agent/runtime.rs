@@ -151,7 +151,9 @@ impl Agent {
                 let (t, tel2) = (t.clone(), tel.clone());
                 tokio::task::spawn_blocking(move || record_changes(&t, &tel2, batch))
                     .await
-                    .map_err(|e| TaskError::new(format!("the file change handler failed: {e}")))??;
+                    .map_err(|e| {
+                        TaskError::new(format!("the file change handler failed: {e}"))
+                    })??;
                 // The queue changed: the status snapshot shows it.
                 tel.poke();
             }
@@ -371,8 +373,13 @@ enum Requested {
 /// Resolves a path given to `index`, or says why it cannot be indexed.
 fn requested_path(p: &Path) -> Result<Requested, String> {
     let c = std::fs::canonicalize(p).map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => "is a loop of symbolic links that leads to no file. Fix: remove or correct the link".to_string(),
-        _ if e.kind() == std::io::ErrorKind::NotFound => "does not exist (or is a symbolic link to nothing)".to_string(),
+        Some(libc::ELOOP) => {
+            "is a loop of symbolic links that leads to no file. Fix: remove or correct the link"
+                .to_string()
+        }
+        _ if e.kind() == std::io::ErrorKind::NotFound => {
+            "does not exist (or is a symbolic link to nothing)".to_string()
+        }
         _ => format!("cannot be read: {e}"),
     })?;
     if c.to_str().is_none() {

@@ -141,11 +141,9 @@ async fn chroma_status(cfg: &Config) -> ChromaStatus {
 
 /// The running agent's own snapshot and health, through its status API.
 /// The running agent's `/status` and `/health`, or why they could not be had.
-async fn live_status(
-    cfg: &Config,
-) -> Result<(crate::api::AgentStatus, Option<Health>), String> {
-    let client = crate::api::ApiClient::new(&cfg.api, Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
+async fn live_status(cfg: &Config) -> Result<(crate::api::AgentStatus, Option<Health>), String> {
+    let client =
+        crate::api::ApiClient::new(&cfg.api, Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let status = match client.status().await {
         Ok(Some(s)) => s,
         Ok(None) => {

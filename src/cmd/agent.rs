@@ -399,7 +399,8 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
             "unchanged": summary.unchanged,
             "moved": summary.moved,
             "deleted": summary.deleted,
-            "failed": summary.failed.iter().map(|(p, r)| serde_json::json!({"path": p, "reason": r})).collect::<Vec<_>>(),
+            // Lossy: a name that is not UTF-8 is among the failures, and JSON is text.
+            "failed": summary.failed.iter().map(|(p, r)| serde_json::json!({"path": p.to_string_lossy(), "reason": r})).collect::<Vec<_>>(),
             "pages": summary.pages,
             "seconds": started.elapsed().as_secs_f64(),
         });
@@ -527,7 +528,9 @@ fn render(s: &Status) -> String {
     if let Some(why) = &s.watch_polling {
         line(
             &mut out,
-            format!("warning: the watcher polls the folders (changes are seen within seconds): {why}"),
+            format!(
+                "warning: the watcher polls the folders (changes are seen within seconds): {why}"
+            ),
         );
     }
     if let Some(h) = &s.health {

@@ -505,9 +505,13 @@ impl Drop for ServedAgent {
     }
 }
 
-
 /// Polls `f` every 100 ms until it gives `Some`, for at most `limit`.
-pub fn poll<T>(what: &str, limit: Duration, agent: &ServedAgent, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn poll<T>(
+    what: &str,
+    limit: Duration,
+    agent: &ServedAgent,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Some(v) = f() {
@@ -517,7 +521,6 @@ pub fn poll<T>(what: &str, limit: Duration, agent: &ServedAgent, mut f: impl FnM
     }
     panic!("timed out waiting for {what}; log:\n{}", agent.log_text());
 }
-
 
 /// A current-thread runtime for a blocking test's async calls.
 pub fn rt() -> tokio::runtime::Runtime {

@@ -348,7 +348,15 @@ fn a_store_on_a_full_then_read_only_disk_stops_the_agent_and_nothing_is_lost() {
             // one does).
             let _ = agent.stop();
             disk.remount("ro");
-            agent = ServedAgent::launch(&rig, &cfg, &[], Launch { no_wait: true, ..Default::default() });
+            agent = ServedAgent::launch(
+                &rig,
+                &cfg,
+                &[],
+                Launch {
+                    no_wait: true,
+                    ..Default::default()
+                },
+            );
         }
         let name = format!("during-{round}.pdf");
         write_file(&rig.root.join(&name), &pdf_pages(&name, 0, 1));
@@ -357,7 +365,10 @@ fn a_store_on_a_full_then_read_only_disk_stops_the_agent_and_nothing_is_lost() {
         let mut n = 0;
         while break_disk && n < 4000 && agent.child.try_wait().expect("wait").is_none() {
             for _ in 0..25 {
-                write_file(&rig.root.join(format!("many/{round}-{n}.txt")), format!("note {n} about rivers").as_bytes());
+                write_file(
+                    &rig.root.join(format!("many/{round}-{n}.txt")),
+                    format!("note {n} about rivers").as_bytes(),
+                );
                 n += 1;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -372,13 +383,29 @@ fn a_store_on_a_full_then_read_only_disk_stops_the_agent_and_nothing_is_lost() {
         } else {
             "read-only: make it writable"
         };
-        assert!(log.contains(advice), "{round}: the log does not say `{advice}`:\n{}", tail(&log));
+        assert!(
+            log.contains(advice),
+            "{round}: the log does not say `{advice}`:\n{}",
+            tail(&log)
+        );
 
         // Started again while the disk is still broken: refused at once, with the same advice.
-        let mut again = ServedAgent::launch(&rig, &cfg, &[], Launch { no_wait: true, ..Default::default() });
+        let mut again = ServedAgent::launch(
+            &rig,
+            &cfg,
+            &[],
+            Launch {
+                no_wait: true,
+                ..Default::default()
+            },
+        );
         let status = exits(&mut again, Duration::from_secs(60));
         assert!(!status.success());
-        assert!(again.log_text().contains(advice), "{}", tail(&again.log_text()));
+        assert!(
+            again.log_text().contains(advice),
+            "{}",
+            tail(&again.log_text())
+        );
 
         if break_disk {
             disk.free();
@@ -412,7 +439,8 @@ fn killed_at_random_points_twenty_times_with_edits_between_converges() {
     let mut live: Vec<PathBuf> = Vec::new();
     for round in 0..rounds {
         // An edit: a new document, a changed one, a rename, a deletion.
-        let pick = |rng: &mut rand::rngs::StdRng, v: &Vec<PathBuf>| v[rng.gen_range(0..v.len())].clone();
+        let pick =
+            |rng: &mut rand::rngs::StdRng, v: &Vec<PathBuf>| v[rng.gen_range(0..v.len())].clone();
         match (rng.gen_range(0..4), live.is_empty()) {
             (0, _) | (_, true) => {
                 let p = rig.root.join(format!("doc-{round}.pdf"));
@@ -421,7 +449,10 @@ fn killed_at_random_points_twenty_times_with_edits_between_converges() {
             }
             (1, false) => {
                 let p = pick(&mut rng, &live);
-                write_file(&p, &pdf_pages(&format!("edit{round}"), 0, rng.gen_range(1..6)));
+                write_file(
+                    &p,
+                    &pdf_pages(&format!("edit{round}"), 0, rng.gen_range(1..6)),
+                );
             }
             (2, false) => {
                 let p = pick(&mut rng, &live);
@@ -441,7 +472,16 @@ fn killed_at_random_points_twenty_times_with_edits_between_converges() {
         let agent = ServedAgent::start(&rig, &rig.cfg, &[]);
         let ms = rng.gen_range(0..1500);
         eprintln!("round {round}: kill after {ms} ms");
-        std::fs::OpenOptions::new().append(true).open(&agent.log).and_then(|mut f| std::io::Write::write_all(&mut f, format!("---- round {round}: kill after {ms} ms\n").as_bytes())).ok();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&agent.log)
+            .and_then(|mut f| {
+                std::io::Write::write_all(
+                    &mut f,
+                    format!("---- round {round}: kill after {ms} ms\n").as_bytes(),
+                )
+            })
+            .ok();
         std::thread::sleep(Duration::from_millis(ms));
         signal(agent.child.id(), libc::SIGKILL);
         drop(agent);
@@ -473,7 +513,11 @@ fn zip_bomb_pdf(mb: usize) -> Vec<u8> {
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>".to_vec(),
         [
-            format!("<< /Length {} /Filter /FlateDecode >>\nstream\n", stream.len()).into_bytes(),
+            format!(
+                "<< /Length {} /Filter /FlateDecode >>\nstream\n",
+                stream.len()
+            )
+            .into_bytes(),
             stream,
             b"\nendstream".to_vec(),
         ]
@@ -491,8 +535,11 @@ fn zip_bomb_pdf(mb: usize) -> Vec<u8> {
         out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
     }
     out.extend_from_slice(
-        format!("trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n", objs.len() + 1)
-            .as_bytes(),
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objs.len() + 1
+        )
+        .as_bytes(),
     );
     out
 }
@@ -537,20 +584,42 @@ fn hostile_files_and_names_each_get_a_reason_and_the_rest_is_indexed() {
     rig.cfg.extract.render_timeout_s = 60;
     let root = rig.root.clone();
     // Good documents among the bad, so that the bad are seen not to block them.
-    std::fs::copy(crate::common::corpus().join("asyRefCard.pdf"), root.join("good.pdf")).unwrap();
-    write_file(&root.join("notes.txt"), b"plain words about rivers and mountains\n");
-    write_file(&root.join("deep/a/b/c/d/e/f/g/nested.pdf"), &pdf_pages("nested", 0, 1));
+    std::fs::copy(
+        crate::common::corpus().join("asyRefCard.pdf"),
+        root.join("good.pdf"),
+    )
+    .unwrap();
+    write_file(
+        &root.join("notes.txt"),
+        b"plain words about rivers and mountains\n",
+    );
+    write_file(
+        &root.join("deep/a/b/c/d/e/f/g/nested.pdf"),
+        &pdf_pages("nested", 0, 1),
+    );
     let long = format!("{}.pdf", "l".repeat(250));
     write_file(&root.join(&long), &pdf_pages("long", 0, 0));
-    write_file(&root.join("spaces and ünïcödé (1).pdf"), &pdf_pages("odd", 0, 0));
+    write_file(
+        &root.join("spaces and ünïcödé (1).pdf"),
+        &pdf_pages("odd", 0, 0),
+    );
 
     // The bad.
     write_file(&root.join("empty.pdf"), b"");
     let real = std::fs::read(crate::common::corpus().join("xfig-howto.pdf")).unwrap();
     write_file(&root.join("truncated.pdf"), &real[..real.len() / 3]);
-    write_file(&root.join("lying.pdf"), b"this is not a PDF at all, only text\n");
-    write_file(&root.join("encrypted.pdf"), &crate::extract::encrypted_pdf(b"sesame", "secret"));
-    write_file(&root.join("bomb.pdf"), &zip_bomb_pdf(if soak() { 4096 } else { 1536 }));
+    write_file(
+        &root.join("lying.pdf"),
+        b"this is not a PDF at all, only text\n",
+    );
+    write_file(
+        &root.join("encrypted.pdf"),
+        &crate::extract::encrypted_pdf(b"sesame", "secret"),
+    );
+    write_file(
+        &root.join("bomb.pdf"),
+        &zip_bomb_pdf(if soak() { 4096 } else { 1536 }),
+    );
     let many: Vec<String> = (0..10_000).map(|i| format!("page {i}")).collect();
     write_file(&root.join("ten-thousand-pages.pdf"), &make_pdf(&many));
     huge_png(&root.join("huge.png"), 30_000);
@@ -559,7 +628,8 @@ fn hostile_files_and_names_each_get_a_reason_and_the_rest_is_indexed() {
     write_file(&root.join("unreadable.pdf"), &pdf_pages("unreadable", 0, 0));
     std::os::unix::fs::symlink(root.join("loop-b"), root.join("loop-a.pdf")).unwrap();
     std::os::unix::fs::symlink(root.join("loop-a.pdf"), root.join("loop-b")).unwrap();
-    let fifo = std::ffi::CString::new(root.join("fifo.pdf").as_os_str().as_encoded_bytes()).unwrap();
+    let fifo =
+        std::ffi::CString::new(root.join("fifo.pdf").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mkfifo(3) on a path this test owns.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
 
@@ -568,8 +638,11 @@ fn hostile_files_and_names_each_get_a_reason_and_the_rest_is_indexed() {
     chown_tree(&rig.cfg.state_dir, NOBODY);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
-    std::fs::set_permissions(root.join("unreadable.pdf"), std::fs::Permissions::from_mode(0o000))
-        .unwrap();
+    std::fs::set_permissions(
+        root.join("unreadable.pdf"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
     let home = rig.cfg.state_dir.join("home");
     std::fs::create_dir_all(home.join(".local/share/docusearch-agent")).unwrap();
     std::fs::copy(
@@ -579,7 +652,15 @@ fn hostile_files_and_names_each_get_a_reason_and_the_rest_is_indexed() {
     .unwrap();
     chown_tree(&home, NOBODY);
     let env = [("HOME", home.to_str().unwrap()), ("XDG_DATA_HOME", "")];
-    let mut agent = ServedAgent::launch(&rig, &rig.cfg, &env, Launch { uid: Some(NOBODY), no_wait: false });
+    let mut agent = ServedAgent::launch(
+        &rig,
+        &rig.cfg,
+        &env,
+        Launch {
+            uid: Some(NOBODY),
+            no_wait: false,
+        },
+    );
     quiet(&agent, Duration::from_secs(300));
     running(&mut agent);
 
@@ -593,8 +674,16 @@ fn hostile_files_and_names_each_get_a_reason_and_the_rest_is_indexed() {
                 && !f["reason"].as_str().unwrap_or("").is_empty()
         })
     };
-    for p in [root.join("locked"), latin1_name(&root), root.join("unreadable.pdf")] {
-        assert!(listed(&p), "{} is not listed as failed in status: {status:#}", p.display());
+    for p in [
+        root.join("locked"),
+        latin1_name(&root),
+        root.join("unreadable.pdf"),
+    ] {
+        assert!(
+            listed(&p),
+            "{} is not listed as failed in status: {status:#}",
+            p.display()
+        );
     }
     // The oracle reads as root, so it would read what the agent may not: those two are
     // judged above, the rest below.
@@ -624,7 +713,9 @@ fn runtime_toml() -> PathBuf {
     let data = std::env::var_os("XDG_DATA_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".local/share")
+        });
     let p = data.join("docusearch-agent/runtime.toml");
     assert!(p.is_file(), "{} is missing: run scripts/setup", p.display());
     p
@@ -682,14 +773,29 @@ fn with_the_inotify_limits_used_up_the_agent_polls_and_says_so() {
     chown_tree(&rig.cfg.state_dir, NOBODY);
     let home = rig.cfg.state_dir.join("home");
     std::fs::create_dir_all(home.join(".local/share/docusearch-agent")).unwrap();
-    std::fs::copy(runtime_toml(), home.join(".local/share/docusearch-agent/runtime.toml")).unwrap();
+    std::fs::copy(
+        runtime_toml(),
+        home.join(".local/share/docusearch-agent/runtime.toml"),
+    )
+    .unwrap();
     chown_tree(&home, NOBODY);
     let _hog = InotifyHog::new(NOBODY);
     let env = [("HOME", home.to_str().unwrap()), ("XDG_DATA_HOME", "")];
-    let mut agent = ServedAgent::launch(&rig, &rig.cfg, &env, Launch { uid: Some(NOBODY), no_wait: false });
+    let mut agent = ServedAgent::launch(
+        &rig,
+        &rig.cfg,
+        &env,
+        Launch {
+            uid: Some(NOBODY),
+            no_wait: false,
+        },
+    );
     let s = agent.status();
     let why = s.watch_polling.clone().unwrap_or_default();
-    assert!(why.contains("inotify"), "status does not say the watcher polls: {s:?}");
+    assert!(
+        why.contains("inotify"),
+        "status does not say the watcher polls: {s:?}"
+    );
     let text = Command::new(agent_exe())
         .arg("--config")
         .arg(&agent.config)
@@ -709,13 +815,19 @@ fn with_the_inotify_limits_used_up_the_agent_polls_and_says_so() {
             .then_some(())
     };
     write_file(&rig.root.join("later.pdf"), &pdf_pages("later", 0, 2));
-    poll("the poller to see a new file", Duration::from_secs(60), &agent, || {
-        seen("later.pdf", &[DocState::Indexed, DocState::Unchanged])
-    });
+    poll(
+        "the poller to see a new file",
+        Duration::from_secs(60),
+        &agent,
+        || seen("later.pdf", &[DocState::Indexed, DocState::Unchanged]),
+    );
     std::fs::remove_file(rig.root.join("first.pdf")).unwrap();
-    poll("the poller to see a deletion", Duration::from_secs(60), &agent, || {
-        seen("first.pdf", &[DocState::Removed])
-    });
+    poll(
+        "the poller to see a deletion",
+        Duration::from_secs(60),
+        &agent,
+        || seen("first.pdf", &[DocState::Removed]),
+    );
     quiet(&agent, Duration::from_secs(60));
     running(&mut agent);
     let files = documents(&rig.root);
@@ -727,7 +839,14 @@ fn with_the_inotify_limits_used_up_the_agent_polls_and_says_so() {
 /// `chroma run` on `port` with its data in `dir`, as a user runs it (not restarted by anyone).
 fn chroma_process(dir: &Path, port: u16) -> Child {
     let child = Command::new(crate::common::chroma_bin())
-        .args(["run", "--host", "127.0.0.1", "--port", &port.to_string(), "--path"])
+        .args([
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--path",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -736,8 +855,12 @@ fn chroma_process(dir: &Path, port: u16) -> Child {
     let url = format!("http://127.0.0.1:{port}");
     let rt = crate::common::rt();
     let up = crate::common::wait_until(Duration::from_secs(60), || {
-        rt.block_on(docusearch_agent::chroma::client::probe(&url, None, Duration::from_secs(2)))
-            .is_ok()
+        rt.block_on(docusearch_agent::chroma::client::probe(
+            &url,
+            None,
+            Duration::from_secs(2),
+        ))
+        .is_ok()
     });
     assert!(up, "chroma did not start on port {port}");
     child
@@ -764,13 +887,16 @@ fn chroma_killed_for_a_while_costs_no_document_and_no_second_embedding() {
     write_file(&root.join("d.pdf"), &pdf_pages("d", 0, 2));
     write_file(&root.join("a.pdf"), &pdf_pages("a2", 0, 5));
     std::fs::remove_file(root.join("b.pdf")).unwrap();
-    let away = if soak() { Duration::from_secs(300) } else { Duration::from_secs(45) };
+    let away = if soak() {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(45)
+    };
     let until = std::time::Instant::now() + away;
     let mut said = false;
     while std::time::Instant::now() < until {
         let s = agent.status();
-        said |= s.sync_waiting.is_some()
-            && agent.health().is_some_and(|h| !h.is_healthy());
+        said |= s.sync_waiting.is_some() && agent.health().is_some_and(|h| !h.is_healthy());
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(said, "neither /status nor /health said Chroma was away");
@@ -780,9 +906,18 @@ fn chroma_killed_for_a_while_costs_no_document_and_no_second_embedding() {
     quiet(&agent, Duration::from_secs(180));
     let s = agent.status();
     assert!(s.sync_waiting.is_none(), "{s:?}");
-    assert!(s.failures.is_empty(), "an outage is not a document failure: {:?}", s.failures);
+    assert!(
+        s.failures.is_empty(),
+        "an outage is not a document failure: {:?}",
+        s.failures
+    );
     // Embedded once each: a (4 pages), b (2), then c (5), d (3) and a's new version (6).
-    assert_eq!(s.counters.pages_embedded, 4 + 2 + 5 + 3 + 6, "{:?}", s.counters);
+    assert_eq!(
+        s.counters.pages_embedded,
+        4 + 2 + 5 + 3 + 6,
+        "{:?}",
+        s.counters
+    );
     let files = documents(&root);
     let tally = crate::common::rt().block_on(oracle(&rig, &agent, &files));
     assert_eq!(tally.indexed, 3, "{tally:?}");
@@ -804,14 +939,25 @@ fn ten_thousand_small_files_in_one_burst_are_all_indexed_once() {
         let text = format!("note {i} about rivers, mountains and printing\n");
         write_file(&p, text.as_bytes());
         let hash = ContentHash::of_bytes(text.as_bytes()).to_string();
-        want.insert(p, Ok(Expected { pages: 0, chunks: 1, hash }));
+        want.insert(
+            p,
+            Ok(Expected {
+                pages: 0,
+                chunks: 1,
+                hash,
+            }),
+        );
     }
     let mut agent = agent;
     quiet(&agent, Duration::from_secs(1200));
     running(&mut agent);
     let s = agent.status();
     assert_eq!(s.indexed.files, n as u64, "{:?}", s.indexed);
-    assert_eq!(s.counters.chunks_embedded, n as u64, "each embedded once: {:?}", s.counters);
+    assert_eq!(
+        s.counters.chunks_embedded, n as u64,
+        "each embedded once: {:?}",
+        s.counters
+    );
     let tally = crate::common::rt().block_on(oracle_of(&rig, &agent, want));
     assert_eq!(tally.indexed, n);
     eprintln!("burst of {n} files: {tally:?}, {:?}", s.counters);
@@ -826,7 +972,11 @@ fn a_file_rewritten_every_100_ms_for_a_minute_is_indexed_once_when_it_stops() {
     rig.cfg.watch.settle_ms = docusearch_agent::config::Config::default().watch.settle_ms;
     let agent = ServedAgent::start(&rig, &rig.cfg, &[]);
     let path = rig.root.join("busy.pdf");
-    let span = if soak() { Duration::from_secs(300) } else { Duration::from_secs(60) };
+    let span = if soak() {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(60)
+    };
     let started = std::time::Instant::now();
     let mut i = 0u32;
     while started.elapsed() < span {
@@ -847,4 +997,52 @@ fn a_file_rewritten_every_100_ms_for_a_minute_is_indexed_once_when_it_stops() {
     );
     let tally = crate::common::rt().block_on(oracle(&rig, &agent, &[path]));
     assert_eq!(tally.indexed, 1);
+}
+
+// ---- `index` of what is not a document ----
+
+#[test]
+fn index_says_what_a_fifo_a_link_loop_and_a_non_utf8_name_are() {
+    let rig = rig(0);
+    let root = rig.root.clone();
+    write_file(&root.join("good.pdf"), &pdf_pages("good", 0, 0));
+    std::os::unix::fs::symlink(root.join("loop-b.pdf"), root.join("loop-a.pdf")).unwrap();
+    std::os::unix::fs::symlink(root.join("loop-a.pdf"), root.join("loop-b.pdf")).unwrap();
+    let fifo =
+        std::ffi::CString::new(root.join("fifo.pdf").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a path this test owns.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    write_file(&latin1_name(&root), &pdf_pages("latin1", 0, 0));
+    let config = rig.cfg.state_dir.join("config.toml");
+    std::fs::write(&config, toml::to_string(&rig.cfg).unwrap()).unwrap();
+    let out = Command::new(agent_exe())
+        .arg("--config")
+        .arg(&config)
+        .arg("index")
+        .args([
+            root.join("good.pdf"),
+            root.join("fifo.pdf"),
+            root.join("loop-a.pdf"),
+            latin1_name(&root),
+        ])
+        .output()
+        .expect("index runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for said in [
+        "is not a regular file (a FIFO",
+        "is a loop of symbolic links",
+        "its name is not valid UTF-8",
+        "indexed 1 files",
+        " 0 unchanged",
+    ] {
+        assert!(
+            text.contains(said),
+            "`index` does not say `{said}`:\n{text}"
+        );
+    }
 }
