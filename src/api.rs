@@ -45,6 +45,7 @@
 
 mod metrics;
 mod status;
+pub mod web;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -66,6 +67,7 @@ pub use status::{
     FailedDocument, Health, HealthState, IndexedCounts, ModelState, ModelStatus, QueueCounts,
     QueuedPaths, RecentDocument, StoreStatus, TaskFailure, LISTED_FAILURES, RECENT_DOCUMENTS,
 };
+pub use web::WebBackend;
 
 use crate::config::ApiConfig;
 pub use crate::telemetry::now_iso;
@@ -159,6 +161,10 @@ struct Inner {
     requests_rx: Mutex<Option<mpsc::UnboundedReceiver<AgentRequest>>>,
     index_requests_done: std::sync::atomic::AtomicU64,
     started: Instant,
+    /// The web page's search and thumbnails, once `run` has its store and Chroma.
+    web: std::sync::OnceLock<Arc<WebBackend>>,
+    /// Cancelled when the server shuts down: ends the page's event streams.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// Work the API asks of the agent, with where its answer goes (an error is the reason, for the
@@ -225,8 +231,25 @@ impl ApiState {
                 requests_rx: Mutex::new(Some(requests_rx)),
                 index_requests_done: std::sync::atomic::AtomicU64::new(0),
                 started: Instant::now(),
+                web: std::sync::OnceLock::new(),
+                closing: tokio_util::sync::CancellationToken::new(),
             }),
         }
+    }
+
+    /// Gives the web page its search and thumbnails (the first call wins). Until then they
+    /// answer 503.
+    pub fn attach_web(&self, web: WebBackend) {
+        let _ = self.inner.web.set(Arc::new(web));
+    }
+
+    fn web(&self) -> Option<Arc<WebBackend>> {
+        self.inner.web.get().cloned()
+    }
+
+    /// Resolves when the server is shutting down.
+    fn closing(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.inner.closing.clone().cancelled_owned()
     }
 
     /// What the agent's stages record; [`ApiState::snapshot`] reads it.
@@ -440,6 +463,7 @@ pub struct ApiServer {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     allow_non_loopback: bool,
+    token: Option<String>,
 }
 
 impl ApiServer {
@@ -457,6 +481,7 @@ impl ApiServer {
             listener,
             addr,
             allow_non_loopback: cfg.allow_non_loopback,
+            token: cfg.token.clone(),
         })
     }
 
@@ -472,7 +497,14 @@ impl ApiServer {
     ) -> Result<(), ApiError> {
         tracing::info!(addr = %self.addr, "status API listening");
         let addr = self.addr;
-        let app = router(state, addr, self.allow_non_loopback);
+        // Event streams never end by themselves: they are told to, or a graceful shutdown
+        // would wait for every open page.
+        let closing = state.inner.closing.clone();
+        let shutdown = async move {
+            shutdown.await;
+            closing.cancel();
+        };
+        let app = app(state, addr, self.allow_non_loopback, self.token);
         axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -492,7 +524,20 @@ pub async fn serve(
 /// The routes, answering requests addressed to `listening` (see the module's notes on who may
 /// ask), for embedding in another server or testing.
 pub fn router(state: ApiState, listening: SocketAddr, allow_non_loopback: bool) -> Router {
+    app(state, listening, allow_non_loopback, None)
+}
+
+/// [`router`], with the web page's token for when it listens off loopback.
+fn app(
+    state: ApiState,
+    listening: SocketAddr,
+    allow_non_loopback: bool,
+    token: Option<String>,
+) -> Router {
     let guard = Arc::new(RequestGuard::new(listening, allow_non_loopback));
+    let web = web::WebGuard {
+        needs_token: guard.bound.map(|_| token),
+    };
     Router::new()
         .route("/health", get(health))
         .route("/status", get(status))
@@ -500,7 +545,8 @@ pub fn router(state: ApiState, listening: SocketAddr, allow_non_loopback: bool) 
         .route("/rescan", post(rescan))
         .route("/index", post(index))
         .route("/repair", post(repair))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(web::routes(state, web))
         .layer(middleware::from_fn_with_state(guard, check_request))
 }
 

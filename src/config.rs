@@ -182,6 +182,11 @@ pub struct ApiConfig {
     pub port: u16,
     /// Binding anything but loopback must be asked for explicitly.
     pub allow_non_loopback: bool,
+    /// Off loopback, the web page (`/`, `/api/...`) answers only requests carrying this token
+    /// (`?token=` or `Authorization: Bearer`); without one it is not served there. Never logged.
+    pub token: Option<String>,
+    /// The web page's thumbnail cache (under the state directory) is kept below this size.
+    pub thumbnail_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -300,6 +305,8 @@ impl Default for ApiConfig {
             bind: "127.0.0.1".into(),
             port: 8002,
             allow_non_loopback: false,
+            token: None,
+            thumbnail_cache_mb: 256,
         }
     }
 }
@@ -646,6 +653,21 @@ impl Config {
                 "a loopback address (127.0.0.1 or ::1); set api.allow_non_loopback = true to expose the status API",
             ));
         }
+        if self
+            .api
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().len() < 16)
+        {
+            return Err(invalid(
+                "api.token",
+                "(hidden)",
+                "at least 16 characters (`openssl rand -hex 16` makes one)",
+            ));
+        }
+        if self.api.thumbnail_cache_mb == 0 {
+            return Err(invalid("api.thumbnail_cache_mb", 0, "at least 1"));
+        }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return Err(invalid(
                 "logging.format",
@@ -683,6 +705,11 @@ impl Config {
     /// The sled store's directory.
     pub fn store_dir(&self) -> PathBuf {
         self.state_dir.join("state.sled")
+    }
+
+    /// The web page's thumbnail cache.
+    pub fn thumbnail_dir(&self) -> PathBuf {
+        self.state_dir.join("thumbnails")
     }
 
     /// The managed Chroma server's data directory.

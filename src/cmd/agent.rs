@@ -130,6 +130,7 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     // We hold the store's lock, so a pid file left behind is of a run that did not stop
     // cleanly (killed, crashed, power lost), maybe between a write to Chroma and the store.
     let unclean = status::pid_file(&cfg).exists();
+    let web_store = store.clone();
     let _pid = PidFile::write(&cfg)
         .with_context(|| format!("cannot write the pid file in {}", cfg.state_dir.display()))?;
     let (url, mut managed) = chroma(&cfg, false)?;
@@ -145,7 +146,7 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             recover_index(&repair, &cfg, &store).await;
         }
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
-        let extract = RealExtract::new(&cfg, exe)?;
+        let extract = RealExtract::new(&cfg, exe.clone())?;
         let loader = RealModelLoader { cfg: cfg.model.clone() };
         let folders: Vec<PathBuf> = cfg.watch.folders.clone();
         let supervisor = Supervisor::new(Arc::new(Telemetry::new(&cfg.model.name)));
@@ -158,6 +159,13 @@ pub fn run_command(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             s.chroma.url = url.clone();
             s.watched_folders = folders.clone();
         });
+        // The web page's search and thumbnails read the same store, Chroma and renderer.
+        let mut web_cfg = cfg.clone();
+        web_cfg.watch.folders = folders.clone();
+        match api::WebBackend::new(&web_cfg, &url, web_store, exe) {
+            Ok(web) => api_state.attach_web(web),
+            Err(e) => tracing::warn!("the web page's search and thumbnails are not available: {e}"),
+        }
         // The status API answers from the start (a failure to listen is reported, not fatal:
         // indexing matters more than its dashboard).
         if cfg.api.enabled {
@@ -345,7 +353,7 @@ pub fn index_command(ctx: &Context, args: IndexArgs) -> anyhow::Result<ExitCode>
     let summary = rt.block_on(async {
         let syncer = docusearch_agent::sync::Syncer::connect(&url, &cfg).await?;
         let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
-        let extract = RealExtract::new(&cfg, exe)?;
+        let extract = RealExtract::new(&cfg, exe.clone())?;
         let loader = RealModelLoader {
             cfg: cfg.model.clone(),
         };

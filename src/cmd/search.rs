@@ -3,14 +3,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use docusearch_agent::agent::status::{open_or_held, StoreAccess};
 use docusearch_agent::search::repair::{
     reconcile_with_store, repair_collection, OrphanReason, StoreReconcile,
 };
 use docusearch_agent::search::{
-    connect_for_reading, RecordKind, Scope, SearchOptions, SearchResults, Searcher,
+    connect_for_reading, search_text, RecordKind, Scope, SearchOptions, SearchResults, Searcher,
 };
 
 use super::{runtime, Context, RepairArgs, SearchArgs, SearchMode};
@@ -24,14 +22,6 @@ pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCod
     let t = std::time::Instant::now();
     let embedder = docusearch_agent::embed::Embedder::load(&ctx.config.model)?;
     let load_time = t.elapsed();
-    let t = std::time::Instant::now();
-    let query = embedder
-        .embed_queries(&[args.query.as_str()])?
-        .into_iter()
-        .next()
-        .context("the model returned no vectors for the query")?;
-    let embed_time = t.elapsed();
-
     let opts = SearchOptions {
         limit: args.limit,
         candidates: args.candidates.max(args.limit),
@@ -42,20 +32,20 @@ pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCod
         },
         ..SearchOptions::default()
     };
-    let results = rt.block_on(searcher.search(&query, &opts))?;
+    let report = rt.block_on(search_text(
+        &embedder,
+        &searcher,
+        &conn.url,
+        &args.query,
+        &opts,
+        load_time,
+    ))?;
+    let results = &report.results;
 
     if args.json {
-        let out = serde_json::json!({
-            "query": args.query,
-            "mode": opts.scope,
-            "chroma": conn.url,
-            "model_load_ms": load_time.as_secs_f64() * 1e3,
-            "query_embedding_ms": embed_time.as_secs_f64() * 1e3,
-            "results": results,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_results(&results);
+        print_results(results);
     }
     if args.verbose {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -63,7 +53,7 @@ pub fn search_command(ctx: &Context, args: SearchArgs) -> anyhow::Result<ExitCod
         eprintln!(
             "model load {:.0} ms, query embedding {:.1} ms; stage 1 (Chroma, {} + {} candidates) {:.1} ms; stage 2 (fetch + decode + MaxSim) {:.1} ms [fetch {:.1} ms, decode+score {:.1} ms summed over slices]; search total {:.1} ms",
             ms(load_time),
-            ms(embed_time),
+            report.query_embedding_ms,
             results.candidates_visual,
             results.candidates_text,
             ms(t.stage1),

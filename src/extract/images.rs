@@ -7,12 +7,12 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
 use super::protocol::{Emit, WorkerFailure};
 use super::{DocumentInfo, Page};
-use crate::embed::preprocess::resize_for_model;
 use crate::types::DocFormat;
 
 pub(crate) fn extract(
     path: &Path,
     image_size: u32,
+    keep_aspect: bool,
     notes: Vec<String>,
     out: &mut dyn Emit,
 ) -> Result<(), WorkerFailure> {
@@ -25,7 +25,7 @@ pub(crate) fn extract(
         notes,
     };
     out.info(&info)?;
-    let image = resize_for_model(&rgb, image_size, image_size);
+    let image = super::fit(&rgb, image_size, keep_aspect);
     out.page(&Page {
         number: 1,
         image: Some(image),

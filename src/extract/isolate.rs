@@ -83,7 +83,9 @@ pub(crate) fn run_worker(
 
     let mut reader = BufReader::with_capacity(1 << 20, stdout);
     let mut info: Option<DocumentInfo> = None;
-    let mut next_page = 1u32;
+    // A thumbnail request asks for one page alone.
+    let mut next_page = request.only_page.unwrap_or(1);
+    let mut sent = 0u32;
     let mut deliver = |event: ExtractEvent| {
         // Time spent downstream (embedding) is not the renderer's.
         let _ = clock.send(Clock::Pause);
@@ -101,6 +103,7 @@ pub(crate) fn run_worker(
             }
             Ok(Some(Frame::Page(p))) if info.is_some() && p.number == next_page => {
                 next_page += 1;
+                sent += 1;
                 if deliver(ExtractEvent::Page(p)).is_break() {
                     break Outcome::Stopped;
                 }
@@ -147,10 +150,14 @@ pub(crate) fn run_worker(
             let info = info.ok_or_else(|| {
                 crashed(path, "finished without describing the document", &stderr)
             })?;
-            if next_page - 1 != info.num_pages {
+            let expected = match request.only_page {
+                Some(n) => u32::from(n <= info.num_pages),
+                None => info.num_pages,
+            };
+            if sent != expected {
                 return Err(crashed(
                     path,
-                    &format!("sent {} of {} pages", next_page - 1, info.num_pages),
+                    &format!("sent {sent} of {expected} pages"),
                     &stderr,
                 ));
             }

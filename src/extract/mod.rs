@@ -84,6 +84,22 @@ impl ExtractOptions {
     }
 }
 
+/// `img` resized for the model (`size`×`size`), or with its proportions kept and its longest
+/// side `size` (a thumbnail).
+pub(crate) fn fit(img: &image::RgbImage, size: u32, keep_aspect: bool) -> image::RgbImage {
+    let (w, h) = if keep_aspect {
+        let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
+        let scale = (size as f64 / w.max(h)).min(1.0);
+        (
+            ((w * scale).round() as u32).max(1),
+            ((h * scale).round() as u32).max(1),
+        )
+    } else {
+        (size, size)
+    };
+    crate::embed::preprocess::resize_for_model(img, w, h)
+}
+
 /// What is known about a document before its pages arrive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DocumentInfo {
@@ -333,13 +349,43 @@ impl Extractor {
         self.soffice.is_none().then_some(office::NEEDS_LIBREOFFICE)
     }
 
-    /// Blocking. Runs the isolated worker on one file and streams events as pages are rendered
-    /// (never all pages in memory). The sink returns `ControlFlow::Break(())` to stop early.
-    pub fn extract(
+    /// Blocking. Renders page `page` (1-based) of `path` alone, in the isolated worker, its
+    /// longest side `max_side` pixels and its proportions kept: a thumbnail. `None` when the
+    /// document has no such page or the page has no image (text files, office files without
+    /// LibreOffice).
+    pub fn render_page(
         &self,
         path: &Path,
-        sink: &mut dyn FnMut(ExtractEvent) -> ControlFlow<()>,
-    ) -> Result<DocumentInfo, ExtractError> {
+        page: u32,
+        max_side: u32,
+    ) -> Result<Option<image::RgbImage>, ExtractError> {
+        let (mut request, _converted) = self.request(path)?;
+        if matches!(
+            request.kind,
+            protocol::WorkKind::Text | protocol::WorkKind::OfficeText
+        ) {
+            return Ok(None);
+        }
+        request.only_page = Some(page);
+        request.keep_aspect = true;
+        request.image_size = max_side;
+        let mut found = None;
+        isolate::run_worker(&self.opts, path, &request, &mut |ev| match ev {
+            ExtractEvent::Page(p) => {
+                found = p.image.filter(|_| p.number == page);
+                ControlFlow::Continue(())
+            }
+            ExtractEvent::Info(_) => ControlFlow::Continue(()),
+        })?;
+        Ok(found)
+    }
+
+    /// What the worker is asked to do with `path` (an office file is converted to PDF first:
+    /// the converted copy lives as long as the second value).
+    fn request(
+        &self,
+        path: &Path,
+    ) -> Result<(protocol::WorkRequest, Option<office::Converted>), ExtractError> {
         let format = DocFormat::from_path(path).ok_or_else(|| ExtractError::Unsupported {
             path: path.to_path_buf(),
             detail: "unknown file extension".into(),
@@ -347,7 +393,7 @@ impl Extractor {
         let kind = sniff::check_file(path, format, self.opts.max_file_bytes)?;
         let mut notes = Vec::new();
         let legacy = matches!(format, DocFormat::Doc | DocFormat::Ppt);
-        let (source, kind, _converted) = match (kind, &self.soffice) {
+        let (source, kind, converted) = match (kind, &self.soffice) {
             (protocol::WorkKind::OfficeText, Some(soffice)) => {
                 match office::convert_to_pdf(soffice, path, self.opts.render_timeout) {
                     Ok(converted) => (converted.pdf.clone(), protocol::WorkKind::Pdf, Some(converted)),
@@ -388,7 +434,20 @@ impl Extractor {
             max_pages: self.opts.max_pages,
             pdfium_path: self.pdfium.clone(),
             notes,
+            only_page: None,
+            keep_aspect: false,
         };
+        Ok((request, converted))
+    }
+
+    /// Blocking. Runs the isolated worker on one file and streams events as pages are rendered
+    /// (never all pages in memory). The sink returns `ControlFlow::Break(())` to stop early.
+    pub fn extract(
+        &self,
+        path: &Path,
+        sink: &mut dyn FnMut(ExtractEvent) -> ControlFlow<()>,
+    ) -> Result<DocumentInfo, ExtractError> {
+        let (request, _converted) = self.request(path)?;
         // Chunks are numbered across the document.
         let mut next_chunk = 0u32;
         let o = &self.opts;

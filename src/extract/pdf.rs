@@ -8,7 +8,6 @@ use pdfium_render::prelude::*;
 
 use super::protocol::{Emit, WorkerFailure};
 use super::{DocumentInfo, Page};
-use crate::embed::preprocess::resize_for_model;
 use crate::types::DocFormat;
 
 /// Longest side of a rendered page, in pixels (a US Letter page at 150 DPI is 1650).
@@ -22,6 +21,8 @@ pub(crate) struct PdfJob<'a> {
     pub image_size: u32,
     pub max_pages: u32,
     pub notes: Vec<String>,
+    pub only_page: Option<u32>,
+    pub keep_aspect: bool,
 }
 
 /// Renders every page in order, handing each to `out` as soon as it is ready.
@@ -53,8 +54,18 @@ pub(crate) fn extract(
     out.info(&info)?;
 
     let dpi_scale = job.render_dpi as f32 / 72.0;
-    for (i, page) in pages.iter().enumerate() {
-        let number = i as u32 + 1;
+    // A thumbnail asks for one page: the others are not even loaded.
+    let numbers = match job.only_page {
+        Some(n) => n.max(1)..=n.min(num_pages),
+        None => 1..=num_pages,
+    };
+    for number in numbers {
+        let page = pages
+            .get((number - 1) as PdfPageIndex)
+            .map_err(|e| WorkerFailure::Corrupt {
+                format: "PDF".into(),
+                detail: format!("page {number}: load: {e}"),
+            })?;
         // Posters and CAD sheets would need gigabytes at full DPI, and the model sees
         // `image_size` pixels anyway: such pages are rendered smaller.
         let longest = page.width().value.max(page.height().value).max(1.0);
@@ -75,7 +86,7 @@ pub(crate) fn extract(
             format: "PDF".into(),
             detail: format!("page {number}: PDFium returned an unexpected bitmap"),
         })?;
-        let image = resize_for_model(&rendered, job.image_size, job.image_size);
+        let image = super::fit(&rendered, job.image_size, job.keep_aspect);
         drop(rendered);
         let text = page_text(&page).map_err(|e| corrupt("text", e))?;
         out.page(&Page {

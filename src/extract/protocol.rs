@@ -36,6 +36,13 @@ pub(crate) struct WorkRequest {
     pub pdfium_path: PathBuf,
     /// Notes the parent already knows, passed through into the document info.
     pub notes: Vec<String>,
+    /// Render and send only this page (1-based): a thumbnail.
+    #[serde(default)]
+    pub only_page: Option<u32>,
+    /// Keep the page's proportions, its longest side `image_size` (a thumbnail), instead of
+    /// the model's square.
+    #[serde(default)]
+    pub keep_aspect: bool,
 }
 
 /// A failure the worker understood and reports in-band.

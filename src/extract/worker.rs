@@ -64,10 +64,14 @@ fn run(req: &WorkRequest, out: &mut Frames) -> Result<(), WorkerFailure> {
                 image_size: req.image_size,
                 max_pages: req.max_pages,
                 notes,
+                only_page: req.only_page,
+                keep_aspect: req.keep_aspect,
             };
             super::pdf::extract(&pdfium, job, out)
         }
-        WorkKind::Image => super::images::extract(&req.source, req.image_size, notes, out),
+        WorkKind::Image => {
+            super::images::extract(&req.source, req.image_size, req.keep_aspect, notes, out)
+        }
         WorkKind::OfficeText => super::office::extract_text(&req.source, req.format, notes, out),
         WorkKind::Text => super::text::extract(&req.source, req.format, notes, out),
     }

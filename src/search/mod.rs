@@ -62,3 +62,45 @@ pub fn connect_for_reading(config: &Config) -> anyhow::Result<ReadConnection> {
         _started: started,
     })
 }
+
+/// What `search --json` prints and `GET /api/search` answers: one type, so both say exactly
+/// the same. Fields in the order the command always printed them (alphabetical).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchReport {
+    /// The Chroma server searched.
+    pub chroma: String,
+    pub mode: Scope,
+    /// Time spent loading the model for this query (0 when it was already loaded).
+    pub model_load_ms: f64,
+    pub query: String,
+    pub query_embedding_ms: f64,
+    pub results: SearchResults,
+}
+
+/// Embeds `query` with `embedder` and runs the two-stage search: the one path from a query's
+/// text to its [`SearchReport`] (`model_load` is what the caller spent loading the model).
+pub async fn search_text(
+    embedder: &crate::embed::Embedder,
+    searcher: &Searcher,
+    chroma_url: &str,
+    query: &str,
+    opts: &SearchOptions,
+    model_load: std::time::Duration,
+) -> anyhow::Result<SearchReport> {
+    let t = std::time::Instant::now();
+    let vectors = embedder
+        .embed_queries(&[query])?
+        .into_iter()
+        .next()
+        .context("the model returned no vectors for the query")?;
+    let embed_time = t.elapsed();
+    let results = searcher.search(&vectors, opts).await?;
+    Ok(SearchReport {
+        chroma: chroma_url.to_string(),
+        mode: opts.scope,
+        model_load_ms: model_load.as_secs_f64() * 1e3,
+        query: query.to_string(),
+        query_embedding_ms: embed_time.as_secs_f64() * 1e3,
+        results,
+    })
+}

@@ -24,6 +24,7 @@ fn loopback_config() -> ApiConfig {
         bind: "127.0.0.1".into(),
         port: 0,
         allow_non_loopback: false,
+        ..ApiConfig::default()
     }
 }
 
@@ -1155,4 +1156,59 @@ async fn index_refusals_say_nothing_about_what_lies_outside_the_watched_folders(
     assert_eq!(jobs, vec![root.join("a.pdf")], "{jobs:?}");
     api.shutdown().await;
     agent.abort();
+}
+
+/// The web page off loopback: refused without `api.token` set, then answered only with it
+/// (`?token=` or a bearer header); the rest of the API is as before. On loopback it needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_off_loopback_is_served_only_with_the_token() {
+    let token = "0123456789abcdef0123";
+    for (configured, path, header, expected) in [
+        (None, "/".to_string(), "", 403),
+        (None, "/api/events".to_string(), "", 403),
+        (Some(token), "/".to_string(), "", 401),
+        (
+            Some(token),
+            "/?token=wrong-token-wrong-token".to_string(),
+            "",
+            401,
+        ),
+        (Some(token), format!("/?token={token}"), "", 200),
+        (
+            Some(token),
+            "/app.js".to_string(),
+            &format!("\r\nAuthorization: Bearer {token}") as &str,
+            200,
+        ),
+        (Some(token), "/status".to_string(), "", 200),
+    ] {
+        let cfg = ApiConfig {
+            bind: "0.0.0.0".into(),
+            allow_non_loopback: true,
+            token: configured.map(String::from),
+            ..loopback_config()
+        };
+        let api = RunningApi::start(&cfg, quiet_state()).await;
+        let port = api.addr.port();
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        let (code, body) = raw_request(
+            to,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}{header}"),
+            "",
+        )
+        .await;
+        assert_eq!(code, expected, "{path} with token {configured:?}: {body}");
+        api.shutdown().await;
+    }
+    // Loopback: no token asked for.
+    let api = RunningApi::start(&loopback_config(), quiet_state()).await;
+    let (code, body) = raw_request(
+        api.addr,
+        &format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}", api.addr.port()),
+        "",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("DocuSearch"), "{body}");
+    api.shutdown().await;
 }

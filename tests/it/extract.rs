@@ -971,7 +971,10 @@ fn a_page_too_big_for_the_memory_bound_fails_its_file_only() {
         matches!(err, ExtractError::OutOfMemory { limit_mb: 200, .. }) && err.is_permanent(),
         "{err}"
     );
-    assert_eq!(err.reason(), "renderer exceeded 200 MiB");
+    assert_eq!(
+        err.reason(),
+        "renderer needed more than its 200 MiB memory bound (extract.worker_memory_mb)"
+    );
     assert_eq!(
         collect(&ex, &common::corpus().join("asyRefCard.pdf"))
             .unwrap()

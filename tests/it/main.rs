@@ -22,3 +22,4 @@ mod service;
 mod state;
 mod sync;
 mod watch;
+mod web;

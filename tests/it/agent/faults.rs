@@ -949,7 +949,8 @@ fn ten_thousand_small_files_in_one_burst_are_all_indexed_once() {
         );
     }
     let mut agent = agent;
-    quiet(&agent, Duration::from_secs(1200));
+    // A limit, not a speed goal (about 6 files/s were seen with the machine loaded 3-fold).
+    quiet(&agent, Duration::from_secs(3000));
     running(&mut agent);
     let s = agent.status();
     assert_eq!(s.indexed.files, n as u64, "{:?}", s.indexed);
