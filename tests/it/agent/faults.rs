@@ -441,7 +441,12 @@ fn killed_at_random_points_twenty_times_with_edits_between_converges() {
         // An edit: a new document, a changed one, a rename, a deletion.
         let pick =
             |rng: &mut rand::rngs::StdRng, v: &Vec<PathBuf>| v[rng.gen_range(0..v.len())].clone();
-        match (rng.gen_range(0..4), live.is_empty()) {
+        // Deletions leave at least two documents, so the oracle always has files to check.
+        let op = match rng.gen_range(0..4) {
+            3 if live.len() < 3 => 0,
+            op => op,
+        };
+        match (op, live.is_empty()) {
             (0, _) | (_, true) => {
                 let p = rig.root.join(format!("doc-{round}.pdf"));
                 write_file(&p, &pdf_pages(&format!("r{round}"), 0, rng.gen_range(1..6)));
@@ -490,6 +495,7 @@ fn killed_at_random_points_twenty_times_with_edits_between_converges() {
     quiet(&agent, Duration::from_secs(180));
     running(&mut agent);
     let files = documents(&rig.root);
+    assert!(files.len() >= 2, "seed {seed}: the rounds left {files:?}");
     let tally = crate::common::rt().block_on(oracle(&rig, &agent, &files));
     assert_eq!(tally.indexed, files.len(), "seed {seed}: {tally:?}");
     eprintln!("{rounds} SIGKILL rounds (seed {seed}): {tally:?}");
