@@ -324,7 +324,11 @@ fn check_device(choice: DeviceChoice, dtype: DtypeChoice) -> Check {
             }
         }
         Err(e) => {
-            let feature = if choice == DeviceChoice::Cuda { "cuda" } else { "metal" };
+            let feature = if choice == DeviceChoice::Cuda {
+                "cuda"
+            } else {
+                "metal"
+            };
             Check::fail(
                 NAME,
                 format!("{feature} was asked for (model.device / DEVICE) but cannot be used: {e}"),

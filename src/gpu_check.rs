@@ -16,7 +16,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{DeviceChoice, DtypeChoice, ExtractConfig, ModelConfig};
-use crate::embed::{self, Embedder, EmbedError};
+use crate::embed::{self, EmbedError, Embedder};
 use crate::extract::{ExtractError, ExtractEvent, ExtractOptions, Extractor};
 use crate::types::MultiVector;
 
@@ -107,7 +107,10 @@ pub enum CheckError {
 /// Runs the three parts.
 pub fn run(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let mut parity = Vec::new();
-    for (dtype, limit) in [(DtypeChoice::F32, F32_LIMIT), (DtypeChoice::Bf16, BF16_LIMIT)] {
+    for (dtype, limit) in [
+        (DtypeChoice::F32, F32_LIMIT),
+        (DtypeChoice::Bf16, BF16_LIMIT),
+    ] {
         parity.push(parity_row(opts, dtype, limit)?);
     }
 
@@ -130,7 +133,9 @@ pub fn run(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     let mut speed = Vec::new();
     for &b in &opts.batches {
         let pixels = Tensor::rand(-1f32, 1f32, (b, 3, s, s), &Device::Cpu).map_err(forward)?;
-        let secs = median_secs(opts.rounds, || embedder.embed_pixel_values(&pixels).map(drop))?;
+        let secs = median_secs(opts.rounds, || {
+            embedder.embed_pixel_values(&pixels).map(drop)
+        })?;
         speed.push(SpeedRow {
             what: "pages",
             batch: b,
@@ -138,7 +143,12 @@ pub fn run(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
             per_s: b as f64 / secs,
         });
     }
-    let queries: Vec<&str> = QUERIES.iter().cycle().take(opts.query_batch.max(1)).copied().collect();
+    let queries: Vec<&str> = QUERIES
+        .iter()
+        .cycle()
+        .take(opts.query_batch.max(1))
+        .copied()
+        .collect();
     let secs = median_secs(opts.rounds, || embedder.embed_queries(&queries).map(drop))?;
     speed.push(SpeedRow {
         what: "queries",
@@ -212,7 +222,11 @@ fn reference_error(path: &Path, message: impl Into<String>) -> CheckError {
     }
 }
 
-fn parity_row(opts: &CheckOptions, dtype: DtypeChoice, limit: f32) -> Result<ParityRow, CheckError> {
+fn parity_row(
+    opts: &CheckOptions,
+    dtype: DtypeChoice,
+    limit: f32,
+) -> Result<ParityRow, CheckError> {
     let ref_dir = opts.fixtures.join("colpali-reference");
     let st_path = ref_dir.join("reference.safetensors");
     let json_path = ref_dir.join("reference.json");
@@ -220,7 +234,9 @@ fn parity_row(opts: &CheckOptions, dtype: DtypeChoice, limit: f32) -> Result<Par
         .map_err(|e| reference_error(&st_path, e.to_string()))?;
     let json: serde_json::Value = std::fs::read_to_string(&json_path)
         .map_err(|e| reference_error(&json_path, e.to_string()))
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| reference_error(&json_path, e.to_string())))?;
+        .and_then(|t| {
+            serde_json::from_str(&t).map_err(|e| reference_error(&json_path, e.to_string()))
+        })?;
     let get = |name: &str| -> Result<MultiVector, CheckError> {
         let t = tensors
             .get(name)
@@ -230,7 +246,11 @@ fn parity_row(opts: &CheckOptions, dtype: DtypeChoice, limit: f32) -> Result<Par
             .and_then(|t| t.to_vec2::<f32>())
             .map_err(|e| reference_error(&st_path, e.to_string()))?;
         let dim = rows.first().map_or(0, Vec::len);
-        Ok(MultiVector::new(rows.len(), dim, rows.into_iter().flatten().collect()))
+        Ok(MultiVector::new(
+            rows.len(),
+            dim,
+            rows.into_iter().flatten().collect(),
+        ))
     };
     let queries: Vec<String> = json["queries"]
         .as_array()
@@ -353,8 +373,14 @@ pub fn render(r: &CheckReport) -> String {
         out.push_str(&s);
         out.push('\n');
     };
-    line(format!("gpu-check on {} ({})", r.device, r.placement_reason));
-    line(format!("{:<44} {:>14} {:>10}", "check", "result", "verdict"));
+    line(format!(
+        "gpu-check on {} ({})",
+        r.device, r.placement_reason
+    ));
+    line(format!(
+        "{:<44} {:>14} {:>10}",
+        "check", "result", "verdict"
+    ));
     for p in &r.parity {
         line(format!(
             "{:<44} {:>14} {:>10}",
@@ -372,7 +398,9 @@ pub fn render(r: &CheckReport) -> String {
     line(format!("size: {}, {}, random weights", r.size, r.dtype));
     line(format!(
         "{:<44} {:>14} {:>10}",
-        "build the random model on the device", format!("{:.2} s", r.build_secs), ""
+        "build the random model on the device",
+        format!("{:.2} s", r.build_secs),
+        ""
     ));
     for s in &r.speed {
         line(format!(
@@ -385,7 +413,10 @@ pub fn render(r: &CheckReport) -> String {
     if let Some(c) = &r.corpus {
         line(format!(
             "{:<44} {:>14} {:>10}",
-            format!("{} PDF pages of {} documents: render + embed", c.pages, c.documents),
+            format!(
+                "{} PDF pages of {} documents: render + embed",
+                c.pages, c.documents
+            ),
             format!("{:.2}/s", c.pages_per_s),
             format!("{:.1}+{:.1} s", c.render_secs, c.embed_secs)
         ));

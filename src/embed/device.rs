@@ -20,14 +20,33 @@ pub struct DeviceSelection {
 /// compiled in) is an error that says how to get it.
 pub fn select(device: DeviceChoice, dtype: DtypeChoice) -> Result<DeviceSelection, EmbedError> {
     let (device, fell_back_to_cpu, device_why) = match device {
-        DeviceChoice::Cpu => (Device::Cpu, false, "device = cpu, forced by configuration".to_string()),
-        DeviceChoice::Metal => (metal()?, false, "device = metal, forced by configuration".to_string()),
-        DeviceChoice::Cuda => (cuda()?, false, "device = cuda, forced by configuration".to_string()),
+        DeviceChoice::Cpu => (
+            Device::Cpu,
+            false,
+            "device = cpu, forced by configuration".to_string(),
+        ),
+        DeviceChoice::Metal => (
+            metal()?,
+            false,
+            "device = metal, forced by configuration".to_string(),
+        ),
+        DeviceChoice::Cuda => (
+            cuda()?,
+            false,
+            "device = cuda, forced by configuration".to_string(),
+        ),
         DeviceChoice::Auto => match (metal(), cuda()) {
             (Ok(d), _) => (d, false, "device = auto, Metal found".to_string()),
             (_, Ok(d)) => (d, false, "device = auto, CUDA GPU 0 found".to_string()),
             (Err(m), Err(c)) => {
-                let why = format!("device = auto and no GPU: {}; {}", bare(&m), bare(&c));
+                // Only the back-ends this build has can explain why they were not used.
+                let why = match (cfg!(feature = "metal"), cfg!(feature = "cuda")) {
+                    (false, false) => "this build has no GPU back-end".to_string(),
+                    (true, false) => bare(&m),
+                    (false, true) => bare(&c),
+                    (true, true) => format!("{}; {}", bare(&m), bare(&c)),
+                };
+                let why = format!("device = auto and no GPU: {why}");
                 tracing::warn!(
                     "ColPali runs on the CPU, much more slowly ({why}); build with `--features metal` or \
                      `--features cuda` (make cuda-build) for a GPU"
@@ -77,7 +96,14 @@ fn metal() -> Result<Device, EmbedError> {
 
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Device, EmbedError> {
-    Device::new_cuda(0).map_err(|e| EmbedError::Device(format!("no usable CUDA device: {e}")))
+    Device::new_cuda(0).map_err(|e| {
+        // candle appends a backtrace to some errors: the first line is the cause.
+        let cause = e.to_string();
+        let cause = cause.lines().next().unwrap_or_default().trim().to_string();
+        EmbedError::Device(format!(
+            "no usable CUDA device: {cause} (is the NVIDIA driver, version 580 or newer, installed? `nvidia-smi` tells)"
+        ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

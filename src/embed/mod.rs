@@ -207,7 +207,9 @@ impl Embedder {
         for w in weights::wanted(model_cfg).map_err(weights_error)? {
             // Scaled like a trained layer (unit-variance outputs), so activations stay finite.
             let std = match w.shape.as_slice() {
-                [_, rest @ ..] if !rest.is_empty() => 1.0 / (rest.iter().product::<usize>() as f64).sqrt(),
+                [_, rest @ ..] if !rest.is_empty() => {
+                    1.0 / (rest.iter().product::<usize>() as f64).sqrt()
+                }
                 _ => 0.1,
             };
             let t = Tensor::randn(0f32, std as f32, w.shape.as_slice(), &sel.device)

@@ -174,7 +174,10 @@ pub fn load(
         if !matches!(t.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
             return Err(weights_error(
                 &t.shard.path,
-                format!("`{}` is {:?}; only BF16, F16 and F32 weights are read", w.name, t.dtype),
+                format!(
+                    "`{}` is {:?}; only BF16, F16 and F32 weights are read",
+                    w.name, t.dtype
+                ),
             ));
         }
         jobs.push((w, t));
@@ -227,7 +230,12 @@ fn report_progress(done: &AtomicU64, finished: &AtomicBool, total: u64, started:
 }
 
 /// One tensor in `dtype` on `device`.
-fn convert(t: &Located, dtype: DType, device: &Device, done: &AtomicU64) -> candle_core::Result<Tensor> {
+fn convert(
+    t: &Located,
+    dtype: DType,
+    device: &Device,
+    done: &AtomicU64,
+) -> candle_core::Result<Tensor> {
     let same = matches!(
         (t.dtype, dtype),
         (Dtype::BF16, DType::BF16) | (Dtype::F16, DType::F16) | (Dtype::F32, DType::F32)

@@ -296,8 +296,9 @@ fn cpu_fallback() -> ModelPlacement {
         device: "cpu".into(),
         dtype: "f32".into(),
         fell_back_to_cpu: true,
-        reason: "device = auto and no GPU: this build has no CUDA support; dtype = auto: f32 on the CPU"
-            .into(),
+        reason:
+            "device = auto and no GPU: this build has no GPU back-end; dtype = auto: f32 on the CPU"
+                .into(),
     }
 }
 
@@ -576,9 +577,7 @@ async fn every_endpoint_answers_over_real_http() {
         "{:?}",
         health.reasons
     );
-    state
-        .telemetry()
-        .model_loaded(cpu_fallback(), 0.5);
+    state.telemetry().model_loaded(cpu_fallback(), 0.5);
     state.update(|s| s.store.error = Some("I/O error: disk full".into()));
     let (code, health, _) = get_health(&api).await;
     assert_eq!(code, 503);

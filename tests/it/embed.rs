@@ -684,8 +684,7 @@ fn a_tensor_of_the_wrong_shape_is_refused_naming_it() {
         DType::F32,
         &Device::Cpu,
     )
-    .err()
-    .expect("a shape mismatch is an error")
+    .expect_err("a shape mismatch is an error")
     .to_string();
     assert!(err.contains(&name) && err.contains("shape"), "{err}");
 }

@@ -120,7 +120,10 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
                     let p = m.placement();
                     let secs = started.elapsed().as_secs_f64();
                     if p.fell_back_to_cpu {
-                        tracing::warn!("no GPU could be used: the model runs on the CPU (much slower): {}", p.reason);
+                        tracing::warn!(
+                            "no GPU could be used: the model runs on the CPU (much slower): {}",
+                            p.reason
+                        );
                     }
                     telemetry.model_loaded(p, secs);
                     *self
