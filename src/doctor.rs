@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{ChromaTarget, Config, DeviceChoice};
+use crate::config::{ChromaTarget, Config, DeviceChoice, DtypeChoice};
+use crate::embed::device;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +50,7 @@ pub fn run_checks(config: &Config) -> Vec<Check> {
     ];
     checks.extend(recall);
     checks.push(check_model(config));
-    checks.push(check_device(config.model.device));
+    checks.push(check_device(config.model.device, config.model.dtype));
     checks
 }
 
@@ -301,26 +302,37 @@ fn check_model(config: &Config) -> Check {
     }
 }
 
-fn check_device(choice: DeviceChoice) -> Check {
+/// Selects the device exactly as loading the model does (a CUDA device is opened, not only
+/// compiled in), and says which device and dtype, and why.
+fn check_device(choice: DeviceChoice, dtype: DtypeChoice) -> Check {
     const NAME: &str = "device";
-    let cuda = candle_core::utils::cuda_is_available();
-    let metal = candle_core::utils::metal_is_available();
-    match choice {
-        DeviceChoice::Cpu => Check::pass(NAME, "cpu (forced by configuration)"),
-        DeviceChoice::Auto if metal => Check::pass(NAME, "auto → metal"),
-        DeviceChoice::Auto if cuda => Check::pass(NAME, "auto → cuda:0"),
-        DeviceChoice::Auto => Check::pass(
-            NAME,
-            "auto → cpu: no GPU back-end in this build or no GPU found; embedding will be slow (the agent logs a warning)",
-        ),
-        DeviceChoice::Cuda if cuda => Check::pass(NAME, "cuda:0"),
-        DeviceChoice::Metal if metal => Check::pass(NAME, "metal"),
-        DeviceChoice::Cuda | DeviceChoice::Metal => {
-            let feature = if choice == DeviceChoice::Cuda { "cuda" } else { "metal" };
+    match device::select(choice, dtype) {
+        Ok(sel) => {
+            let place = format!(
+                "{}, {} ({})",
+                device::device_name(&sel.device),
+                device::dtype_name(sel.dtype),
+                sel.reason
+            );
+            if sel.fell_back_to_cpu {
+                Check::pass(
+                    NAME,
+                    format!("{place}: embedding will be slow (the agent logs a warning)"),
+                )
+            } else {
+                Check::pass(NAME, place)
+            }
+        }
+        Err(e) => {
+            let feature = if choice == DeviceChoice::Cuda {
+                "cuda"
+            } else {
+                "metal"
+            };
             Check::fail(
                 NAME,
-                format!("{feature} was asked for (model.device / DEVICE) but is not available in this build or on this machine"),
-                format!("build with `cargo build --release --features {feature}` on a machine with that GPU, or set DEVICE=auto"),
+                format!("{feature} was asked for (model.device / DEVICE) but cannot be used: {e}"),
+                format!("build with `cargo build --release --features {feature}` (CUDA: `make cuda-build`) on a machine with that GPU and its driver, or set DEVICE=auto"),
             )
         }
     }

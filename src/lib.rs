@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod embed;
 pub mod errors;
 pub mod extract;
+pub mod gpu_check;
 pub mod logging;
 pub mod records;
 pub mod runtime_paths;

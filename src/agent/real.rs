@@ -136,6 +136,7 @@ impl Embed for RealModel {
             device: self.0.device_name(),
             dtype: self.0.dtype_name(),
             fell_back_to_cpu: self.0.fell_back_to_cpu(),
+            reason: self.0.placement_reason().to_string(),
         }
     }
 }

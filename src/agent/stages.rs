@@ -64,13 +64,8 @@ pub trait Embed: Send + 'static {
     fn placement(&self) -> Placement;
 }
 
-/// Where a loaded model runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    pub device: String,
-    pub dtype: String,
-    pub fell_back_to_cpu: bool,
-}
+/// Where a loaded model runs (device, dtype, whether that is a fall-back, and why).
+pub use crate::telemetry::ModelPlacement as Placement;
 
 /// Loads the model when the first page needs it (the agent unloads it when idle).
 pub trait EmbedLoader: Send + Sync + 'static {

@@ -566,6 +566,9 @@ fn model_state(m: &ModelStatus) -> String {
         if m.fell_back_to_cpu {
             p.push_str(": no usable GPU, so the CPU is used");
         }
+        if let Some(why) = &m.placement_reason {
+            p.push_str(&format!(" ({why})"));
+        }
         p
     };
     match (m.state, &m.error) {

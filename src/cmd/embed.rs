@@ -8,7 +8,7 @@ use serde_json::json;
 use docusearch_agent::embed::{loader, Embedder};
 use docusearch_agent::types::MultiVector;
 
-use super::{Context, EmbedArgs};
+use super::{Context, EmbedArgs, GpuCheckArgs};
 
 fn rows_json(mv: &MultiVector) -> Vec<&[f32]> {
     (0..mv.rows).map(|r| mv.row(r)).collect()
@@ -102,4 +102,31 @@ pub fn fetch_command(
         println!("  {}", f.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `gpu-check`: the table on stdout; exit 1 when a parity check fails.
+pub fn gpu_check_command(ctx: &Context, args: GpuCheckArgs) -> anyhow::Result<ExitCode> {
+    use docusearch_agent::gpu_check;
+    let size_config = args
+        .size_config
+        .unwrap_or_else(|| args.fixtures.join("colpali-v1.2-merged/config.json"));
+    let opts = gpu_check::CheckOptions {
+        device: args.device,
+        fixtures: args.fixtures,
+        size_config,
+        batches: args.batches,
+        query_batch: args.query_batch,
+        rounds: args.rounds,
+        documents: args.documents,
+        max_pages: args.max_pages,
+        worker_exe: std::env::current_exe().context("cannot find this executable")?,
+        pdfium: ctx.config.extract.pdfium_path.clone(),
+    };
+    let report = gpu_check::run(&opts)?;
+    print!("{}", gpu_check::render(&report));
+    Ok(if report.parity_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

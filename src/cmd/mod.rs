@@ -59,6 +59,9 @@ pub enum Command {
     /// Internal: the isolated renderer process (started by the agent itself).
     #[command(hide = true)]
     ExtractWorker,
+    /// Internal: parity and speed of ColPali on this machine's GPU (scripts/gpu-check runs it).
+    #[command(hide = true)]
+    GpuCheck(GpuCheckArgs),
 }
 
 impl Command {
@@ -66,7 +69,11 @@ impl Command {
     pub fn runs_the_model(&self) -> bool {
         matches!(
             self,
-            Command::Run(_) | Command::Index(_) | Command::Search(_) | Command::Embed(_)
+            Command::Run(_)
+                | Command::Index(_)
+                | Command::Search(_)
+                | Command::Embed(_)
+                | Command::GpuCheck(_)
         )
     }
 }
@@ -154,6 +161,40 @@ pub struct EmbedArgs {
     pub json: bool,
 }
 
+fn parse_device(s: &str) -> Result<docusearch_agent::config::DeviceChoice, String> {
+    docusearch_agent::config::DeviceChoice::parse(s)
+        .ok_or_else(|| format!("`{s}` is not a device: auto, cpu, cuda or metal"))
+}
+
+#[derive(Debug, Args)]
+pub struct GpuCheckArgs {
+    /// Where to run: `cuda` on the GPU machine; `cpu` to try the check anywhere.
+    #[arg(long, default_value = "cuda", value_parser = parse_device)]
+    pub device: docusearch_agent::config::DeviceChoice,
+    /// The folder with tiny-colpali/ and colpali-reference/ (the repo's tests/fixtures).
+    #[arg(long, value_name = "DIR")]
+    pub fixtures: PathBuf,
+    /// config.json giving the sizes of the speed runs (default: the real model's, under
+    /// FIXTURES/colpali-v1.2-merged/).
+    #[arg(long, value_name = "FILE")]
+    pub size_config: Option<PathBuf>,
+    /// Page batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    pub batches: Vec<usize>,
+    /// Queries per timed batch.
+    #[arg(long, default_value_t = 16)]
+    pub query_batch: usize,
+    /// Timed runs per batch size (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Documents to render with PDFium and embed.
+    #[arg(long = "document", value_name = "FILE")]
+    pub documents: Vec<PathBuf>,
+    /// At most this many of their pages.
+    #[arg(long, default_value_t = 32)]
+    pub max_pages: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct RepairArgs {
     /// Report what would be done without changing anything.
@@ -214,6 +255,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Model(ModelCommand::Fetch { model, revision }) => {
             embed::fetch_command(&ctx, model, revision)
         }
+        Command::GpuCheck(a) => embed::gpu_check_command(&ctx, a),
         Command::ExtractWorker => unreachable!("handled above"),
     };
     match result {

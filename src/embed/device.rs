@@ -12,44 +12,73 @@ pub struct DeviceSelection {
     pub device: Device,
     pub dtype: DType,
     pub fell_back_to_cpu: bool,
+    /// Why this device and this dtype, in words: what `status` and `doctor` show.
+    pub reason: String,
 }
 
 /// `auto`: Metal, else CUDA, else the CPU with a warning. A forced GPU that is not there (or not
 /// compiled in) is an error that says how to get it.
 pub fn select(device: DeviceChoice, dtype: DtypeChoice) -> Result<DeviceSelection, EmbedError> {
-    let (device, fell_back_to_cpu) = match device {
-        DeviceChoice::Cpu => (Device::Cpu, false),
-        DeviceChoice::Metal => (metal()?, false),
-        DeviceChoice::Cuda => (cuda()?, false),
-        DeviceChoice::Auto => {
-            if let Ok(d) = metal() {
-                (d, false)
-            } else if let Ok(d) = cuda() {
-                (d, false)
-            } else {
+    let (device, fell_back_to_cpu, device_why) = match device {
+        DeviceChoice::Cpu => (
+            Device::Cpu,
+            false,
+            "device = cpu, forced by configuration".to_string(),
+        ),
+        DeviceChoice::Metal => (
+            metal()?,
+            false,
+            "device = metal, forced by configuration".to_string(),
+        ),
+        DeviceChoice::Cuda => (
+            cuda()?,
+            false,
+            "device = cuda, forced by configuration".to_string(),
+        ),
+        DeviceChoice::Auto => match (metal(), cuda()) {
+            (Ok(d), _) => (d, false, "device = auto, Metal found".to_string()),
+            (_, Ok(d)) => (d, false, "device = auto, CUDA GPU 0 found".to_string()),
+            (Err(m), Err(c)) => {
+                // Only the back-ends this build has can explain why they were not used.
+                let why = match (cfg!(feature = "metal"), cfg!(feature = "cuda")) {
+                    (false, false) => "this build has no GPU back-end".to_string(),
+                    (true, false) => bare(&m),
+                    (false, true) => bare(&c),
+                    (true, true) => format!("{}; {}", bare(&m), bare(&c)),
+                };
+                let why = format!("device = auto and no GPU: {why}");
                 tracing::warn!(
-                    "no Metal or CUDA device available (or not compiled in): ColPali runs on the CPU, \
-                     much more slowly; build with `--features metal` or `--features cuda` for a GPU"
+                    "ColPali runs on the CPU, much more slowly ({why}); build with `--features metal` or \
+                     `--features cuda` (make cuda-build) for a GPU"
                 );
-                (Device::Cpu, true)
+                (Device::Cpu, true, why)
             }
-        }
+        },
     };
     if matches!(device, Device::Cpu) {
         keep_freed_memory_for_reuse();
     }
-    let dtype = match (dtype, &device) {
-        (DtypeChoice::F32, _) => DType::F32,
-        (DtypeChoice::F16, _) => DType::F16,
-        (DtypeChoice::Bf16, _) => DType::BF16,
-        (DtypeChoice::Auto, Device::Cpu) => DType::F32,
-        (DtypeChoice::Auto, _) => DType::BF16,
+    let (dtype, dtype_why) = match (dtype, &device) {
+        (DtypeChoice::F32, _) => (DType::F32, "dtype = f32"),
+        (DtypeChoice::F16, _) => (DType::F16, "dtype = f16"),
+        (DtypeChoice::Bf16, _) => (DType::BF16, "dtype = bf16"),
+        (DtypeChoice::Auto, Device::Cpu) => (DType::F32, "dtype = auto: f32 on the CPU"),
+        (DtypeChoice::Auto, _) => (DType::BF16, "dtype = auto: bf16 on a GPU"),
     };
     Ok(DeviceSelection {
         device,
         dtype,
         fell_back_to_cpu,
+        reason: format!("{device_why}; {dtype_why}"),
     })
+}
+
+/// An `EmbedError::Device`'s message without the "device: " its Display adds.
+fn bare(e: &EmbedError) -> String {
+    match e {
+        EmbedError::Device(m) => m.clone(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(feature = "metal")]
@@ -67,7 +96,14 @@ fn metal() -> Result<Device, EmbedError> {
 
 #[cfg(feature = "cuda")]
 fn cuda() -> Result<Device, EmbedError> {
-    Device::new_cuda(0).map_err(|e| EmbedError::Device(format!("no usable CUDA device: {e}")))
+    Device::new_cuda(0).map_err(|e| {
+        // candle appends a backtrace to some errors: the first line is the cause.
+        let cause = e.to_string();
+        let cause = cause.lines().next().unwrap_or_default().trim().to_string();
+        EmbedError::Device(format!(
+            "no usable CUDA device: {cause} (is the NVIDIA driver, version 580 or newer, installed? `nvidia-smi` tells)"
+        ))
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -10,6 +10,7 @@ pub mod model;
 mod ops;
 pub mod preprocess;
 pub mod prompt;
+pub mod weights;
 
 use std::path::PathBuf;
 
@@ -77,6 +78,7 @@ pub struct Embedder {
     prompts: Prompts,
     model_id: String,
     fell_back_to_cpu: bool,
+    placement_reason: String,
     batch_size_visual: usize,
     batch_size_text: usize,
     normalization: preprocess::Normalization,
@@ -87,7 +89,8 @@ const _: () = {
     assert_send_sync::<Embedder>();
 };
 
-fn read_config(path: &std::path::Path) -> Result<ColPaliConfig, EmbedError> {
+/// A `config.json` read and turned into the model's sizes.
+pub fn read_config(path: &std::path::Path) -> Result<ColPaliConfig, EmbedError> {
     let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Config {
         path: path.to_path_buf(),
         source: config::ConfigJsonError::Bad {
@@ -153,22 +156,24 @@ impl Embedder {
             }
         };
         let sel = device::select(cfg.device, cfg.dtype)?;
-        // SAFETY: the files are memory-mapped read-only; a checkpoint modified while loading
-        // is not a case we support (the same contract as every safetensors loader).
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, sel.dtype, &sel.device) }
-                .map_err(|e| EmbedError::Weights {
-                    path: files.weights.first().cloned().unwrap_or_default(),
-                    message: e.to_string(),
-                })?;
+        let started = std::time::Instant::now();
+        let first_shard = files.weights.first().cloned().unwrap_or_default();
+        let wanted = weights::wanted(&model_cfg).map_err(|e| EmbedError::Weights {
+            path: first_shard.clone(),
+            message: format!("the model cannot be built at this configuration: {e}"),
+        })?;
+        let tensors = weights::load(&files.weights, &wanted, sel.dtype, &sel.device)?;
+        let vb = VarBuilder::from_tensors(tensors, sel.dtype, &sel.device);
         let model = ColPaliModel::new(&model_cfg, vb).map_err(|e| EmbedError::Weights {
-            path: files.weights.first().cloned().unwrap_or_default(),
+            path: first_shard,
             message: e.to_string(),
         })?;
         tracing::info!(
             model = %files.id,
             device = %device::device_name(&sel.device),
             dtype = %device::dtype_name(sel.dtype),
+            why = %sel.reason,
+            secs = %format!("{:.2}", started.elapsed().as_secs_f64()),
             "ColPali loaded"
         );
         Ok(Embedder {
@@ -176,9 +181,53 @@ impl Embedder {
             prompts,
             model_id: files.id,
             fell_back_to_cpu: sel.fell_back_to_cpu,
+            placement_reason: sel.reason,
             batch_size_visual: cfg.batch_size_visual.max(1),
             batch_size_text: cfg.batch_size_text.max(1),
             normalization,
+        })
+    }
+
+    /// A model of this configuration with random weights made on the device itself (no file):
+    /// for measuring speed and memory at full size where the weights are not at hand
+    /// (`gpu-check`). Its outputs mean nothing. `tokenizer` only has to hold ids below the
+    /// configuration's vocabulary size.
+    pub fn random(
+        model_cfg: &ColPaliConfig,
+        tokenizer: &std::path::Path,
+        cfg: &ModelConfig,
+    ) -> Result<Embedder, EmbedError> {
+        let prompts = Prompts::load(tokenizer)?;
+        let sel = device::select(cfg.device, cfg.dtype)?;
+        let weights_error = |e: candle_core::Error| EmbedError::Weights {
+            path: "(random, in memory)".into(),
+            message: e.to_string(),
+        };
+        let mut tensors = std::collections::HashMap::new();
+        for w in weights::wanted(model_cfg).map_err(weights_error)? {
+            // Scaled like a trained layer (unit-variance outputs), so activations stay finite.
+            let std = match w.shape.as_slice() {
+                [_, rest @ ..] if !rest.is_empty() => {
+                    1.0 / (rest.iter().product::<usize>() as f64).sqrt()
+                }
+                _ => 0.1,
+            };
+            let t = Tensor::randn(0f32, std as f32, w.shape.as_slice(), &sel.device)
+                .and_then(|t| t.to_dtype(sel.dtype))
+                .map_err(weights_error)?;
+            tensors.insert(w.name, t);
+        }
+        let vb = VarBuilder::from_tensors(tensors, sel.dtype, &sel.device);
+        let model = ColPaliModel::new(model_cfg, vb).map_err(weights_error)?;
+        Ok(Embedder {
+            model,
+            prompts,
+            model_id: "(random weights)".into(),
+            fell_back_to_cpu: sel.fell_back_to_cpu,
+            placement_reason: sel.reason,
+            batch_size_visual: cfg.batch_size_visual.max(1),
+            batch_size_text: cfg.batch_size_text.max(1),
+            normalization: preprocess::Normalization::default(),
         })
     }
 
@@ -201,6 +250,10 @@ impl Embedder {
     /// Whether `device = auto` found no GPU and runs on the CPU.
     pub fn fell_back_to_cpu(&self) -> bool {
         self.fell_back_to_cpu
+    }
+    /// Why this device and dtype ("device = auto, CUDA GPU 0 found; dtype = auto: bf16 on a GPU").
+    pub fn placement_reason(&self) -> &str {
+        &self.placement_reason
     }
     pub fn config(&self) -> &ColPaliConfig {
         self.model.config()

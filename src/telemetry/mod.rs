@@ -106,6 +106,15 @@ pub enum ModelState {
     Failed,
 }
 
+/// Where a loaded model runs, as the embed stage reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPlacement {
+    pub device: String,
+    pub dtype: String,
+    pub fell_back_to_cpu: bool,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelStatus {
     pub name: String,
@@ -116,6 +125,8 @@ pub struct ModelStatus {
     pub dtype: Option<String>,
     /// A GPU was asked for (`auto`) and none was usable: the model runs on the CPU.
     pub fell_back_to_cpu: bool,
+    /// Why that device and dtype ("device = auto and no GPU: ...; dtype = auto: f32 on the CPU").
+    pub placement_reason: Option<String>,
     /// Why the last load failed; cleared by the next load that works.
     pub error: Option<String>,
     /// Seconds the last successful load took.
@@ -315,13 +326,14 @@ impl Telemetry {
     }
 
     /// A load that worked: where it runs, in what, after how long.
-    pub fn model_loaded(&self, device: String, dtype: String, fell_back_to_cpu: bool, secs: f64) {
+    pub fn model_loaded(&self, placed: ModelPlacement, secs: f64) {
         {
             let mut m = lock(&self.model);
             m.state = ModelState::Loaded;
-            m.device = Some(device);
-            m.dtype = Some(dtype);
-            m.fell_back_to_cpu = fell_back_to_cpu;
+            m.device = Some(placed.device);
+            m.dtype = Some(placed.dtype);
+            m.fell_back_to_cpu = placed.fell_back_to_cpu;
+            m.placement_reason = Some(placed.reason);
             m.error = None;
             m.load_seconds = Some(secs);
             m.loads += 1;

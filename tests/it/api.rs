@@ -13,7 +13,7 @@ use docusearch_agent::api::{
     StoreStatus,
 };
 use docusearch_agent::config::{ApiConfig, Config};
-use docusearch_agent::telemetry::Stage;
+use docusearch_agent::telemetry::{ModelPlacement, Stage};
 use docusearch_agent::types::DocId;
 
 use crate::common;
@@ -291,6 +291,18 @@ fn is_ready<F: Future>(fut: std::pin::Pin<&mut F>) -> bool {
     )
 }
 
+/// What the embed stage records when `device = auto` found no GPU.
+fn cpu_fallback() -> ModelPlacement {
+    ModelPlacement {
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        fell_back_to_cpu: true,
+        reason:
+            "device = auto and no GPU: this build has no GPU back-end; dtype = auto: f32 on the CPU"
+                .into(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_answers_over_real_http() {
     let chroma = tokio::task::spawn_blocking(common::start_chroma)
@@ -303,7 +315,7 @@ async fn every_endpoint_answers_over_real_http() {
     // What the pipeline would record (the running agent's own numbers are checked in
     // tests/it/agent/telemetry.rs).
     let m = state.telemetry();
-    m.model_loaded("cpu".into(), "f32".into(), true, 0.5);
+    m.model_loaded(cpu_fallback(), 0.5);
     m.files_indexed.inc();
     m.pages_indexed.inc_by(12);
     m.chunks_indexed.inc_by(3);
@@ -395,6 +407,11 @@ async fn every_endpoint_answers_over_real_http() {
     assert_eq!(raw["model"]["state"], "loaded");
     assert_eq!(status.model.device.as_deref(), Some("cpu"));
     assert!(status.model.fell_back_to_cpu);
+    assert_eq!(
+        status.model.placement_reason.as_deref(),
+        Some(cpu_fallback().reason.as_str()),
+        "/status says why the CPU is used"
+    );
     assert_eq!(status.chroma.url, chroma.url());
     assert_eq!(status.chroma.reachable, Some(true));
     assert!(status.chroma.last_checked.is_some());
@@ -561,9 +578,7 @@ async fn every_endpoint_answers_over_real_http() {
         "{:?}",
         health.reasons
     );
-    state
-        .telemetry()
-        .model_loaded("cpu".into(), "f32".into(), true, 0.5);
+    state.telemetry().model_loaded(cpu_fallback(), 0.5);
     state.update(|s| s.store.error = Some("I/O error: disk full".into()));
     let (code, health, _) = get_health(&api).await;
     assert_eq!(code, 503);

@@ -177,9 +177,15 @@ fn doctor_names_a_missing_watched_folder_and_checks_the_real_settings() {
 fn doctor_refuses_a_gpu_this_build_lacks() {
     let run = doctor("", &[("DEVICE", "cuda")]);
     let l = line(&run, "device");
-    // The CPU build (what CI runs) has no CUDA: ✘ with the fix; a CUDA build on a GPU: ✔.
+    // The CPU build (what CI runs) has no CUDA: ✘ with the fix. A CUDA build opens the device:
+    // ✔ on a GPU, ✘ naming the CUDA error without one.
     if candle_core::utils::cuda_is_available() {
-        assert!(l.starts_with('✔'), "{}", run.stdout);
+        assert!(
+            l.starts_with('✔') && l.contains("cuda:0")
+                || l.starts_with('✘') && l.contains("no usable CUDA device"),
+            "{}",
+            run.stdout
+        );
     } else {
         assert!(
             l.starts_with('✘') && run.stdout.contains("--features cuda"),

@@ -625,3 +625,115 @@ fn a_page_sized_resize_equals_pillow_byte_for_byte() {
         pillow.len()
     );
 }
+
+/// The loader (src/embed/weights.rs) gives exactly the values candle's own safetensors reader
+/// gives, for every tensor the model asks for, in every compute dtype, from a checkpoint stored
+/// in f32 (the tiny fixture) and one stored in bf16 (as the real checkpoint is).
+#[test]
+fn the_weights_loader_reads_exactly_what_candle_reads_in_every_dtype() {
+    use docusearch_agent::embed::weights;
+    let cfg = docusearch_agent::embed::read_config(&model_dir().join("config.json")).unwrap();
+    let wanted = weights::wanted(&cfg).unwrap();
+    let f32_file = model_dir().join("model.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let bf16_file = dir.path().join("model.safetensors");
+    let stored = candle_core::safetensors::load(&f32_file, &Device::Cpu).unwrap();
+    let as_bf16: HashMap<String, Tensor> = stored
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&as_bf16, &bf16_file).unwrap();
+
+    for file in [&f32_file, &bf16_file] {
+        let expected = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let got = weights::load(std::slice::from_ref(file), &wanted, dtype, &Device::Cpu)
+                .expect("the tiny checkpoint loads");
+            assert_eq!(got.len(), wanted.len());
+            for w in &wanted {
+                let g = &got[&w.name];
+                assert_eq!(g.dtype(), dtype, "{}", w.name);
+                assert_eq!(g.dims(), w.shape.as_slice(), "{}", w.name);
+                let want = expected[&w.name].to_dtype(dtype).unwrap();
+                let diff = (g.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{} from {} as {dtype:?}", w.name, file.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_refused_naming_it() {
+    use docusearch_agent::embed::weights;
+    let cfg = docusearch_agent::embed::read_config(&model_dir().join("config.json")).unwrap();
+    let mut wanted = weights::wanted(&cfg).unwrap();
+    wanted[0].shape.push(2);
+    let name = wanted[0].name.clone();
+    let err = weights::load(
+        &[model_dir().join("model.safetensors")],
+        &wanted,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect_err("a shape mismatch is an error")
+    .to_string();
+    assert!(err.contains(&name) && err.contains("shape"), "{err}");
+}
+
+/// `gpu-check`'s CPU path end to end (the GPU machine runs the same code on CUDA): parity in f32
+/// and bf16 against the reference, speed rows at a small size, and PDF pages rendered by PDFium
+/// and embedded.
+#[test]
+fn gpu_check_runs_end_to_end_on_the_cpu() {
+    let home = tempfile::tempdir().unwrap();
+    let out = agent_command(home.path())
+        .args(["gpu-check", "--device", "cpu", "--fixtures"])
+        .arg(common::fixture(""))
+        .arg("--size-config")
+        .arg(model_dir().join("config.json"))
+        .args(["--batches", "1,2", "--query-batch", "3", "--rounds", "1"])
+        .arg("--document")
+        .arg(common::fixture("corpus/asyRefCard.pdf"))
+        .args(["--max-pages", "2"])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "gpu-check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no `{start}` row in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(row("gpu-check on cpu").contains("device = cpu"), "{stdout}");
+    for dtype in ["f32", "bf16"] {
+        let r = row(&format!("parity {dtype} max|diff|"));
+        assert!(r.trim_end().ends_with("ok"), "{r}");
+    }
+    // Rates are printed as "N.NN/s": each must be a positive number.
+    let rate = |r: &str| -> f64 {
+        r.split_whitespace()
+            .find_map(|w| w.strip_suffix("/s"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no rate in {r}"))
+    };
+    for start in ["pages at batch 1", "pages at batch 2", "queries at batch 3"] {
+        assert!(rate(&row(start)) > 0.0, "{stdout}");
+    }
+    let corpus = row("2 PDF pages of 1 documents");
+    assert!(rate(&corpus) > 0.0, "{corpus}");
+}

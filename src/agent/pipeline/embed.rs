@@ -120,9 +120,12 @@ impl<L: EmbedLoader, S> ModelStage<L, S> {
                     let p = m.placement();
                     let secs = started.elapsed().as_secs_f64();
                     if p.fell_back_to_cpu {
-                        tracing::warn!("no GPU could be used: the model runs on the CPU (much slower); `docusearch-agent doctor` says why");
+                        tracing::warn!(
+                            "no GPU could be used: the model runs on the CPU (much slower): {}",
+                            p.reason
+                        );
                     }
-                    telemetry.model_loaded(p.device, p.dtype, p.fell_back_to_cpu, secs);
+                    telemetry.model_loaded(p, secs);
                     *self
                         .shared
                         .unavailable_wait

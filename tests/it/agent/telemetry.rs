@@ -88,6 +88,10 @@ fn status_and_metrics_follow_a_long_document_and_end_equal_to_what_was_indexed()
     assert_eq!(done.model.device.as_deref(), Some("cpu"));
     assert_eq!(done.model.dtype.as_deref(), Some("f32"));
     assert!(!done.model.fell_back_to_cpu, "DEVICE=cpu was asked for");
+    assert_eq!(
+        done.model.placement_reason.as_deref(),
+        Some("device = cpu, forced by configuration; dtype = auto: f32 on the CPU")
+    );
 
     // What Chroma holds is what every surface says.
     let rt = Agent::rt();
