@@ -479,6 +479,8 @@ fn a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was() {
         attempts,
         due_ms,
         seen,
+        closed: None,
+        changes: 0,
         pending: None,
         last_error: last_error.map(String::from),
     };
