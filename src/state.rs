@@ -568,6 +568,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Known files strictly under `dir` with their size and mtime, and whether `model`
+    /// embedded them: what a reconcile needs to pass over an unchanged file, read without
+    /// decoding the rest of each record.
+    pub fn stamps_under(
+        &self,
+        dir: &Path,
+        model: &str,
+    ) -> Result<Vec<(PathBuf, FileStamp, bool)>, StoreError> {
+        /// The part of a [`FileRecord`] read here; serde skips the other fields.
+        #[derive(Deserialize)]
+        struct StampView<'a> {
+            stamp: FileStamp,
+            #[serde(borrow)]
+            model: std::borrow::Cow<'a, str>,
+        }
+        let mut out = Vec::new();
+        for item in self.files.scan_prefix(dir_prefix(dir)?) {
+            let (k, v) = item.map_err(io("listing file records"))?;
+            let view: StampView = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "file",
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: e.to_string(),
+            })?;
+            out.push((path_of_key(&k), view.stamp, view.model == model));
+        }
+        Ok(out)
+    }
+
     /// Paths of known files with this content.
     pub fn paths_with_hash(&self, hash: &ContentHash) -> Result<Vec<PathBuf>, StoreError> {
         let mut prefix = hash.0.as_bytes().to_vec();

@@ -213,6 +213,30 @@ impl ChangeTracker {
         Ok(v)
     }
 
+    /// Known files under `dir` by their stamps (stamps only: the whole record is read for the
+    /// few files that changed or vanished) and whether this model embedded them; and the paths
+    /// with a queued or running job, which are already being taken care of.
+    #[allow(clippy::type_complexity)]
+    fn known_and_busy(
+        &self,
+        dir: &Path,
+    ) -> Result<(HashMap<PathBuf, (FileStamp, bool)>, HashSet<PathBuf>), StoreError> {
+        let known = self
+            .store
+            .stamps_under(dir, &self.model)?
+            .into_iter()
+            .map(|(p, stamp, same_model)| (p, (stamp, same_model)))
+            .collect();
+        let busy = self
+            .store
+            .jobs_under(dir)?
+            .into_iter()
+            .filter(|(_, j)| j.state != JobState::Failed)
+            .map(|(p, _)| p)
+            .collect();
+        Ok((known, busy))
+    }
+
     /// Compares the folder `dir` with the store and files the jobs that make them agree.
     /// Known files with unchanged size and mtime are not read; changed ones are hashed; a
     /// vanished file whose content reappears elsewhere in `dir` is a move. A watched folder
@@ -223,32 +247,36 @@ impl ChangeTracker {
             self.removed(dir)?;
             return Ok(report);
         }
-        let mut refused = Vec::new();
-        let found = self.filter.scan_reporting(dir, &mut refused);
+        // The walk and the store's listing side by side: each takes about as long.
+        let (found, refused, listed) = std::thread::scope(|s| {
+            let listing = s.spawn(|| self.known_and_busy(dir));
+            let mut refused = Vec::new();
+            let found = self.filter.scan_reporting(dir, &mut refused);
+            let listed = listing
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (found, refused, listed)
+        });
         self.telemetry.refused_under(dir, refused);
         report.scanned = found.len();
-        let mut known: HashMap<PathBuf, crate::state::FileRecord> =
-            self.store.files_under(dir)?.into_iter().collect();
-        // Paths with a queued or running job are already being taken care of.
-        let busy: HashSet<PathBuf> = self
-            .store
-            .jobs_under(dir)?
-            .into_iter()
-            .filter(|(_, j)| j.state != JobState::Failed)
-            .map(|(p, _)| p)
-            .collect();
+        let (mut known, busy) = listed?;
 
         let mut new = Vec::new();
         for (path, stamp) in found {
-            let rec = known.remove(&path);
+            let known_stamp = known.remove(&path);
             if busy.contains(&path) {
                 report.busy += 1;
                 continue;
             }
-            match rec {
-                Some(rec) if rec.stamp == stamp && rec.model == self.model => {
+            let rec = match known_stamp {
+                Some((s, true)) if s == stamp => {
                     report.unchanged += 1;
+                    continue;
                 }
+                Some(_) => self.store.file(&path)?,
+                None => None,
+            };
+            match rec {
                 Some(rec) => {
                     let same = rec.model == self.model
                         && rec.last_error.is_none()
@@ -273,10 +301,12 @@ impl ChangeTracker {
                 None => new.push((path, stamp)),
             }
         }
-        let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = known
-            .into_iter()
-            .filter(|(p, _)| !busy.contains(p))
-            .collect();
+        let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = Vec::new();
+        for p in known.into_keys().filter(|p| !busy.contains(p)) {
+            if let Some(rec) = self.store.file(&p)? {
+                vanished.push((p, rec));
+            }
+        }
         vanished.sort_by(|a, b| a.0.cmp(&b.0));
 
         // Moves: the content of a vanished file, found again under a new name.
