@@ -181,7 +181,7 @@ fn run() -> Result<(), String> {
     println!("| path | pages | words | median s / pass | ms / page | pages/s |");
     println!("|---|---|---|---|---|---|");
     println!(
-        "| Rust: isolated worker (pdfium-render + fast_image_resize) | {} | {} | {:.2} | {:.1} | {:.1} |",
+        "| Rust: isolated worker (pdfium-render + Pillow-exact resize) | {} | {} | {:.2} | {:.1} | {:.1} |",
         rp.pages, rp.words, rust_s, 1e3 * rust_s / rp.pages as f64, rust_rate
     );
     println!(

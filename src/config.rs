@@ -59,8 +59,13 @@ pub struct WatchConfig {
     pub include: Vec<String>,
     /// Glob patterns (relative to a watched folder) that are never indexed.
     pub exclude: Vec<String>,
-    /// A file is processed once its size and mtime have not changed for this long.
+    /// A file is processed once its size and mtime have not changed for this long, unless
+    /// its writer was seen closing it (Linux) or it was moved in whole: then `settle_check_ms`.
     pub settle_ms: u64,
+    /// How long a file closed by its writer (or renamed into a watched folder) must keep its
+    /// size and mtime before it is read; doubled for each change seen meanwhile, up to
+    /// `settle_ms`.
+    pub settle_check_ms: u64,
     /// Safety-net full reconcile period, in seconds (0 = only at start and on overflow).
     pub rescan_interval_s: u64,
 }
@@ -233,6 +238,7 @@ impl Default for WatchConfig {
             include: Vec::new(),
             exclude: Vec::new(),
             settle_ms: 2000,
+            settle_check_ms: 200,
             rescan_interval_s: 3600,
         }
     }

@@ -209,6 +209,15 @@ pub struct Job {
     /// Size and mtime when the job was filed or last looked at: a file is processed only once
     /// it has stopped changing.
     pub seen: Option<FileStamp>,
+    /// Size and mtime when the file's writer closed it (a close-after-write event) or when it
+    /// was moved in whole (a rename): if the file still has them, it is complete and only
+    /// needs a short check, not the whole settle period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<FileStamp>,
+    /// How often the file was seen changing while this job waited: a file that keeps being
+    /// rewritten must stay still longer before it is read.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub changes: u32,
     /// An event that arrived while the job was in progress; it runs next.
     pub pending: Option<JobKind>,
     pub last_error: Option<String>,
@@ -246,6 +255,10 @@ impl RetryPolicy {
         let factor = 1u64 << attempts.saturating_sub(1).min(20);
         (self.base.saturating_mul(factor as u32)).min(Duration::from_secs(86_400))
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 pub fn now_ms() -> u64 {
@@ -555,6 +568,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Known files strictly under `dir` with their size and mtime, and whether `model`
+    /// embedded them: what a reconcile needs to pass over an unchanged file, read without
+    /// decoding the rest of each record.
+    pub fn stamps_under(
+        &self,
+        dir: &Path,
+        model: &str,
+    ) -> Result<Vec<(PathBuf, FileStamp, bool)>, StoreError> {
+        /// The part of a [`FileRecord`] read here; serde skips the other fields.
+        #[derive(Deserialize)]
+        struct StampView<'a> {
+            stamp: FileStamp,
+            #[serde(borrow)]
+            model: std::borrow::Cow<'a, str>,
+        }
+        let mut out = Vec::new();
+        for item in self.files.scan_prefix(dir_prefix(dir)?) {
+            let (k, v) = item.map_err(io("listing file records"))?;
+            let view: StampView = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "file",
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: e.to_string(),
+            })?;
+            out.push((path_of_key(&k), view.stamp, view.model == model));
+        }
+        Ok(out)
+    }
+
     /// Paths of known files with this content.
     pub fn paths_with_hash(&self, hash: &ContentHash) -> Result<Vec<PathBuf>, StoreError> {
         let mut prefix = hash.0.as_bytes().to_vec();
@@ -629,7 +670,19 @@ impl Store {
         delay: Duration,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        self.enqueue_locked(&mut inner, kind, seen, delay)
+        self.enqueue_locked(&mut inner, kind, seen, None, delay)
+    }
+
+    /// [`Store::enqueue`] for a file its writer has closed (or that was moved in whole) with
+    /// size and mtime `stamp`: see [`Job::closed`].
+    pub fn enqueue_closed(
+        &self,
+        kind: JobKind,
+        stamp: FileStamp,
+        delay: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        self.enqueue_locked(&mut inner, kind, Some(stamp), Some(stamp), delay)
     }
 
     fn enqueue_locked(
@@ -637,6 +690,7 @@ impl Store {
         inner: &mut Inner,
         kind: JobKind,
         seen: Option<FileStamp>,
+        closed: Option<FileStamp>,
         delay: Duration,
     ) -> Result<(), StoreError> {
         let due_ms = now_ms() + delay.as_millis() as u64;
@@ -664,6 +718,8 @@ impl Store {
             attempts: 0,
             due_ms,
             seen,
+            closed,
+            changes: 0,
             pending: None,
             last_error: None,
         };
@@ -688,13 +744,28 @@ impl Store {
                     let from = from.clone();
                     let job = fresh(kind, self.new_seq()?);
                     self.write_job(inner, Some(&old), &job)?;
-                    return self.enqueue_locked(inner, JobKind::Delete { path: from }, None, delay);
+                    return self.enqueue_locked(
+                        inner,
+                        JobKind::Delete { path: from },
+                        None,
+                        None,
+                        delay,
+                    );
                 }
                 let merged = merge(Some(old.kind.clone()), kind);
                 let mut job = old.clone();
                 job.kind = merged;
+                if seen.is_some() && old.seen.is_some() && seen != old.seen {
+                    job.changes = job.changes.saturating_add(1);
+                }
                 job.seen = seen.or(old.seen);
-                job.due_ms = old.due_ms.max(due_ms);
+                job.closed = closed.or(old.closed);
+                // A writer closing the file ends the wait for it; a retry's back-off stays.
+                job.due_ms = if closed.is_some() && old.attempts == 0 {
+                    due_ms
+                } else {
+                    old.due_ms.max(due_ms)
+                };
                 job.seq = self.new_seq()?;
                 self.write_job(inner, Some(&old), &job)
             }
@@ -753,7 +824,7 @@ impl Store {
     }
 
     /// The file is not ready yet (still being written): look again after `delay`, without
-    /// counting an attempt.
+    /// counting an attempt. A `seen` that differs from the job's counts as a change.
     pub fn defer(
         &self,
         job: &Job,
@@ -772,6 +843,9 @@ impl Store {
             j.kind = next;
         }
         j.state = JobState::Queued;
+        if seen.is_some() && cur.seen.is_some() && seen != cur.seen {
+            j.changes = j.changes.saturating_add(1);
+        }
         j.seen = seen;
         j.due_ms = now_ms() + delay.as_millis() as u64;
         self.write_job(&mut inner, Some(&cur), &j)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use ignore::gitignore::Gitignore;
-use notify::event::{EventKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::RecursiveMode;
 use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
 
@@ -50,6 +50,9 @@ pub enum WatchError {
 pub enum FsEvent {
     /// A file we index was created or written (it may still be being written).
     Changed(PathBuf),
+    /// A file we index was closed by a program that wrote it, or moved in whole (the last
+    /// step of an atomic save or a finished download): complete, unless written again.
+    Written(PathBuf),
     /// A file or a folder is gone: everything known at or under the path goes with it.
     Removed(PathBuf),
     /// A file or folder was renamed or moved within the watched folders.
@@ -71,6 +74,44 @@ pub enum FsEvent {
 
 /// A folder's ignore file as last read: its mtime (`None`: no file) and its rules.
 type ParsedIgnoreFile = (Option<SystemTime>, Option<Arc<Gitignore>>);
+
+/// For a scan: the ignore files in effect in each folder met so far, root first.
+#[derive(Default)]
+struct IgnoreChains {
+    by_dir: HashMap<PathBuf, Arc<Vec<Arc<Gitignore>>>>,
+    last: Option<(PathBuf, Arc<Vec<Arc<Gitignore>>>)>,
+}
+
+impl IgnoreChains {
+    fn of(&mut self, filter: &Filter, root: &Path, dir: &Path) -> Arc<Vec<Arc<Gitignore>>> {
+        if let Some((d, chain)) = &self.last {
+            if d == dir {
+                return chain.clone();
+            }
+        }
+        let chain = self.compute(filter, root, dir);
+        self.last = Some((dir.to_path_buf(), chain.clone()));
+        chain
+    }
+
+    fn compute(&mut self, filter: &Filter, root: &Path, dir: &Path) -> Arc<Vec<Arc<Gitignore>>> {
+        if let Some(c) = self.by_dir.get(dir) {
+            return c.clone();
+        }
+        let mut chain = match dir.parent() {
+            Some(parent) if dir != root && parent.starts_with(root) => {
+                self.compute(filter, root, parent).as_ref().clone()
+            }
+            _ => Vec::new(),
+        };
+        if let Some(gi) = filter.ignore_file(dir) {
+            chain.push(gi);
+        }
+        let chain = Arc::new(chain);
+        self.by_dir.insert(dir.to_path_buf(), chain.clone());
+        chain
+    }
+}
 
 /// Which paths are indexed: fixed rules for hidden, temporary and partial files, `.noindex`
 /// folders, `.docusearchignore` files, the configured globs and the supported formats.
@@ -136,7 +177,6 @@ pub fn is_excluded_name(name: &OsStr, is_dir: bool) -> bool {
     if is_dir {
         return name.ends_with(".noindex");
     }
-    let lower = name.to_ascii_lowercase();
     const TEMP_SUFFIXES: &[&str] = &[
         ".part",
         ".crdownload",
@@ -148,7 +188,10 @@ pub fn is_excluded_name(name: &OsStr, is_dir: bool) -> bool {
         ".partial",
         "~",
     ];
-    TEMP_SUFFIXES.iter().any(|s| lower.ends_with(s))
+    let name = name.as_bytes();
+    TEMP_SUFFIXES.iter().any(|s| {
+        name.len() >= s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+    })
 }
 
 impl Filter {
@@ -250,9 +293,38 @@ impl Filter {
         true
     }
 
+    /// [`Filter::accepts_file`] / [`Filter::accepts_dir`] for an entry of a walk that starts at
+    /// an accepted folder and does not enter folders it refused: the folders on the way were
+    /// checked already, so only the entry's own name, the globs and the ignore files count.
+    fn accepts_walked(&self, path: &Path, is_dir: bool, chains: &mut IgnoreChains) -> bool {
+        let (Some(root), Some(name), Some(parent)) =
+            (self.root_of(path), path.file_name(), path.parent())
+        else {
+            return false;
+        };
+        let Ok(rel) = path.strip_prefix(root) else {
+            return false;
+        };
+        if is_excluded_name(name, is_dir) || !self.accepts_rules(rel, is_dir) {
+            return false;
+        }
+        let chain = chains.of(self, root, parent);
+        // The deepest ignore file that says something wins, as in `ignored_by_files`.
+        let mut ignored = false;
+        for gi in chain.iter() {
+            let m = gi.matched_path_or_any_parents(path, is_dir);
+            if m.is_ignore() {
+                ignored = true;
+            } else if m.is_whitelist() {
+                ignored = false;
+            }
+        }
+        !ignored
+    }
+
     /// Configured globs and supported formats, on a path relative to its watched folder.
     fn accepts_rules(&self, rel: &Path, is_dir: bool) -> bool {
-        if self.inner.exclude.is_match(rel) {
+        if !self.inner.exclude.is_empty() && self.inner.exclude.is_match(rel) {
             return false;
         }
         if is_dir {
@@ -341,8 +413,9 @@ impl Filter {
             return Vec::new();
         }
         let filter = self.clone();
-        // Each folder's ignore file is looked up once per scan, not once per file.
-        let seen: Mutex<HashMap<PathBuf, Option<Arc<Gitignore>>>> = Mutex::new(HashMap::new());
+        // The ignore files that apply in a folder (its own and its ancestors'), worked out once
+        // per folder; the walk hands out a folder's entries together, so the last is kept at hand.
+        let chains: Mutex<IgnoreChains> = Mutex::default();
         let bad_names: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
         let bad = bad_names.clone();
         let mut builder = ignore::WalkBuilder::new(dir);
@@ -360,16 +433,8 @@ impl Filter {
                         .push(e.path().to_path_buf());
                     return false;
                 }
-                let lookup = |d: &Path| {
-                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(gi) = seen.get(d) {
-                        return gi.clone();
-                    }
-                    let gi = filter.ignore_file(d);
-                    seen.insert(d.to_path_buf(), gi.clone());
-                    gi
-                };
-                filter.accepts_with(e.path(), is_dir, true, &lookup)
+                let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
+                filter.accepts_walked(e.path(), is_dir, &mut chains)
             });
         let mut out = Vec::new();
         for entry in builder.build() {
@@ -423,6 +488,18 @@ impl Filter {
             }
         }
         match event.kind {
+            // inotify's IN_CLOSE_WRITE: the writer is done with it (FSEvents has no such event;
+            // there the settle period decides).
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                for p in &event.paths {
+                    // Only news about a file that is there (a temporary file closed and then
+                    // renamed away is reported by the rename).
+                    let is_file = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+                    if is_file && self.root_of(p).is_some() && self.accepts_file(p) {
+                        out.push(FsEvent::Written(p.clone()));
+                    }
+                }
+            }
             EventKind::Access(_) => {}
             // A watched folder moved away (within another watched folder).
             EventKind::Modify(ModifyKind::Name(RenameMode::Both))
@@ -437,6 +514,12 @@ impl Filter {
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
                 for p in &event.paths {
                     self.gone(p, out);
+                }
+            }
+            // Moved in from outside the watched folders: whole.
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                for p in &event.paths {
+                    self.present_as(p, true, out);
                 }
             }
             // Create, Name(To), data and metadata changes, and anything imprecise: look at
@@ -465,6 +548,11 @@ impl Filter {
     }
 
     fn present(&self, path: &Path, out: &mut Vec<FsEvent>) {
+        self.present_as(path, false, out)
+    }
+
+    /// What is at `path` now; `complete`: a file there is whole (see [`FsEvent::Written`]).
+    fn present_as(&self, path: &Path, complete: bool, out: &mut Vec<FsEvent>) {
         if self.root_of(path).is_none() {
             return;
         }
@@ -486,7 +574,11 @@ impl Filter {
             }
             Ok(md) if md.is_file() => {
                 if self.accepts_file(path) {
-                    out.push(FsEvent::Changed(path.to_path_buf()));
+                    out.push(if complete {
+                        FsEvent::Written(path.to_path_buf())
+                    } else {
+                        FsEvent::Changed(path.to_path_buf())
+                    });
                 } else {
                     // It may have been indexed under rules that changed: harmless if not.
                     out.push(FsEvent::Removed(path.to_path_buf()));
@@ -513,7 +605,7 @@ impl Filter {
                         to: to.to_path_buf(),
                     }),
                     (true, false) => out.push(FsEvent::Removed(from.to_path_buf())),
-                    (false, true) => self.present(to, out),
+                    (false, true) => self.present_as(to, true, out),
                     (false, false) => {}
                 }
             }
@@ -523,7 +615,7 @@ impl Filter {
                     out.push(FsEvent::Removed(from.to_path_buf()));
                 }
                 if to_inside {
-                    self.present(to, out);
+                    self.present_as(to, true, out);
                 }
             }
         }

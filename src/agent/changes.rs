@@ -18,8 +18,12 @@ use crate::watch::{Filter, FsEvent, NOT_UTF8};
 pub struct ChangeTracker {
     pub store: Store,
     pub filter: Filter,
-    /// How long a file must stay unchanged before it is processed.
+    /// How long a file must stay unchanged before it is processed, unless its writer was
+    /// seen closing it (then [`ChangeTracker::check`] is enough). Deletions wait twice this.
     pub settle: Duration,
+    /// How soon a changed file is looked at again: a file closed by its writer (or moved in
+    /// whole) whose size and mtime held still over this long is read.
+    pub check: Duration,
     /// The configured model: files embedded by another model are re-indexed.
     pub model: String,
     /// Where files that cannot be indexed whatever they hold are listed, for `status`.
@@ -48,7 +52,8 @@ impl ChangeTracker {
     /// Applies one event from the watcher.
     pub fn apply(&self, event: FsEvent) -> Result<(), StoreError> {
         match event {
-            FsEvent::Changed(p) => self.changed(&p),
+            FsEvent::Changed(p) => self.changed(&p, false),
+            FsEvent::Written(p) => self.changed(&p, true),
             FsEvent::Removed(p) => self.removed(&p),
             FsEvent::Renamed { from, to } => self.renamed(&from, &to),
             FsEvent::Rescan(dir) | FsEvent::RootBack(dir) => self.reconcile(&dir).map(|_| ()),
@@ -66,7 +71,8 @@ impl ChangeTracker {
         self.filter.root_of(path).is_some_and(|root| !root.is_dir())
     }
 
-    fn changed(&self, path: &Path) -> Result<(), StoreError> {
+    /// `complete`: its writer closed it, or it was moved in whole (see [`FsEvent::Written`]).
+    fn changed(&self, path: &Path, complete: bool) -> Result<(), StoreError> {
         if path.to_str().is_none() {
             // The store and Chroma key files by their name as text.
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
@@ -91,13 +97,16 @@ impl ChangeTracker {
                 return Ok(());
             }
         }
-        self.store.enqueue(
-            JobKind::Index {
-                path: path.to_path_buf(),
-            },
-            Some(stamp),
-            self.settle,
-        )
+        let kind = JobKind::Index {
+            path: path.to_path_buf(),
+        };
+        // Looked at again soon either way: the dispatcher decides from the file's size and
+        // mtime how much longer it must hold still.
+        if complete {
+            self.store.enqueue_closed(kind, stamp, self.check)
+        } else {
+            self.store.enqueue(kind, Some(stamp), self.check)
+        }
     }
 
     /// Everything known at or under `path` goes. The deletion waits a little, so that the
@@ -117,7 +126,9 @@ impl ChangeTracker {
             return Ok(());
         }
         match std::fs::symlink_metadata(path) {
-            Ok(md) if md.is_file() && self.filter.accepts_file(path) => return self.changed(path),
+            Ok(md) if md.is_file() && self.filter.accepts_file(path) => {
+                return self.changed(path, false)
+            }
             Ok(md) if md.is_dir() => {
                 self.reconcile(path)?;
                 return Ok(());
@@ -137,7 +148,7 @@ impl ChangeTracker {
             self.removed(from)?;
             return match std::fs::symlink_metadata(to) {
                 Ok(md) if md.is_dir() => self.reconcile(to).map(|_| ()),
-                _ => self.changed(to),
+                _ => self.changed(to, true),
             };
         }
         match std::fs::symlink_metadata(to) {
@@ -148,14 +159,15 @@ impl ChangeTracker {
                     };
                     let new = to.join(rel);
                     if self.filter.accepts_file(&new) {
-                        self.store.enqueue(
-                            JobKind::Move {
-                                from: old,
-                                to: new.clone(),
-                            },
-                            FileStamp::of_path(&new),
-                            self.settle,
-                        )?;
+                        let kind = JobKind::Move {
+                            from: old,
+                            to: new.clone(),
+                        };
+                        // Moved with its folder: as complete as it was there.
+                        match FileStamp::of_path(&new) {
+                            Some(stamp) => self.store.enqueue_closed(kind, stamp, self.check)?,
+                            None => self.store.enqueue(kind, None, self.check)?,
+                        }
                     } else {
                         self.store
                             .enqueue(JobKind::Delete { path: old }, None, self.settle)?;
@@ -168,16 +180,17 @@ impl ChangeTracker {
             Ok(md) if md.is_file() => {
                 let known = self.store.file(from)?.is_some() || self.store.job(from)?.is_some();
                 if known {
-                    self.store.enqueue(
+                    self.store.enqueue_closed(
                         JobKind::Move {
                             from: from.to_path_buf(),
                             to: to.to_path_buf(),
                         },
-                        Some(FileStamp::of_metadata(&md)),
-                        self.settle,
+                        FileStamp::of_metadata(&md),
+                        self.check,
                     )
                 } else {
-                    self.changed(to)
+                    // A rename is the last step of an atomic save or a finished download.
+                    self.changed(to, true)
                 }
             }
             _ => {
@@ -200,6 +213,30 @@ impl ChangeTracker {
         Ok(v)
     }
 
+    /// Known files under `dir` by their stamps (stamps only: the whole record is read for the
+    /// few files that changed or vanished) and whether this model embedded them; and the paths
+    /// with a queued or running job, which are already being taken care of.
+    #[allow(clippy::type_complexity)]
+    fn known_and_busy(
+        &self,
+        dir: &Path,
+    ) -> Result<(HashMap<PathBuf, (FileStamp, bool)>, HashSet<PathBuf>), StoreError> {
+        let known = self
+            .store
+            .stamps_under(dir, &self.model)?
+            .into_iter()
+            .map(|(p, stamp, same_model)| (p, (stamp, same_model)))
+            .collect();
+        let busy = self
+            .store
+            .jobs_under(dir)?
+            .into_iter()
+            .filter(|(_, j)| j.state != JobState::Failed)
+            .map(|(p, _)| p)
+            .collect();
+        Ok((known, busy))
+    }
+
     /// Compares the folder `dir` with the store and files the jobs that make them agree.
     /// Known files with unchanged size and mtime are not read; changed ones are hashed; a
     /// vanished file whose content reappears elsewhere in `dir` is a move. A watched folder
@@ -210,32 +247,36 @@ impl ChangeTracker {
             self.removed(dir)?;
             return Ok(report);
         }
-        let mut refused = Vec::new();
-        let found = self.filter.scan_reporting(dir, &mut refused);
+        // The walk and the store's listing side by side: each takes about as long.
+        let (found, refused, listed) = std::thread::scope(|s| {
+            let listing = s.spawn(|| self.known_and_busy(dir));
+            let mut refused = Vec::new();
+            let found = self.filter.scan_reporting(dir, &mut refused);
+            let listed = listing
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (found, refused, listed)
+        });
         self.telemetry.refused_under(dir, refused);
         report.scanned = found.len();
-        let mut known: HashMap<PathBuf, crate::state::FileRecord> =
-            self.store.files_under(dir)?.into_iter().collect();
-        // Paths with a queued or running job are already being taken care of.
-        let busy: HashSet<PathBuf> = self
-            .store
-            .jobs_under(dir)?
-            .into_iter()
-            .filter(|(_, j)| j.state != JobState::Failed)
-            .map(|(p, _)| p)
-            .collect();
+        let (mut known, busy) = listed?;
 
         let mut new = Vec::new();
         for (path, stamp) in found {
-            let rec = known.remove(&path);
+            let known_stamp = known.remove(&path);
             if busy.contains(&path) {
                 report.busy += 1;
                 continue;
             }
-            match rec {
-                Some(rec) if rec.stamp == stamp && rec.model == self.model => {
+            let rec = match known_stamp {
+                Some((s, true)) if s == stamp => {
                     report.unchanged += 1;
+                    continue;
                 }
+                Some(_) => self.store.file(&path)?,
+                None => None,
+            };
+            match rec {
                 Some(rec) => {
                     let same = rec.model == self.model
                         && rec.last_error.is_none()
@@ -260,10 +301,12 @@ impl ChangeTracker {
                 None => new.push((path, stamp)),
             }
         }
-        let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = known
-            .into_iter()
-            .filter(|(p, _)| !busy.contains(p))
-            .collect();
+        let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = Vec::new();
+        for p in known.into_keys().filter(|p| !busy.contains(p)) {
+            if let Some(rec) = self.store.file(&p)? {
+                vanished.push((p, rec));
+            }
+        }
         vanished.sort_by(|a, b| a.0.cmp(&b.0));
 
         // Moves: the content of a vanished file, found again under a new name.

@@ -32,6 +32,7 @@ pub fn pipeline_settings(cfg: &Config) -> PipelineSettings {
     PipelineSettings {
         agent_id: cfg.agent_id.clone(),
         settle: Duration::from_millis(cfg.watch.settle_ms),
+        settle_check: Duration::from_millis(cfg.watch.settle_check_ms),
         retry: RetryPolicy {
             max_attempts: cfg.pipeline.max_attempts,
             base: Duration::from_secs(cfg.pipeline.retry_base_s.max(1)),
@@ -47,9 +48,10 @@ pub fn pipeline_settings(cfg: &Config) -> PipelineSettings {
     }
 }
 
-/// How long the watcher groups the events of one operation.
-fn debounce(settle: Duration) -> Duration {
-    (settle / 4).clamp(Duration::from_millis(50), Duration::from_millis(500))
+/// How long the watcher groups the events of one operation (a rename's two halves arrive
+/// together; a save's bursts within milliseconds). Short, since every file waits for it.
+fn debounce(settle_check: Duration) -> Duration {
+    (settle_check / 2).clamp(Duration::from_millis(50), Duration::from_millis(250))
 }
 
 /// A running agent.
@@ -109,12 +111,13 @@ impl Agent {
             store: store.clone(),
             filter: filter.clone(),
             settle: settings.settle,
+            check: settings.settle_check,
             model: loader.model_id(),
             telemetry: telemetry.clone(),
         };
         // Watch first, so that nothing happening during the scan is missed.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = FsWatcher::start(filter, debounce(settings.settle), tx)?;
+        let watcher = FsWatcher::start(filter, debounce(settings.settle_check), tx)?;
         // Until each is there (then `RootBack` clears it), /health says so.
         for f in watcher.missing_at_start() {
             telemetry.folder_missing(f.clone());
@@ -287,7 +290,8 @@ pub fn queue_paths(
             continue;
         }
         let before = t.store.job(f)?.is_some();
-        t.apply(crate::watch::FsEvent::Changed(f.clone()))?;
+        // Asked for by name: the user says it is complete.
+        t.apply(crate::watch::FsEvent::Written(f.clone()))?;
         match (before, t.store.job(f)?.is_some()) {
             (false, false) => out.unchanged += 1,
             (false, true) => out.queued += 1,
@@ -433,12 +437,14 @@ pub async fn index_paths<X: Extract, L: EmbedLoader, S: Sink>(
     let mut settings = pipeline_settings(cfg);
     // A one-shot run does not wait for files to settle or for retries.
     settings.settle = Duration::ZERO;
+    settings.settle_check = Duration::ZERO;
     settings.retry.max_attempts = 1;
     settings.wait_when_unavailable = false;
     let tracker = ChangeTracker {
         store: store.clone(),
         filter: filter.clone(),
         settle: Duration::ZERO,
+        check: Duration::ZERO,
         model: loader.model_id(),
         telemetry: telemetry.clone(),
     };

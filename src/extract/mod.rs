@@ -84,19 +84,23 @@ impl ExtractOptions {
     }
 }
 
-/// `img` resized for the model (`size`×`size`), or with its proportions kept and its longest
-/// side `size` (a thumbnail).
+/// The size an image of `width`×`height` is resized to: the model's square (`size`×`size`), or
+/// with its proportions kept and its longest side at most `size` (a thumbnail).
+pub(crate) fn fitted_size(width: u32, height: u32, size: u32, keep_aspect: bool) -> (u32, u32) {
+    if !keep_aspect {
+        return (size, size);
+    }
+    let (w, h) = (width.max(1) as f64, height.max(1) as f64);
+    let scale = (size as f64 / w.max(h)).min(1.0);
+    (
+        ((w * scale).round() as u32).max(1),
+        ((h * scale).round() as u32).max(1),
+    )
+}
+
+/// `img` resized to [`fitted_size`].
 pub(crate) fn fit(img: &image::RgbImage, size: u32, keep_aspect: bool) -> image::RgbImage {
-    let (w, h) = if keep_aspect {
-        let (w, h) = (img.width().max(1) as f64, img.height().max(1) as f64);
-        let scale = (size as f64 / w.max(h)).min(1.0);
-        (
-            ((w * scale).round() as u32).max(1),
-            ((h * scale).round() as u32).max(1),
-        )
-    } else {
-        (size, size)
-    };
+    let (w, h) = fitted_size(img.width(), img.height(), size, keep_aspect);
     crate::embed::preprocess::resize_for_model(img, w, h)
 }
 

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use image::RgbImage;
 use pdfium_render::prelude::*;
 
 use super::protocol::{Emit, WorkerFailure};
 use super::{DocumentInfo, Page};
+use crate::embed::preprocess::{resize_pixels, ChannelOrder, Pixels};
 use crate::types::DocFormat;
 
 /// Longest side of a rendered page, in pixels (a US Letter page at 150 DPI is 1650).
@@ -54,6 +54,9 @@ pub(crate) fn extract(
     out.info(&info)?;
 
     let dpi_scale = job.render_dpi as f32 / 72.0;
+    // One bitmap buffer for the whole document, grown as needed: PDFium renders into it and
+    // the resize reads it in place, with no copy in between.
+    let mut buffer: Vec<u8> = Vec::new();
     // A thumbnail asks for one page: the others are not even loaded.
     let numbers = match job.only_page {
         Some(n) => n.max(1)..=n.min(num_pages),
@@ -66,28 +69,47 @@ pub(crate) fn extract(
                 format: "PDF".into(),
                 detail: format!("page {number}: load: {e}"),
             })?;
-        // Posters and CAD sheets would need gigabytes at full DPI, and the model sees
-        // `image_size` pixels anyway: such pages are rendered smaller.
-        let longest = page.width().value.max(page.height().value).max(1.0);
-        let scale = dpi_scale.min(MAX_RENDER_SIDE / longest);
-        // RGB straight from PDFium (what pypdfium2 asks for too): no alpha to strip, no swizzle.
-        let config = PdfRenderConfig::new()
-            .scale_page_by_factor(scale)
-            .set_format(PdfBitmapFormat::BGR)
-            .set_reverse_byte_order(true);
         let corrupt = |what: &str, e: PdfiumError| WorkerFailure::Corrupt {
             format: "PDF".into(),
             detail: format!("page {number}: {what}: {e}"),
         };
-        let bitmap = page
-            .render_with_config(&config)
-            .map_err(|e| corrupt("render", e))?;
-        let rendered = bitmap_to_rgb(&bitmap).ok_or_else(|| WorkerFailure::Corrupt {
-            format: "PDF".into(),
-            detail: format!("page {number}: PDFium returned an unexpected bitmap"),
-        })?;
-        let image = super::fit(&rendered, job.image_size, job.keep_aspect);
-        drop(rendered);
+        // Posters and CAD sheets would need gigabytes at full DPI, and the model sees
+        // `image_size` pixels anyway: such pages are rendered smaller.
+        let longest = page.width().value.max(page.height().value).max(1.0);
+        let scale = dpi_scale.min(MAX_RENDER_SIDE / longest);
+        // The size pdfium-render's `scale_page_by_factor` gives.
+        let width = ((page.width().value * scale).round() as i32).max(1);
+        let height = ((page.height().value * scale).round() as i32).max(1);
+        // PDFium's native 3-byte BGR, as pypdfium2 renders by default: asking PDFium to
+        // reverse the byte order takes it off its fast paths; the resize swaps for free.
+        let stride = (width as usize * 3).div_ceil(4) * 4;
+        let len = stride * height as usize;
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let config = PdfRenderConfig::new()
+            .set_fixed_size(width, height)
+            .set_format(PdfBitmapFormat::BGR);
+        {
+            let mut bitmap =
+                PdfBitmap::from_bytes(width, height, PdfBitmapFormat::BGR, &mut buffer[..len])
+                    .map_err(|e| corrupt("bitmap", e))?;
+            page.render_into_bitmap_with_config(&mut bitmap, &config)
+                .map_err(|e| corrupt("render", e))?;
+        }
+        let (out_w, out_h) =
+            super::fitted_size(width as u32, height as u32, job.image_size, job.keep_aspect);
+        let image = resize_pixels(
+            Pixels {
+                bytes: &buffer[..len],
+                width: width as usize,
+                height: height as usize,
+                stride,
+                order: ChannelOrder::Bgr,
+            },
+            out_w,
+            out_h,
+        );
         let text = page_text(&page).map_err(|e| corrupt("text", e))?;
         out.page(&Page {
             number,
@@ -115,21 +137,6 @@ fn page_text(page: &PdfPage) -> Result<String, PdfiumError> {
         }
     }));
     Ok(out.replace("\r\n", "\n"))
-}
-
-/// Copies PDFium's padded rows (stride ≥ width×3) into a tight RGB image.
-fn bitmap_to_rgb(bitmap: &PdfBitmap) -> Option<RgbImage> {
-    let (w, h) = (bitmap.width() as usize, bitmap.height() as usize);
-    let raw = bitmap.as_raw_bytes();
-    if w == 0 || h == 0 || raw.len() < w * h * 3 {
-        return None;
-    }
-    let stride = raw.len() / h;
-    let mut rgb = Vec::with_capacity(w * h * 3);
-    for row in raw.chunks_exact(stride).take(h) {
-        rgb.extend_from_slice(&row[..w * 3]);
-    }
-    RgbImage::from_raw(w as u32, h as u32, rgb)
 }
 
 fn load_failure(e: PdfiumError) -> WorkerFailure {

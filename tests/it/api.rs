@@ -1060,6 +1060,7 @@ async fn index_refusals_say_nothing_about_what_lies_outside_the_watched_folders(
         store: store.clone(),
         filter: Filter::new(std::slice::from_ref(&root), &[], &[]).expect("filter"),
         settle: Duration::ZERO,
+        check: Duration::ZERO,
         model: "tiny".into(),
         telemetry: std::sync::Arc::new(docusearch_agent::telemetry::Telemetry::new("tiny")),
     };

@@ -949,15 +949,16 @@ fn downstream_time_does_not_count_against_the_render_limit() {
 
 #[test]
 fn a_page_too_big_for_the_memory_bound_fails_its_file_only() {
-    // A 3000-pt (42-inch) square poster renders to 6250×6250 pixels at 150 DPI: 117 MB for
-    // PDFium's bitmap and as much again for its copy, more than a 200 MiB bound allows. The
-    // worker runs out, the agent reports it for that file and carries on.
+    // A 3800-pt (53-inch) square poster renders to 7917×7917 pixels at 150 DPI: 188 MB for
+    // PDFium's bitmap (resized in place, never copied), more than a 200 MiB bound allows with
+    // the worker's own memory. The worker runs out, the agent reports it for that file and
+    // carries on.
     let dir = tempfile::tempdir().unwrap();
     let poster = dir.path().join("poster.pdf");
     std::fs::write(
         &poster,
         build_pdf(
-            [3000, 3000],
+            [3800, 3800],
             b"BT /F1 200 Tf 100 1500 Td (POSTER) Tj ET",
             None,
         ),

@@ -288,6 +288,18 @@ fn file_records_prefix_listing_and_content_index() {
     same.sort();
     assert_eq!(same, vec![p("a/x.pdf"), p("ab/z.pdf")]);
 
+    // What a reconcile reads of each record: stamp, and whether this model embedded it.
+    let mut other = record(&p("a/y.pdf"), b"two");
+    other.model = "another model".into();
+    store.put_file(&p("a/y.pdf"), &other).expect("put");
+    assert_eq!(
+        store.stamps_under(&p("a"), "m").expect("stamps"),
+        vec![
+            (p("a/x.pdf"), record(&p("a/x.pdf"), b"one").stamp, true),
+            (p("a/y.pdf"), other.stamp, false),
+        ]
+    );
+
     // New content replaces the old hash entry; removal drops it.
     store
         .put_file(&p("a/x.pdf"), &record(&p("a/x.pdf"), b"three"))
@@ -479,6 +491,8 @@ fn a_store_written_by_release_1_opens_with_every_file_and_job_as_it_was() {
         attempts,
         due_ms,
         seen,
+        closed: None,
+        changes: 0,
         pending: None,
         last_error: last_error.map(String::from),
     };

@@ -136,12 +136,9 @@ async fn created_written_renamed_and_removed_files_become_our_events() {
 
     let a = root.join("a.pdf");
     write_file(&a, b"%PDF-1.4 first");
-    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(a.clone()))).await;
-    assert!(
-        ev.iter()
-            .all(|e| matches!(e, FsEvent::Changed(p) if p == &a)),
-        "{ev:?}"
-    );
+    // Written and closed: a change, then the news that its writer is done with it.
+    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Written(a.clone()))).await;
+    assert!(ev.iter().all(|e| is_change_of(e, &a)), "{ev:?}");
 
     // Reading a file is not a change.
     let _ = std::fs::read(&a).expect("read");
@@ -165,9 +162,37 @@ async fn created_written_renamed_and_removed_files_become_our_events() {
     std::fs::remove_file(&b).expect("remove");
     let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Removed(b.clone()))).await;
     assert!(
-        !ev.iter().any(|x| matches!(x, FsEvent::Changed(_))),
+        !ev.iter()
+            .any(|x| matches!(x, FsEvent::Changed(_) | FsEvent::Written(_))),
         "{ev:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_is_reported_written_only_once_its_writer_closes_it() {
+    use std::io::Write;
+    let (_t, root) = canonical_tempdir();
+    let (_f, _w, mut rx) = watcher(&root, &[], &[]);
+    let a = root.join("a.pdf");
+    let mut file = std::fs::File::create(&a).expect("create");
+    file.write_all(b"%PDF-1.4 half").expect("write");
+    file.flush().expect("flush");
+    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(a.clone()))).await;
+    let ev = [ev, drain(&mut rx, Duration::from_millis(600)).await].concat();
+    assert!(
+        !ev.contains(&FsEvent::Written(a.clone())),
+        "still open for writing: {ev:?}"
+    );
+    file.write_all(b" and the rest").expect("write");
+    drop(file);
+    collect_until(&mut rx, |e| e.contains(&FsEvent::Written(a.clone()))).await;
+
+    // Moved in from outside: whole.
+    let (_o, outside) = canonical_tempdir();
+    write_file(&outside.join("b.pdf"), b"b");
+    let b = root.join("b.pdf");
+    std::fs::rename(outside.join("b.pdf"), &b).expect("move in");
+    collect_until(&mut rx, |e| e.contains(&FsEvent::Written(b.clone()))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,10 +206,10 @@ async fn atomic_save_is_a_change_of_the_saved_path() {
     let tmp = root.join(".doc.pdf.tmp");
     write_file(&tmp, b"version 2");
     std::fs::rename(&tmp, &doc).expect("rename over");
-    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(doc.clone()))).await;
+    let ev = collect_until(&mut rx, |e| e.iter().any(|x| is_change_of(x, &doc))).await;
     let ev = [ev, drain(&mut rx, Duration::from_millis(600)).await].concat();
     assert!(
-        ev.iter().all(|e| e == &FsEvent::Changed(doc.clone())),
+        ev.iter().all(|e| is_change_of(e, &doc)),
         "an atomic save must read as a change of {}: {ev:?}",
         doc.display()
     );
@@ -200,13 +225,16 @@ async fn excluded_names_produce_no_changes() {
     write_file(&root.join("unsupported.xyz"), b"z");
     let marker = root.join("marker.pdf");
     write_file(&marker, b"m");
-    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Changed(marker.clone()))).await;
+    let ev = collect_until(&mut rx, |e| e.contains(&FsEvent::Written(marker.clone()))).await;
     let ev = [ev, drain(&mut rx, Duration::from_millis(600)).await].concat();
     let changed: Vec<&FsEvent> = ev
         .iter()
-        .filter(|e| matches!(e, FsEvent::Changed(_)))
+        .filter(|e| matches!(e, FsEvent::Changed(_) | FsEvent::Written(_)))
         .collect();
-    assert_eq!(changed, vec![&FsEvent::Changed(marker.clone())], "{ev:?}");
+    assert!(
+        !changed.is_empty() && changed.iter().all(|e| is_change_of(e, &marker)),
+        "{ev:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,10 +274,16 @@ async fn changing_an_ignore_file_rescans_its_folder() {
     collect_until(&mut rx, |e| e.contains(&FsEvent::Rescan(root.join("sub")))).await;
 }
 
+/// Whether an event says that the file `path` changed (or was closed by its writer).
+fn is_change_of(e: &FsEvent, path: &Path) -> bool {
+    matches!(e, FsEvent::Changed(p) | FsEvent::Written(p) if p == path)
+}
+
 /// Whether an event is about `path` or something under it.
 fn mentions(e: &FsEvent, path: &Path) -> bool {
     match e {
         FsEvent::Changed(p)
+        | FsEvent::Written(p)
         | FsEvent::Removed(p)
         | FsEvent::Rescan(p)
         | FsEvent::RootGone(p)

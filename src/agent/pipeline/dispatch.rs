@@ -158,6 +158,23 @@ async fn delete<S: Sink>(
     }
 }
 
+/// The shortest wait between two looks at a file that is not ready.
+const MIN_CHECK: Duration = Duration::from_millis(20);
+
+/// How long `stamp` must have held still before the file is read: the settle period, or, when
+/// its writer closed it with this size and mtime (or it was moved in whole), the short check,
+/// doubled for each change seen while it waited (a file rewritten again and again is waited
+/// for as long as one nobody said was complete).
+fn quiet_period(settings: &super::PipelineSettings, job: &Job, stamp: FileStamp) -> Duration {
+    if job.closed != Some(stamp) {
+        return settings.settle;
+    }
+    let doubled = settings
+        .settle_check
+        .saturating_mul(1u32 << job.changes.min(16));
+    doubled.min(settings.settle)
+}
+
 /// Checks that the file settled and changed, tries a re-key by content, else sends it on.
 async fn index<S: Sink>(
     shared: &Arc<Shared<S>>,
@@ -168,16 +185,21 @@ async fn index<S: Sink>(
     let Some(stamp) = FileStamp::of_path(path) else {
         return delete(shared, &job, path).await;
     };
-    // Stable: the same size and mtime as when last looked at, and not written for the
-    // settle period (a file still being copied in keeps changing both).
-    let settle = shared.settings.settle;
-    let still =
-        stamp.age(SystemTime::now()) >= settle || stamp.mtime_ns > now_ms() as i128 * 1_000_000;
+    // Stable: the same size and mtime as when last looked at, and not written for long
+    // enough (a file still being copied in keeps changing both).
+    let quiet = quiet_period(&shared.settings, &job, stamp);
+    let age = stamp.age(SystemTime::now());
+    let still = age >= quiet || stamp.mtime_ns > now_ms() as i128 * 1_000_000;
     if job.seen != Some(stamp) || !still {
         shared.telemetry.in_flight.dec();
-        return shared
-            .store
-            .defer(&job, Some(stamp), settle.max(Duration::from_millis(50)));
+        // Looked at again once it could have been still long enough.
+        let wait = if job.seen != Some(stamp) {
+            quiet
+        } else {
+            quiet.saturating_sub(age)
+        };
+        let wait = wait.max(shared.settings.settle_check).max(MIN_CHECK);
+        return shared.store.defer(&job, Some(stamp), wait);
     }
     let p = path.to_path_buf();
     let hashed = tokio::task::spawn_blocking(move || ContentHash::of_file(&p)).await;

@@ -43,8 +43,12 @@ use crate::types::{ContentHash, DocFormat, DocId};
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
     pub agent_id: String,
-    /// How long a file must stay unchanged before it is processed.
+    /// How long a file must stay unchanged before it is processed, unless its writer closed
+    /// it (see [`PipelineSettings::settle_check`]).
     pub settle: Duration,
+    /// How long a file its writer closed (or that was moved in whole) must stay unchanged;
+    /// doubled for each change seen while it waited, up to `settle`.
+    pub settle_check: Duration,
     pub retry: RetryPolicy,
     /// Pages held between stages (each channel).
     pub queue_pages: usize,

@@ -16,6 +16,7 @@ fn tracker(root: &Path, store: &Store) -> ChangeTracker {
         store: store.clone(),
         filter: Filter::new(&[root.to_path_buf()], &[], &[]).expect("filter"),
         settle: Duration::from_millis(200),
+        check: Duration::from_millis(200),
         model: "tiny".into(),
         telemetry: std::sync::Arc::new(docusearch_agent::telemetry::Telemetry::new("tiny")),
     }

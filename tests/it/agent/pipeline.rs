@@ -149,6 +149,79 @@ async fn a_large_file_copied_in_slowly_is_indexed_once_after_the_copy_ends() {
     agent.shutdown().await.expect("shutdown");
 }
 
+/// A settle period longer than any wait in these tests: a file indexed under it was read
+/// because its writer was seen closing it (or it was renamed in), not because time passed.
+const TEN_MINUTES_MS: u64 = 600_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_closed_by_their_writer_or_renamed_in_do_not_wait_for_the_settle_period() {
+    let rig = rig(TEN_MINUTES_MS);
+    let s = rig.syncer().await;
+    let agent = rig.start().await;
+    // Written in place and closed (a copy, an editor saving over the file).
+    write_file(
+        &rig.root.join("written.pdf"),
+        &pdf_pages("asyRefCard.pdf", 0, 1),
+    );
+    // Saved atomically: a hidden temporary file renamed over the name.
+    let tmp = rig.root.join(".renamed.pdf.tmp");
+    write_file(&tmp, &pdf_pages("xfig-howto.pdf", 0, 2));
+    std::fs::rename(&tmp, rig.root.join("renamed.pdf")).expect("rename in");
+    // Moved in from outside the watched folder.
+    let (_o, outside) = canonical_tempdir();
+    write_file(
+        &outside.join("moved.pdf"),
+        &pdf_pages("xfig-howto.pdf", 3, 3),
+    );
+    std::fs::rename(outside.join("moved.pdf"), rig.root.join("moved.pdf")).expect("move in");
+    for (name, pages) in [("written.pdf", 2), ("renamed.pdf", 3), ("moved.pdf", 1)] {
+        let id = rig.doc_id(name);
+        until(name, || async { counts(&s, &id).await.0 == pages }).await;
+    }
+    quiet(&agent).await;
+    assert_eq!(agent.telemetry.files_extracted.get(), 3, "each read once");
+    agent.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_held_open_between_writes_is_not_read_until_its_writer_closes_it() {
+    let rig = rig(TEN_MINUTES_MS);
+    let s = rig.syncer().await;
+    let agent = rig.start().await;
+    let bytes = pdf_pages("xfig-howto.pdf", 0, 3);
+    let path = rig.root.join("open.pdf");
+    let id = rig.doc_id("open.pdf");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).expect("create");
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        f.write_all(head).expect("write");
+        f.flush().expect("flush");
+        // Many of the agent's short checks: the size and mtime hold still all along, but
+        // nobody said the file is complete.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            agent.telemetry.files_extracted.get(),
+            0,
+            "a file still open for writing was read"
+        );
+        assert_eq!(agent.telemetry.files_failed.get(), 0);
+        f.write_all(tail).expect("write");
+    }
+    until("open.pdf indexed", || async {
+        counts(&s, &id).await.0 == 4
+    })
+    .await;
+    quiet(&agent).await;
+    assert_eq!(
+        agent.telemetry.files_extracted.get(),
+        1,
+        "read once, complete"
+    );
+    assert_eq!(agent.telemetry.files_failed.get(), 0);
+    agent.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_stopped_are_caught_up_at_start() {
     let rig = rig(200);

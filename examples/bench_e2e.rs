@@ -1,0 +1,365 @@
+//! End to end outside the model: the agent's `index` (tiny checkpoint, CPU) against the old
+//! DocuSearch worker's Python path with no model at all (`benches/e2e_python_baseline.py`), on
+//! the same folder, into separate collections of one real Chroma server.
+//!
+//! `cargo build --release && cargo run --release --example bench_e2e -- [GENERATED_PAGES] [ROUNDS]`
+//!
+//! The folder: the corpus PDFs plus generated text PDFs (400 pages by default). Each side runs as
+//! a child process, measured with wait4 (CPU seconds and peak RSS include the agent's
+//! extraction workers); its requests go through a counting proxy (bytes sent to Chroma); a
+//! poller notes when the first page record can be found. Rounds alternate the two sides.
+//! Needs `DOCUSEARCH_BENCH_PYTHON` (or scripts/setup's environment) with chromadb, numpy,
+//! pypdfium2 and Pillow.
+
+#![allow(clippy::field_reassign_with_default)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use docusearch_agent::chroma::client::{ChromaClient, GetRequest, Include};
+use docusearch_agent::chroma::managed::ManagedChroma;
+use docusearch_agent::config::{Config, DeviceChoice};
+
+const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A PDF of `pages` pages of Helvetica text, each page different.
+fn text_pdf(seed: usize, pages: usize) -> Vec<u8> {
+    let mut objs = vec![
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        String::new(), // the page tree, once the kids are known
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
+    ];
+    let words = [
+        "river",
+        "delta",
+        "sediment",
+        "flow",
+        "basin",
+        "estuary",
+        "channel",
+        "flood",
+        "gauge",
+        "discharge",
+        "meander",
+        "levee",
+        "tide",
+        "erosion",
+        "bank",
+        "water",
+    ];
+    let mut kids = Vec::new();
+    for p in 0..pages {
+        let mut stream = String::from("BT /F1 10 Tf 50 750 Td 13 TL\n");
+        for line in 0..50 {
+            let text: Vec<&str> = (0..12)
+                .map(|w| words[(seed * 31 + p * 17 + line * 7 + w * 3) % words.len()])
+                .collect();
+            stream.push_str(&format!("({} {seed}-{p}-{line}) Tj T*\n", text.join(" ")));
+        }
+        stream.push_str("ET");
+        let content = objs.len() + 1;
+        objs.push(format!(
+            "<< /Length {} >>\nstream\n{stream}\nendstream",
+            stream.len()
+        ));
+        kids.push(objs.len() + 1);
+        objs.push(format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {content} 0 R >>"));
+    }
+    let kids: Vec<String> = kids.iter().map(|k| format!("{k} 0 R")).collect();
+    objs[1] = format!(
+        "<< /Type /Pages /Kids [{}] /Count {pages} >>",
+        kids.join(" ")
+    );
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offs = Vec::new();
+    for (i, o) in objs.iter().enumerate() {
+        offs.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).as_bytes());
+    for o in offs {
+        out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objs.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// A TCP proxy to Chroma that counts the bytes its clients send.
+async fn counting_proxy(upstream: String) -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    let n = tokio::io::copy(&mut cr, &mut sw).await.unwrap_or(0);
+                    counter.fetch_add(n, Ordering::Relaxed);
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut cw).await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    (format!("http://{addr}"), sent)
+}
+
+struct Run {
+    seconds: f64,
+    first_searchable: Option<f64>,
+    cpu_s: f64,
+    peak_rss_mb: f64,
+    sent_mb: f64,
+    pages: usize,
+}
+
+/// Runs `cmd` to the end, measured with wait4, while polling `collection` for its first record.
+async fn measure(
+    mut cmd: std::process::Command,
+    chroma: &str,
+    cfg: &Config,
+    collection: &str,
+    sent: Arc<AtomicU64>,
+) -> (Run, String) {
+    let client = ChromaClient::new(chroma, &cfg.chroma).expect("client");
+    let started = Instant::now();
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as i32;
+    let waiter = tokio::task::spawn_blocking(move || {
+        let mut status = 0;
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waits for our own child; `ru` is a valid out-parameter.
+        unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        let elapsed = started.elapsed().as_secs_f64();
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        (
+            child,
+            status,
+            elapsed,
+            tv(ru.ru_utime) + tv(ru.ru_stime),
+            ru.ru_maxrss,
+        )
+    });
+    let mut first = None;
+    while !waiter.is_finished() {
+        if first.is_none() {
+            if let Ok(Some(c)) = client.get_collection(collection).await {
+                if c.count().await.unwrap_or(0) > 0 {
+                    first = Some(started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (mut child, status, seconds, cpu_s, maxrss) = waiter.await.expect("wait");
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    assert!(status == 0, "{cmd:?} failed (status {status}): {out}");
+    let pages = match ChromaClient::new(chroma, &cfg.chroma)
+        .expect("client")
+        .get_collection(collection)
+        .await
+    {
+        Ok(Some(c)) => c.count().await.unwrap_or(0),
+        _ => 0,
+    };
+    (
+        Run {
+            seconds,
+            first_searchable: first,
+            cpu_s,
+            peak_rss_mb: maxrss as f64 / 1024.0,
+            sent_mb: sent.load(Ordering::Relaxed) as f64 / 1e6,
+            pages,
+        },
+        out,
+    )
+}
+
+/// The median `seq_length` of up to 100 records of `collection`: the multi-vector shape the
+/// agent wrote, which the Python side then writes too.
+async fn seq_length(chroma: &str, cfg: &Config, collection: &str) -> usize {
+    let client = ChromaClient::new(chroma, &cfg.chroma).expect("client");
+    let c = client
+        .get_collection(collection)
+        .await
+        .expect("collection")
+        .expect("collection exists");
+    let got = c
+        .get(&GetRequest {
+            include: vec![Include::Metadatas],
+            limit: Some(100),
+            ..GetRequest::default()
+        })
+        .await
+        .expect("get");
+    let lens: Vec<f64> = got
+        .into_records()
+        .iter()
+        .filter_map(|r| r.metadata.as_ref()?.get("seq_length")?.as_f64())
+        .collect();
+    median(lens) as usize
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("DOCUSEARCH_BENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            docusearch_agent::runtime_paths::find_setup_python().expect("scripts/setup's Python")
+        })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let generated: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let exe = Path::new(MANIFEST).join("target/release/docusearch-agent");
+    assert!(
+        exe.is_file(),
+        "build the agent first: cargo build --release"
+    );
+
+    let chroma_dir = tempfile::tempdir().expect("tempdir");
+    let chroma_exe =
+        docusearch_agent::runtime_paths::find_chroma(None).expect("chroma (run scripts/setup)");
+    let chroma =
+        ManagedChroma::start(&chroma_exe, &chroma_dir.path().join("chroma")).expect("chroma");
+    let url = chroma.url();
+
+    let folder_t = tempfile::tempdir().expect("tempdir");
+    let folder = std::fs::canonicalize(folder_t.path()).expect("canonical");
+    for e in std::fs::read_dir(Path::new(MANIFEST).join("tests/fixtures/corpus")).expect("corpus") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "pdf") {
+            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let per_doc = 10;
+    for d in 0..generated.div_ceil(per_doc) {
+        std::fs::write(folder.join(format!("gen{d:03}.pdf")), text_pdf(d, per_doc)).expect("write");
+    }
+
+    let mut cfg = Config::default();
+    cfg.agent_id = "bench".into();
+    cfg.model.name = format!("{MANIFEST}/tests/fixtures/tiny-colpali");
+    cfg.model.device = DeviceChoice::Cpu;
+    cfg.api.enabled = false;
+    // Multi-vector shapes: what the agent wrote in the first round.
+    let (mut tokens_page, mut tokens_chunk) = (0, 0);
+    let size = 56; // the tiny checkpoint's image size: both sides resize to it
+
+    let mut agent_runs = Vec::new();
+    let mut python_runs = Vec::new();
+    for round in 0..rounds {
+        // The agent: `index FOLDER` with a fresh store, into its own collections.
+        let state = tempfile::tempdir().expect("tempdir");
+        let (proxy, sent) = counting_proxy(url.trim_start_matches("http://").to_string()).await;
+        let mut c = cfg.clone();
+        c.state_dir = state.path().to_path_buf();
+        c.chroma.url = Some(proxy);
+        c.chroma.visual_collection = format!("agent{round}_visual");
+        c.chroma.text_collection = format!("agent{round}_text");
+        let config = state.path().join("config.toml");
+        std::fs::write(&config, toml::to_string(&c).expect("toml")).expect("config");
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("--config").arg(&config).arg("index").arg(&folder);
+        let (run, _) = measure(cmd, &url, &c, &c.chroma.visual_collection, sent).await;
+        agent_runs.push(run);
+        if round == 0 {
+            tokens_page = seq_length(&url, &c, &c.chroma.visual_collection).await;
+            tokens_chunk = seq_length(&url, &c, &c.chroma.text_collection).await;
+            eprintln!("multi-vectors: {tokens_page} rows a page, {tokens_chunk} a text chunk");
+        }
+
+        // The old worker's path, no model.
+        let (proxy, sent) = counting_proxy(url.trim_start_matches("http://").to_string()).await;
+        let mut cmd = std::process::Command::new(python());
+        cmd.arg(Path::new(MANIFEST).join("benches/e2e_python_baseline.py"))
+            .arg(&proxy)
+            .arg(format!("python{round}"))
+            .arg(cfg.extract.render_dpi.to_string())
+            .arg(size.to_string())
+            .arg(tokens_page.to_string())
+            .arg(tokens_chunk.to_string())
+            .arg("128")
+            .arg(&folder);
+        let (run, out) = measure(cmd, &url, &cfg, &format!("python{round}_visual"), sent).await;
+        eprintln!("round {round}: python says {}", out.trim());
+        python_runs.push(run);
+        let (a, p) = (&agent_runs[round], &python_runs[round]);
+        eprintln!(
+            "round {round}: agent {:.2} s ({} pages), python {:.2} s ({} pages)",
+            a.seconds, a.pages, p.seconds, p.pages
+        );
+    }
+
+    let pages = agent_runs[0].pages;
+    let row = |name: &str, f: &dyn Fn(&Run) -> f64, better_low: bool| {
+        let a = median(agent_runs.iter().map(f).collect());
+        let p = median(python_runs.iter().map(f).collect());
+        let ratio = if better_low { p / a } else { a / p };
+        println!("| {name} | {a:.2} | {p:.2} | {ratio:.2}× |");
+    };
+    println!(
+        "index of {pages} pages ({} corpus + generated), DPI {}, resize to {size}, medians of {rounds} alternating rounds",
+        pages.saturating_sub(generated.div_ceil(per_doc) * per_doc),
+        cfg.extract.render_dpi
+    );
+    println!("multi-vectors of {tokens_page} rows a page, {tokens_chunk} a text chunk, 128 wide, on both sides");
+    println!("| | agent (tiny checkpoint) | Python, no model | agent advantage |");
+    println!("|---|---|---|---|");
+    row("pages/s", &|r| r.pages as f64 / r.seconds, false);
+    row("seconds", &|r| r.seconds, true);
+    row(
+        "first page searchable, s",
+        &|r| r.first_searchable.unwrap_or(f64::NAN),
+        true,
+    );
+    row("CPU seconds (process + workers)", &|r| r.cpu_s, true);
+    row("peak RSS, MB (largest process)", &|r| r.peak_rss_mb, true);
+    row("MB sent to Chroma", &|r| r.sent_mb, true);
+    for (name, runs) in [("agent", &agent_runs), ("python", &python_runs)] {
+        let s: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.seconds)).collect();
+        println!("raw seconds, {name}: {}", s.join(" "));
+    }
+    drop(chroma);
+}
