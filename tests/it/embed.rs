@@ -3,13 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use docusearch_agent::config::{DeviceChoice, ModelConfig};
-use docusearch_agent::embed::{model_image_size, ColPaliConfig, ColPaliModel, Embedder, Prompts};
+use docusearch_agent::embed::{model_image_size, ColPaliConfig, Embedder, Prompts};
 use docusearch_agent::types::MultiVector;
 
 use crate::common;
@@ -293,59 +290,16 @@ fn the_real_config_parses_to_paligemma_3b_448_sizes() {
     );
 }
 
-/// A `VarBuilder` backend that records every tensor asked for and hands back a zero-sized
-/// broadcast (no memory), so the real-size model can be "built" here.
-struct Recorder(Mutex<Vec<(String, Vec<usize>)>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("the model must give a shape for {name}")
-    }
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 fn the_model_asks_for_exactly_the_merged_checkpoint_tensors() {
     let cfg = real_config();
-    let recorder = std::sync::Arc::new(Recorder(Mutex::new(Vec::new())));
-    struct Shared(std::sync::Arc<Recorder>);
-    impl SimpleBackend for Shared {
-        fn get(
-            &self,
-            s: Shape,
-            n: &str,
-            h: candle_nn::Init,
-            d: DType,
-            dev: &Device,
-        ) -> candle_core::Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(recorder.clone())), DType::F32, Device::Cpu);
-    ColPaliModel::new(&cfg, vb).expect("the model builds at PaliGemma-3B-448 sizes");
-    let asked = recorder.0.lock().unwrap().clone();
+    // What the model asks the loader for, learnt by building it on a recorder (the loader's
+    // own list: a tensor missing from it would never be loaded).
+    let asked: Vec<(String, Vec<usize>)> = docusearch_agent::embed::weights::wanted(&cfg)
+        .expect("the model builds at PaliGemma-3B-448 sizes")
+        .into_iter()
+        .map(|w| (w.name, w.shape))
+        .collect();
     let names: HashSet<&str> = asked.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.len(), asked.len(), "a tensor was asked for twice");
 
