@@ -133,6 +133,9 @@ fn reconcile_bench(n: usize) {
     );
 }
 
+#[path = "support/pdf.rs"]
+mod pdf_writer;
+
 mod live {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
@@ -217,35 +220,7 @@ mod live {
 
     /// A one-page PDF with its own text.
     pub fn pdf(text: &str) -> Vec<u8> {
-        let stream = format!("BT /F1 14 Tf 40 700 Td ({text}) Tj ET");
-        let objs = [
-            "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
-            "<< /Type /Pages /Kids [4 0 R] /Count 1 >>".to_string(),
-            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
-            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents 5 0 R >>".to_string(),
-            format!("<< /Length {} >>\nstream\n{stream}\nendstream", stream.len()),
-        ];
-        let mut out = b"%PDF-1.4\n".to_vec();
-        let mut offs = Vec::new();
-        for (i, o) in objs.iter().enumerate() {
-            offs.push(out.len());
-            out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
-        }
-        let xref = out.len();
-        out.extend_from_slice(
-            format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).as_bytes(),
-        );
-        for o in offs {
-            out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
-        }
-        out.extend_from_slice(
-            format!(
-                "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-                objs.len() + 1
-            )
-            .as_bytes(),
-        );
-        out
+        super::pdf_writer::pdf_of_pages(&[format!("BT /F1 14 Tf 40 700 Td ({text}) Tj ET")])
     }
 
     fn pct(v: &mut [Duration], p: f64) -> Duration {

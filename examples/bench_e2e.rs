@@ -22,15 +22,13 @@ use docusearch_agent::chroma::client::{ChromaClient, GetRequest, Include};
 use docusearch_agent::chroma::managed::ManagedChroma;
 use docusearch_agent::config::{Config, DeviceChoice};
 
+#[path = "support/pdf.rs"]
+mod pdf_writer;
+
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 
 /// A PDF of `pages` pages of Helvetica text, each page different.
 fn text_pdf(seed: usize, pages: usize) -> Vec<u8> {
-    let mut objs = vec![
-        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
-        String::new(), // the page tree, once the kids are known
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>".to_string(),
-    ];
     let words = [
         "river",
         "delta",
@@ -49,48 +47,20 @@ fn text_pdf(seed: usize, pages: usize) -> Vec<u8> {
         "bank",
         "water",
     ];
-    let mut kids = Vec::new();
-    for p in 0..pages {
-        let mut stream = String::from("BT /F1 10 Tf 50 750 Td 13 TL\n");
-        for line in 0..50 {
-            let text: Vec<&str> = (0..12)
-                .map(|w| words[(seed * 31 + p * 17 + line * 7 + w * 3) % words.len()])
-                .collect();
-            stream.push_str(&format!("({} {seed}-{p}-{line}) Tj T*\n", text.join(" ")));
-        }
-        stream.push_str("ET");
-        let content = objs.len() + 1;
-        objs.push(format!(
-            "<< /Length {} >>\nstream\n{stream}\nendstream",
-            stream.len()
-        ));
-        kids.push(objs.len() + 1);
-        objs.push(format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> /Contents {content} 0 R >>"));
-    }
-    let kids: Vec<String> = kids.iter().map(|k| format!("{k} 0 R")).collect();
-    objs[1] = format!(
-        "<< /Type /Pages /Kids [{}] /Count {pages} >>",
-        kids.join(" ")
-    );
-    let mut out = b"%PDF-1.4\n".to_vec();
-    let mut offs = Vec::new();
-    for (i, o) in objs.iter().enumerate() {
-        offs.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
-    }
-    let xref = out.len();
-    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objs.len() + 1).as_bytes());
-    for o in offs {
-        out.extend_from_slice(format!("{o:010} 00000 n \n").as_bytes());
-    }
-    out.extend_from_slice(
-        format!(
-            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
-            objs.len() + 1
-        )
-        .as_bytes(),
-    );
-    out
+    let contents: Vec<String> = (0..pages)
+        .map(|p| {
+            let mut stream = String::from("BT /F1 10 Tf 50 750 Td 13 TL\n");
+            for line in 0..50 {
+                let text: Vec<&str> = (0..12)
+                    .map(|w| words[(seed * 31 + p * 17 + line * 7 + w * 3) % words.len()])
+                    .collect();
+                stream.push_str(&format!("({} {seed}-{p}-{line}) Tj T*\n", text.join(" ")));
+            }
+            stream.push_str("ET");
+            stream
+        })
+        .collect();
+    pdf_writer::pdf_of_pages(&contents)
 }
 
 /// A TCP proxy to Chroma that counts the bytes its clients send.
