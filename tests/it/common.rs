@@ -361,6 +361,24 @@ pub struct ServedAgent {
     pub log: PathBuf,
 }
 
+/// The agent run as another user reads its binary, the tiny checkpoint and PDFium from the
+/// checkout and the target folder: every folder above them must let others through (a clone
+/// under `mktemp -d`, mode 0700, does not, and the agent would fail for a reason not the test's).
+fn reachable_by_others(uid: u32, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in path.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir).map_or(0, |m| m.permissions().mode());
+        assert!(
+            mode & 0o001 != 0,
+            "prerequisite missing for this test: it runs the agent as user {uid}, who must reach {}, but {} (mode {:o}) lets no other user through. Fix: chmod o+x {}, or clone the project under a folder others may enter",
+            path.display(),
+            dir.display(),
+            mode & 0o777,
+            dir.display()
+        );
+    }
+}
+
 /// How [`ServedAgent::launch`] starts `run`.
 #[derive(Default, Clone, Copy)]
 pub struct Launch {
@@ -401,6 +419,8 @@ impl ServedAgent {
         }
         if let Some(uid) = how.uid {
             use std::os::unix::process::CommandExt;
+            reachable_by_others(uid, Path::new(env!("CARGO_MANIFEST_DIR")));
+            reachable_by_others(uid, &agent_exe());
             cmd.uid(uid).gid(uid);
         }
         let child = cmd.spawn().expect("start the agent");
