@@ -1,17 +1,41 @@
 //! `embed` and `model fetch`.
 
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::Context as _;
 use serde_json::json;
 
-use docusearch_agent::embed::{loader, Embedder};
+use docusearch_agent::embed::{loader, EmbedError, Embedder};
 use docusearch_agent::types::MultiVector;
 
 use super::{Context, EmbedArgs, GpuCheckArgs};
 
 fn rows_json(mv: &MultiVector) -> Vec<&[f32]> {
     (0..mv.rows).map(|r| mv.row(r)).collect()
+}
+
+/// All items in one call, or with `--timings` one item per call, timed; each time is also logged
+/// as it happens, so a benchmark reading the log sees when the first page is ready.
+fn embed_each<T>(
+    items: &[T],
+    timed: bool,
+    what: &str,
+    embed: impl Fn(&[T]) -> Result<Vec<MultiVector>, EmbedError>,
+) -> Result<(Vec<MultiVector>, Vec<f64>), EmbedError> {
+    if !timed {
+        return Ok((embed(items)?, Vec::new()));
+    }
+    let mut vecs = Vec::with_capacity(items.len());
+    let mut secs = Vec::with_capacity(items.len());
+    for (i, item) in items.chunks(1).enumerate() {
+        let started = Instant::now();
+        vecs.extend(embed(item)?);
+        let s = started.elapsed().as_secs_f64();
+        tracing::info!(what, n = i + 1, secs = %format!("{s:.3}"), "embedded");
+        secs.push(s);
+    }
+    Ok((vecs, secs))
 }
 
 pub fn embed_command(ctx: &Context, args: EmbedArgs) -> anyhow::Result<ExitCode> {
@@ -29,17 +53,21 @@ pub fn embed_command(ctx: &Context, args: EmbedArgs) -> anyhow::Result<ExitCode>
         })?;
         images.push(img.to_rgb8());
     }
+    let load_started = Instant::now();
     let embedder = Embedder::load(&cfg)?;
-    let image_vecs = embedder.embed_images(&images)?;
+    let load_secs = load_started.elapsed().as_secs_f64();
+    let (image_vecs, image_secs) =
+        embed_each(&images, args.timings, "page", |b| embedder.embed_images(b))?;
     let texts: Vec<&str> = args.queries.iter().map(String::as_str).collect();
-    let query_vecs = embedder.embed_queries(&texts)?;
+    let (query_vecs, query_secs) =
+        embed_each(&texts, args.timings, "query", |b| embedder.embed_queries(b))?;
     let scores: Vec<Vec<f32>> = query_vecs
         .iter()
         .map(|q| image_vecs.iter().map(|d| q.maxsim(d)).collect())
         .collect();
 
     if args.json {
-        let out = json!({
+        let mut out = json!({
             "model": embedder.model_id(),
             "device": embedder.device_name(),
             "dtype": embedder.dtype_name(),
@@ -55,6 +83,13 @@ pub fn embed_command(ctx: &Context, args: EmbedArgs) -> anyhow::Result<ExitCode>
             })).collect::<Vec<_>>(),
             "scores": scores,
         });
+        if args.timings {
+            out["timings"] = json!({
+                "load_secs": load_secs,
+                "images_secs": image_secs,
+                "queries_secs": query_secs,
+            });
+        }
         println!("{out}");
     } else {
         println!(
@@ -73,6 +108,19 @@ pub fn embed_command(ctx: &Context, args: EmbedArgs) -> anyhow::Result<ExitCode>
                 v.rows,
                 v.dim,
                 s.join(", ")
+            );
+        }
+        if args.timings {
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|s| format!("{s:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "seconds: load {load_secs:.3}; images [{}]; queries [{}]",
+                list(&image_secs),
+                list(&query_secs)
             );
         }
     }

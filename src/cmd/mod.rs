@@ -159,6 +159,10 @@ pub struct EmbedArgs {
     /// Print one JSON object with every vector and the MaxSim scores.
     #[arg(long)]
     pub json: bool,
+    /// Embed each image and query on its own and report the seconds of the load and of each
+    /// (scripts/bench_fullsize reads them).
+    #[arg(long)]
+    pub timings: bool,
 }
 
 fn parse_device(s: &str) -> Result<docusearch_agent::config::DeviceChoice, String> {

@@ -395,6 +395,64 @@ fn embed_json_prints_the_documented_object() {
 }
 
 #[test]
+fn embed_timings_reports_each_input_and_changes_no_vector() {
+    let home = tempfile::tempdir().unwrap();
+    let synthetic = common::fixture("colpali-reference/synthetic.png");
+    let run = |timed: bool| {
+        let mut cmd = agent_command(home.path());
+        cmd.args(["embed", "--json", "--model"])
+            .arg(model_dir())
+            .arg("--image")
+            .arg(&synthetic)
+            .arg("--image")
+            .arg(&synthetic)
+            .args([
+                "--query",
+                "What is R?",
+                "--query",
+                "How do I read a CSV file?",
+            ]);
+        if timed {
+            cmd.arg("--timings");
+        }
+        let out = cmd.output().expect("the binary runs");
+        assert!(
+            out.status.success(),
+            "embed failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (plain, _) = run(false);
+    assert!(plain.get("timings").is_none());
+    let (timed, log) = run(true);
+    let t = &timed["timings"];
+    assert!(t["load_secs"].as_f64().unwrap() >= 0.0);
+    assert_eq!(t["images_secs"].as_array().unwrap().len(), 2);
+    assert_eq!(t["queries_secs"].as_array().unwrap().len(), 2);
+    // scripts/bench_fullsize times the first page by this log line.
+    assert!(log.contains("what=\"page\" n=1"), "{log}");
+    // One input per forward gives the rows a batch gives.
+    for key in ["images", "queries"] {
+        for (a, b) in plain[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(timed[key].as_array().unwrap())
+        {
+            assert_eq!(a["shape"], b["shape"]);
+            let (a, b) = (
+                a["embedding"][0][0].as_f64().unwrap(),
+                b["embedding"][0][0].as_f64().unwrap(),
+            );
+            assert!((a - b).abs() < 1e-4, "{key}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
 fn an_uncached_model_offline_fails_naming_the_repo_and_the_fix() {
     let home = tempfile::tempdir().unwrap();
     let repo = "vidore/colpali-v1.2-merged";
