@@ -1,9 +1,10 @@
 //! Extraction: every supported file becomes page images, page text and text chunks. Issue 4.
 //!
 //! The parent side (this module) checks what it can without parsing (size, magic bytes, the
-//! PDF end marker), converts office files with LibreOffice when it is installed, then runs one
-//! isolated child process per document (`docusearch-agent extract-worker`, see `worker`) under a
-//! time limit and an address-space bound. The child renders with PDFium (or decodes the image,
+//! PDF end marker), converts office files with LibreOffice when it is installed, then hands the
+//! document to an isolated child process (`docusearch-agent extract-worker`, see `worker`;
+//! kept for the next document when it finishes cleanly, see `isolate`) under a time limit and
+//! an address-space bound. The child renders with PDFium (or decodes the image,
 //! or reads the text) and streams pages back over a framed pipe (`protocol`), so a hostile file
 //! can crash or hang only its own child, and a long PDF never sits in memory as a whole.
 
@@ -20,6 +21,7 @@ mod worker;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -292,12 +294,14 @@ impl ExtractError {
     }
 }
 
-/// Runs extraction jobs. Cheap to share; each `extract` call uses its own worker process.
+/// Runs extraction jobs. Cheap to share; clones share the worker processes kept between
+/// documents, and calls at the same time each get a worker of their own.
 #[derive(Debug, Clone)]
 pub struct Extractor {
     opts: ExtractOptions,
     pdfium: PathBuf,
     soffice: Option<PathBuf>,
+    workers: Arc<isolate::WorkerPool>,
 }
 
 impl Extractor {
@@ -335,11 +339,17 @@ impl Extractor {
             opts,
             pdfium,
             soffice,
+            workers: Arc::default(),
         })
     }
 
     pub fn options(&self) -> &ExtractOptions {
         &self.opts
+    }
+
+    /// Worker processes started so far by this extractor and its clones.
+    pub fn workers_started(&self) -> u64 {
+        self.workers.started()
     }
 
     /// LibreOffice's `soffice`, when found.
@@ -374,13 +384,19 @@ impl Extractor {
         request.keep_aspect = true;
         request.image_size = max_side;
         let mut found = None;
-        isolate::run_worker(&self.opts, path, &request, &mut |ev| match ev {
-            ExtractEvent::Page(p) => {
-                found = p.image.filter(|_| p.number == page);
-                ControlFlow::Continue(())
-            }
-            ExtractEvent::Info(_) => ControlFlow::Continue(()),
-        })?;
+        isolate::run_worker(
+            &self.opts,
+            &self.workers,
+            path,
+            &request,
+            &mut |ev| match ev {
+                ExtractEvent::Page(p) => {
+                    found = p.image.filter(|_| p.number == page);
+                    ControlFlow::Continue(())
+                }
+                ExtractEvent::Info(_) => ControlFlow::Continue(()),
+            },
+        )?;
         Ok(found)
     }
 
@@ -455,20 +471,26 @@ impl Extractor {
         // Chunks are numbered across the document.
         let mut next_chunk = 0u32;
         let o = &self.opts;
-        isolate::run_worker(&self.opts, path, &request, &mut |ev| match ev {
-            ExtractEvent::Page(mut page) => {
-                page.chunks = chunk_page(
-                    page.number,
-                    &page.text,
-                    o.chunk_size,
-                    o.chunk_overlap,
-                    o.max_chunk_chars,
-                    next_chunk,
-                );
-                next_chunk += page.chunks.len() as u32;
-                sink(ExtractEvent::Page(page))
-            }
-            info => sink(info),
-        })
+        isolate::run_worker(
+            &self.opts,
+            &self.workers,
+            path,
+            &request,
+            &mut |ev| match ev {
+                ExtractEvent::Page(mut page) => {
+                    page.chunks = chunk_page(
+                        page.number,
+                        &page.text,
+                        o.chunk_size,
+                        o.chunk_overlap,
+                        o.max_chunk_chars,
+                        next_chunk,
+                    );
+                    next_chunk += page.chunks.len() as u32;
+                    sink(ExtractEvent::Page(page))
+                }
+                info => sink(info),
+            },
+        )
     }
 }

@@ -123,19 +123,23 @@ pub(crate) fn extract(
 
 /// Every character PDFium finds on the page, in content order, with the spaces and line breaks
 /// it infers: what `FPDFText_GetText` (pypdfium2's `get_text_range`, which DocuSearch used)
-/// returns. pdfium-render's `all()` would drop text outside the page box. Line ends become `\n`.
+/// returns. pdfium-render's `all()` would drop text outside the page box, and it does not
+/// expose the text page's handle for one `FPDFText_GetText` call, so the page's character
+/// list is read as `FPDFText_GetText` reads it. Line ends become `\n`.
 fn page_text(page: &PdfPage) -> Result<String, PdfiumError> {
     let text = page.text()?;
     let chars = text.chars();
     let mut out = String::with_capacity(chars.len());
-    // FPDFText_GetText writes PDFium's end-of-line hyphen marker (U+0002) as U+FFFE.
-    out.extend(chars.iter().filter_map(|c| c.unicode_char()).map(|c| {
-        if c == '\u{2}' {
-            '\u{fffe}'
-        } else {
-            c
-        }
-    }));
+    out.extend(
+        chars
+            .iter()
+            .filter_map(|c| c.unicode_char())
+            // Characters PDFium found no Unicode value for (U+0000) are not in its text
+            // buffer, so FPDFText_GetText leaves them out; xfig-howto.pdf has some.
+            .filter(|&c| c != '\0')
+            // FPDFText_GetText writes PDFium's end-of-line hyphen marker (U+0002) as U+FFFE.
+            .map(|c| if c == '\u{2}' { '\u{fffe}' } else { c }),
+    );
     Ok(out.replace("\r\n", "\n"))
 }
 

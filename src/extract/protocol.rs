@@ -1,9 +1,10 @@
 //! The pipe between the agent and its renderer child.
 //!
-//! Request: one JSON object on the child's stdin. Reply on its stdout: frames of
-//! `tag: u8, len: u32 LE, payload`: `I` (document info, JSON), then one `P` per page
+//! Requests: one JSON object a line on the child's stdin. The reply to each on its stdout:
+//! frames of `tag: u8, len: u32 LE, payload`: `I` (document info, JSON), then one `P` per page
 //! (`number, width, height, text_len` as u32 LE, the text as UTF-8, then `width*height*3` RGB
-//! bytes; width = height = 0 for a text-only page), then `D` (done) or `E` (failure, JSON).
+//! bytes; width = height = 0 for a text-only page), then `D` (done) or `E` (failure, JSON),
+//! after which the child reads the next request.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;

@@ -1,11 +1,16 @@
-//! The isolated renderer child (`docusearch-agent extract-worker`): reads one request on stdin,
-//! streams the document's frames on stdout, and exits. Anything that goes wrong in here (a
-//! crash in PDFium, an endless loop, running out of its memory bound) ends only this process.
+//! The isolated renderer child (`docusearch-agent extract-worker`): reads requests on stdin, one
+//! JSON object a line, answers each with the document's frames on stdout, and waits for the
+//! next. It exits at the end of its input or after [`IDLE_EXIT`] without a request. Anything
+//! that goes wrong in here (a crash in PDFium, an endless loop, running out of its memory
+//! bound) ends only this process; the agent then fails that one file and starts another.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use pdfium_render::prelude::Pdfium;
 
 use super::protocol::{self, Emit, WorkKind, WorkRequest, WorkerFailure};
 use super::{DocumentInfo, Page, TEST_FAULT_ENV};
@@ -13,50 +18,77 @@ use super::{DocumentInfo, Page, TEST_FAULT_ENV};
 /// Exit status for a request the worker could not even read (the parent's bug, not the file's).
 const EXIT_BAD_REQUEST: u8 = 3;
 
+/// An idle worker ends itself after this long, so an agent with nothing to do holds no
+/// renderer's memory. The parent reuses only workers idle for less (see `isolate`).
+pub(crate) const IDLE_EXIT: Duration = Duration::from_secs(60);
+
 /// Entry point of the isolated renderer child (`docusearch-agent extract-worker`).
 pub fn worker_main() -> ExitCode {
-    let mut input = String::new();
-    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
-        eprintln!("extract-worker: could not read the request on stdin: {e}");
-        return ExitCode::from(EXIT_BAD_REQUEST);
-    }
-    let req: WorkRequest = match serde_json::from_str(&input) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("extract-worker: malformed request (this process is started by the agent, not by hand): {e}");
+    let (input, pipe) = match (stdin_file(), protocol_pipe()) {
+        (Ok(i), Ok(p)) => (i, p),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("extract-worker: could not set up its input and output: {e}");
             return ExitCode::from(EXIT_BAD_REQUEST);
         }
     };
-    let pipe = match protocol_pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("extract-worker: could not set up its output: {e}");
-            return ExitCode::from(EXIT_BAD_REQUEST);
-        }
-    };
+    let mut input = BufReader::new(input);
     let mut out = Frames {
         out: BufWriter::with_capacity(1 << 20, pipe),
-        fault: TestFault::from_env(&req.source),
+        fault: None,
     };
-    let result = run(&req, &mut out);
-    let written = match &result {
-        Ok(()) => protocol::write_done(&mut out.out),
-        Err(f) => protocol::write_failure(&mut out.out, f),
-    };
-    match (result, written) {
-        (_, Err(_)) => ExitCode::FAILURE, // the agent stopped listening; nothing more to say
-        _ => ExitCode::SUCCESS,
+    // Bound once, for every document this worker renders.
+    let mut pdfium: Option<Pdfium> = None;
+    let mut line = String::new();
+    loop {
+        if input.buffer().is_empty() && !request_arrives(IDLE_EXIT) {
+            return ExitCode::SUCCESS;
+        }
+        line.clear();
+        match input.read_line(&mut line) {
+            Ok(0) => return ExitCode::SUCCESS, // the agent hung up: nothing more to do
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("extract-worker: could not read the request on stdin: {e}");
+                return ExitCode::from(EXIT_BAD_REQUEST);
+            }
+        }
+        let req: WorkRequest = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("extract-worker: malformed request (this process is started by the agent, not by hand): {e}");
+                return ExitCode::from(EXIT_BAD_REQUEST);
+            }
+        };
+        out.fault = TestFault::from_env(&req.source);
+        let result = run(&req, &mut pdfium, &mut out);
+        let written = match &result {
+            Ok(()) => protocol::write_done(&mut out.out),
+            Err(f) => protocol::write_failure(&mut out.out, f),
+        };
+        if written.is_err() {
+            return ExitCode::FAILURE; // the agent stopped listening; nothing more to say
+        }
     }
 }
 
-fn run(req: &WorkRequest, out: &mut Frames) -> Result<(), WorkerFailure> {
+fn run(
+    req: &WorkRequest,
+    pdfium: &mut Option<Pdfium>,
+    out: &mut Frames,
+) -> Result<(), WorkerFailure> {
     let notes = req.notes.clone();
     match req.kind {
         WorkKind::Pdf => {
-            let (pdfium, _) =
-                super::pdfium::load(Some(&req.pdfium_path)).map_err(|e| WorkerFailure::Setup {
-                    detail: e.to_string(),
-                })?;
+            let pdfium = match pdfium {
+                Some(p) => p,
+                None => pdfium.insert(
+                    super::pdfium::load(Some(&req.pdfium_path))
+                        .map_err(|e| WorkerFailure::Setup {
+                            detail: e.to_string(),
+                        })?
+                        .0,
+                ),
+            };
             let job = super::pdf::PdfJob {
                 path: &req.source,
                 format: req.format,
@@ -67,7 +99,7 @@ fn run(req: &WorkRequest, out: &mut Frames) -> Result<(), WorkerFailure> {
                 only_page: req.only_page,
                 keep_aspect: req.keep_aspect,
             };
-            super::pdf::extract(&pdfium, job, out)
+            super::pdf::extract(pdfium, job, out)
         }
         WorkKind::Image => {
             super::images::extract(&req.source, req.image_size, req.keep_aspect, notes, out)
@@ -75,6 +107,46 @@ fn run(req: &WorkRequest, out: &mut Frames) -> Result<(), WorkerFailure> {
         WorkKind::OfficeText => super::office::extract_text(&req.source, req.format, notes, out),
         WorkKind::Text => super::text::extract(&req.source, req.format, notes, out),
     }
+}
+
+/// Stdin as a plain file: a buffer of our own can say whether a request is already waiting.
+#[cfg(unix)]
+fn stdin_file() -> std::io::Result<File> {
+    use std::os::fd::AsFd;
+    Ok(File::from(std::io::stdin().as_fd().try_clone_to_owned()?))
+}
+
+#[cfg(not(unix))]
+fn stdin_file() -> std::io::Result<File> {
+    Err(std::io::Error::other(
+        "the isolated renderer needs a Unix system",
+    ))
+}
+
+/// Whether stdin becomes readable (a request, or the agent hanging up) within `wait`.
+#[cfg(unix)]
+fn request_arrives(wait: Duration) -> bool {
+    let mut fds = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one valid pollfd on fd 0, which this process owns.
+        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        if n >= 0 {
+            return n > 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true; // let the read itself report what is wrong
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn request_arrives(_wait: Duration) -> bool {
+    true
 }
 
 /// The protocol gets the original stdout to itself; fd 1 then points at stderr, so a library

@@ -184,11 +184,12 @@ fn a_rendered_page_matches_pdfium_rendering_it_directly() {
 #[test]
 fn page_text_is_what_pypdfium2_reads() {
     // DocuSearch read page text with pypdfium2's `get_text_range()`; the records must carry the
-    // same text. Checked on every page of two corpus PDFs against the real pypdfium2.
+    // same text. Checked on every page of three corpus PDFs against the real pypdfium2
+    // (xfig-howto.pdf has characters without a Unicode value, which its text leaves out).
     let python = docusearch_agent::runtime_paths::find_setup_python()
         .unwrap_or_else(|e| panic!("prerequisite missing for this test: {e}"));
     let ex = extractor();
-    for name in ["R-data.pdf", "asyRefCard.pdf"] {
+    for name in ["R-data.pdf", "asyRefCard.pdf", "xfig-howto.pdf"] {
         let path = common::corpus().join(name);
         let script = "import json, sys, pypdfium2 as p
 \
@@ -860,11 +861,14 @@ fn run_queue(ex: &Extractor, files: &[PathBuf]) -> Vec<Outcome> {
         .collect()
 }
 
+/// Runs `before`, then a copy of asyRefCard.pdf on which the worker crashes or hangs, then
+/// `after`, all through one extractor (returned, to count its workers).
 fn queue_with_a_bad_file(
     fault: &str,
     timeout: Duration,
-    next: &[&str],
-) -> (tempfile::TempDir, Vec<Outcome>) {
+    before: &[&str],
+    after: &[&str],
+) -> (tempfile::TempDir, Extractor, Vec<Outcome>) {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("hostile.pdf");
     std::fs::copy(common::corpus().join("asyRefCard.pdf"), &bad).unwrap();
@@ -875,17 +879,19 @@ fn queue_with_a_bad_file(
         format!("{fault}:hostile.pdf"),
     ));
     let ex = Extractor::new(opts).unwrap();
-    let mut files = vec![bad];
-    files.extend(next.iter().map(|n| common::corpus().join(n)));
+    let mut files: Vec<PathBuf> = before.iter().map(|n| common::corpus().join(n)).collect();
+    files.push(bad);
+    files.extend(after.iter().map(|n| common::corpus().join(n)));
     let results = run_queue(&ex, &files);
-    (dir, results)
+    (dir, ex, results)
 }
 
 #[test]
 fn a_renderer_that_crashes_fails_its_file_and_the_next_file_is_processed() {
-    let (_dir, results) = queue_with_a_bad_file(
+    let (_dir, ex, results) = queue_with_a_bad_file(
         "crash",
         Duration::from_secs(300),
+        &[],
         &["asyRefCard.pdf", "xfig-howto.pdf"],
     );
     let (first, pages) = &results[0];
@@ -907,13 +913,105 @@ fn a_renderer_that_crashes_fails_its_file_and_the_next_file_is_processed() {
     assert_eq!(results[1].1, 3);
     assert_eq!(results[2].0.as_ref().map(|i| i.num_pages).ok(), Some(24));
     assert_eq!(results[2].1, 24);
+    assert_eq!(
+        ex.workers_started(),
+        2,
+        "the crashed worker was replaced, and its replacement served both later files"
+    );
+}
+
+#[test]
+fn a_crash_in_a_reused_worker_fails_its_file_only_and_delivers_no_page_twice() {
+    // The worker that rendered the first file is reused for the hostile one and dies on it; the
+    // file gets one more try in a fresh worker (a reused one may die of what earlier files left
+    // behind), which dies too, so the file fails. The page that reached the sink before the
+    // first crash is not sent again by the second try.
+    let (_dir, ex, results) = queue_with_a_bad_file(
+        "crash",
+        Duration::from_secs(300),
+        &["xfig-howto.pdf"],
+        &["asyRefCard.pdf"],
+    );
+    assert_eq!(results[0].0.as_ref().map(|i| i.num_pages).ok(), Some(24));
+    let (second, pages) = &results[1];
+    let err = second.as_ref().expect_err("the crashing file fails");
+    assert!(
+        matches!(err, ExtractError::Crashed { .. }) && err.is_permanent(),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("hostile.pdf") && err.to_string().contains("SIGABRT"),
+        "{err}"
+    );
+    assert_eq!(*pages, 1, "page 1 reached the sink once, across both tries");
+    assert_eq!(results[2].0.as_ref().map(|i| i.num_pages).ok(), Some(3));
+    assert_eq!(results[2].1, 3);
+    assert_eq!(
+        ex.workers_started(),
+        3,
+        "one for the first file, a fresh one for the retry, one after that"
+    );
+}
+
+#[test]
+fn one_worker_serves_a_queue_of_documents_of_every_kind() {
+    // Starting a worker costs about a page's rendering; a worker that finished a document
+    // cleanly (or refused it with a reason) takes the next one. What comes out is what a
+    // fresh worker gives.
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "plain words here").unwrap();
+    let corrupt = dir.path().join("broken.pdf");
+    // Intact header and end marker, damaged body: the worker's PDFium refuses it.
+    let mut garbage = b"%PDF-1.5\n".to_vec();
+    garbage.extend((0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    garbage.extend_from_slice(b"\n%%EOF\n");
+    std::fs::write(&corrupt, garbage).unwrap();
+    let ex = extractor();
+    let first = collect(&ex, &common::corpus().join("asyRefCard.pdf")).unwrap();
+    assert_eq!(
+        collect(&ex, &notes).unwrap().pages[0].text,
+        "plain words here"
+    );
+    assert_eq!(
+        collect(&ex, &common::corpus().join("scatter-plot.png"))
+            .unwrap()
+            .pages
+            .len(),
+        1
+    );
+    assert!(matches!(
+        expect_failure(&ex, &corrupt),
+        ExtractError::Corrupt { .. }
+    ));
+    let again = collect(&ex, &common::corpus().join("asyRefCard.pdf")).unwrap();
+    assert_eq!(ex.workers_started(), 1, "one worker for all five files");
+    for (a, b) in first.pages.iter().zip(&again.pages) {
+        assert_eq!(
+            (&a.text, &a.image),
+            (&b.text, &b.image),
+            "page {}",
+            a.number
+        );
+    }
+    assert_eq!(again.pages.len(), 3);
+    // Clones share the kept worker.
+    let clone = ex.clone();
+    collect(&clone, &notes).unwrap();
+    assert_eq!(clone.workers_started(), 1);
 }
 
 #[test]
 fn a_renderer_that_hangs_is_stopped_at_the_time_limit_and_the_next_file_is_processed() {
     // Generous for the healthy file on a busy machine; the hanging one never finishes.
-    let (_dir, results) =
-        queue_with_a_bad_file("hang", Duration::from_secs(20), &["asyRefCard.pdf"]);
+    // The hostile file comes second, to a reused worker: a hang is not retried.
+    let (_dir, ex, mut results) = queue_with_a_bad_file(
+        "hang",
+        Duration::from_secs(20),
+        &["asyRefCard.pdf"],
+        &["asyRefCard.pdf"],
+    );
+    assert_eq!(results.remove(0).1, 3);
     let err = results[0].0.as_ref().expect_err("the hanging file fails");
     assert!(
         matches!(err, ExtractError::Timeout { seconds: 20, .. }) && err.is_permanent(),
@@ -926,6 +1024,11 @@ fn a_renderer_that_hangs_is_stopped_at_the_time_limit_and_the_next_file_is_proce
         "the next file is processed"
     );
     assert_eq!(results[1].1, 3);
+    assert_eq!(
+        ex.workers_started(),
+        2,
+        "the hung worker was killed, not retried, and replaced for the next file"
+    );
 }
 
 #[test]
@@ -967,6 +1070,15 @@ fn a_page_too_big_for_the_memory_bound_fails_its_file_only() {
     let mut opts = options();
     opts.worker_memory_mb = 200;
     let ex = Extractor::new(opts).unwrap();
+    // A worker that already rendered a document takes the poster (and, dying on it, hands it
+    // to a fresh one before the file is blamed).
+    assert_eq!(
+        collect(&ex, &common::corpus().join("xfig-howto.pdf"))
+            .unwrap()
+            .pages
+            .len(),
+        24
+    );
     let err = expect_failure(&ex, &poster);
     assert!(
         matches!(err, ExtractError::OutOfMemory { limit_mb: 200, .. }) && err.is_permanent(),
