@@ -221,7 +221,14 @@ fn python() -> PathBuf {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    // With an even count, the mean of the middle two (two rounds would otherwise print the
+    // larger of each side).
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 #[tokio::main]
@@ -234,10 +241,15 @@ async fn main() {
         match a.as_str() {
             "--mid" => mid = true,
             "--corpus" => {
-                let list = args.next().expect("--corpus takes a comma-separated list of PDFs");
+                let list = args
+                    .next()
+                    .expect("--corpus takes a comma-separated list of PDFs");
                 corpus_only = Some(list.split(',').map(str::to_string).collect());
             }
-            _ => numbers.push(a.parse::<usize>().unwrap_or_else(|_| panic!("unknown argument {a}"))),
+            _ => numbers.push(
+                a.parse::<usize>()
+                    .unwrap_or_else(|_| panic!("unknown argument {a}")),
+            ),
         }
     }
     let generated = numbers.first().copied().unwrap_or(400);
@@ -385,8 +397,17 @@ async fn main() {
     row("MB sent to Chroma", &|r| r.sent_mb, true);
     if mid {
         // The goals at mid size: ≥ 1.2× the pages/s, ≤ 0.5× the peak RSS.
-        let speed = median(agent_runs.iter().map(|r| r.pages as f64 / r.seconds).collect())
-            / median(python_runs.iter().map(|r| r.pages as f64 / r.seconds).collect());
+        let speed = median(
+            agent_runs
+                .iter()
+                .map(|r| r.pages as f64 / r.seconds)
+                .collect(),
+        ) / median(
+            python_runs
+                .iter()
+                .map(|r| r.pages as f64 / r.seconds)
+                .collect(),
+        );
         let rss = median(agent_runs.iter().map(|r| r.peak_rss_mb).collect())
             / median(python_runs.iter().map(|r| r.peak_rss_mb).collect());
         let met = |ok: bool| if ok { "met" } else { "not met" };
