@@ -1,15 +1,22 @@
-//! End to end outside the model: the agent's `index` (tiny checkpoint, CPU) against the old
-//! DocuSearch worker's Python path with no model at all (`benches/e2e_python_baseline.py`), on
-//! the same folder, into separate collections of one real Chroma server.
+//! End to end: the agent's `index` (CPU) against the old DocuSearch worker's Python path
+//! (`benches/e2e_python_baseline.py`), on the same folder, into separate collections of one real
+//! Chroma server. Two modes:
 //!
-//! `cargo build --release && cargo run --release --example bench_e2e -- [GENERATED_PAGES] [ROUNDS]`
+//! - default, outside the model: the agent with the tiny checkpoint, Python with no model at all;
+//! - `--mid`: both sides run the same random mid-size checkpoint (written by
+//!   `scripts/bench_colpali_torch.py make`), the agent through candle, Python through
+//!   colpali-engine on CPU torch, with the agent's default batch sizes and thread count.
 //!
+//! `cargo build --release && cargo run --release --example bench_e2e -- [--mid] [--corpus A.pdf,B.pdf] [GENERATED_PAGES] [ROUNDS]`
+//!
+//! `--corpus` takes a subset of tests/fixtures/corpus's PDFs (default: all four).
 //! The folder: the corpus PDFs plus generated text PDFs (400 pages by default). Each side runs as
 //! a child process, measured with wait4 (CPU seconds and peak RSS include the agent's
 //! extraction workers); its requests go through a counting proxy (bytes sent to Chroma); a
 //! poller notes when the first page record can be found. Rounds alternate the two sides.
 //! Needs `DOCUSEARCH_BENCH_PYTHON` (or scripts/setup's environment) with chromadb, numpy,
-//! pypdfium2 and Pillow.
+//! pypdfium2 and Pillow; with `--mid` also torch, transformers and colpali-engine (the reference
+//! stack of `cargo bench --bench embed`).
 
 #![allow(clippy::field_reassign_with_default)]
 
@@ -214,14 +221,39 @@ fn python() -> PathBuf {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    // With an even count, the mean of the middle two (two rounds would otherwise print the
+    // larger of each side).
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let generated: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(400);
-    let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut mid = false;
+    let mut corpus_only: Option<Vec<String>> = None;
+    let mut numbers = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--mid" => mid = true,
+            "--corpus" => {
+                let list = args
+                    .next()
+                    .expect("--corpus takes a comma-separated list of PDFs");
+                corpus_only = Some(list.split(',').map(str::to_string).collect());
+            }
+            _ => numbers.push(
+                a.parse::<usize>()
+                    .unwrap_or_else(|_| panic!("unknown argument {a}")),
+            ),
+        }
+    }
+    let generated = numbers.first().copied().unwrap_or(400);
+    let rounds = numbers.get(1).copied().unwrap_or(3);
     let exe = Path::new(MANIFEST).join("target/release/docusearch-agent");
     assert!(
         exe.is_file(),
@@ -239,7 +271,9 @@ async fn main() {
     let folder = std::fs::canonicalize(folder_t.path()).expect("canonical");
     for e in std::fs::read_dir(Path::new(MANIFEST).join("tests/fixtures/corpus")).expect("corpus") {
         let p = e.expect("entry").path();
-        if p.extension().is_some_and(|x| x == "pdf") {
+        let name = p.file_name().expect("name").to_string_lossy().to_string();
+        let chosen = corpus_only.as_ref().is_none_or(|l| l.contains(&name));
+        if p.extension().is_some_and(|x| x == "pdf") && chosen {
             std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
         }
     }
@@ -255,7 +289,21 @@ async fn main() {
     cfg.api.enabled = false;
     // Multi-vector shapes: what the agent wrote in the first round.
     let (mut tokens_page, mut tokens_chunk) = (0, 0);
-    let size = 56; // the tiny checkpoint's image size: both sides resize to it
+    let mut size = 56; // the tiny checkpoint's image size: both sides resize to it
+    let model_dir = tempfile::tempdir().expect("tempdir");
+    // The agent's CPU thread count (what `set_cpu_thread_env` gives rayon); torch gets the same.
+    let threads = candle_core::utils::get_num_threads();
+    if mid {
+        let status = std::process::Command::new(python())
+            .arg(Path::new(MANIFEST).join("scripts/bench_colpali_torch.py"))
+            .arg("make")
+            .arg(model_dir.path())
+            .status()
+            .expect("run scripts/bench_colpali_torch.py make");
+        assert!(status.success(), "writing the mid-size checkpoint failed (DOCUSEARCH_BENCH_PYTHON needs torch and colpali-engine)");
+        cfg.model.name = model_dir.path().display().to_string();
+        size = 448;
+    }
 
     let mut agent_runs = Vec::new();
     let mut python_runs = Vec::new();
@@ -280,7 +328,7 @@ async fn main() {
             eprintln!("multi-vectors: {tokens_page} rows a page, {tokens_chunk} a text chunk");
         }
 
-        // The old worker's path, no model.
+        // The old worker's path: no model, or (--mid) colpali-engine on the same checkpoint.
         let (proxy, sent) = counting_proxy(url.trim_start_matches("http://").to_string()).await;
         let mut cmd = std::process::Command::new(python());
         cmd.arg(Path::new(MANIFEST).join("benches/e2e_python_baseline.py"))
@@ -292,6 +340,16 @@ async fn main() {
             .arg(tokens_chunk.to_string())
             .arg("128")
             .arg(&folder);
+        if mid {
+            cmd.arg("--model")
+                .arg(model_dir.path())
+                .arg("--threads")
+                .arg(threads.to_string())
+                .arg("--batch-visual")
+                .arg(cfg.model.batch_size_visual.to_string())
+                .arg("--batch-text")
+                .arg(cfg.model.batch_size_text.to_string());
+        }
         let (run, out) = measure(cmd, &url, &cfg, &format!("python{round}_visual"), sent).await;
         eprintln!("round {round}: python says {}", out.trim());
         python_runs.push(run);
@@ -309,13 +367,23 @@ async fn main() {
         let ratio = if better_low { p / a } else { a / p };
         println!("| {name} | {a:.2} | {p:.2} | {ratio:.2}× |");
     };
+    let gen_pages = generated.div_ceil(per_doc) * per_doc;
     println!(
-        "index of {pages} pages ({} corpus + generated), DPI {}, resize to {size}, medians of {rounds} alternating rounds",
-        pages.saturating_sub(generated.div_ceil(per_doc) * per_doc),
+        "index of {pages} pages ({} corpus + {gen_pages} generated), DPI {}, resize to {size}, medians of {rounds} alternating rounds",
+        pages.saturating_sub(gen_pages),
         cfg.extract.render_dpi
     );
-    println!("multi-vectors of {tokens_page} rows a page, {tokens_chunk} a text chunk, 128 wide, on both sides");
-    println!("| | agent (tiny checkpoint) | Python, no model | agent advantage |");
+    let (agent_label, python_label) = if mid {
+        println!(
+            "both sides: the random MID checkpoint (vision 384x6, text 512x6, 448-pixel pages), f32 on the CPU, {threads} threads, batches of {} pages / {} chunks",
+            cfg.model.batch_size_visual, cfg.model.batch_size_text
+        );
+        ("agent (MID, candle)", "Python (MID, colpali-engine)")
+    } else {
+        ("agent (tiny checkpoint)", "Python, no model")
+    };
+    println!("multi-vectors of {tokens_page} rows a page (median), {tokens_chunk} a text chunk (median), 128 wide");
+    println!("| | {agent_label} | {python_label} | agent advantage |");
     println!("|---|---|---|---|");
     row("pages/s", &|r| r.pages as f64 / r.seconds, false);
     row("seconds", &|r| r.seconds, true);
@@ -327,6 +395,28 @@ async fn main() {
     row("CPU seconds (process + workers)", &|r| r.cpu_s, true);
     row("peak RSS, MB (largest process)", &|r| r.peak_rss_mb, true);
     row("MB sent to Chroma", &|r| r.sent_mb, true);
+    if mid {
+        // The goals at mid size: ≥ 1.2× the pages/s, ≤ 0.5× the peak RSS.
+        let speed = median(
+            agent_runs
+                .iter()
+                .map(|r| r.pages as f64 / r.seconds)
+                .collect(),
+        ) / median(
+            python_runs
+                .iter()
+                .map(|r| r.pages as f64 / r.seconds)
+                .collect(),
+        );
+        let rss = median(agent_runs.iter().map(|r| r.peak_rss_mb).collect())
+            / median(python_runs.iter().map(|r| r.peak_rss_mb).collect());
+        let met = |ok: bool| if ok { "met" } else { "not met" };
+        println!(
+            "goals: pages/s {speed:.2}× (≥ 1.2×: {}), peak RSS {rss:.2}× (≤ 0.5×: {})",
+            met(speed >= 1.2),
+            met(rss <= 0.5)
+        );
+    }
     for (name, runs) in [("agent", &agent_runs), ("python", &python_runs)] {
         let s: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.seconds)).collect();
         println!("raw seconds, {name}: {}", s.join(" "));
