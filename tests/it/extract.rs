@@ -886,6 +886,18 @@ fn queue_with_a_bad_file(
     (dir, ex, results)
 }
 
+/// The file the worker died on fails for good, and the error names it and the signal.
+fn assert_crashed_on_hostile_pdf(err: &ExtractError) {
+    assert!(
+        matches!(err, ExtractError::Crashed { .. }) && err.is_permanent(),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("hostile.pdf") && err.to_string().contains("SIGABRT"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_renderer_that_crashes_fails_its_file_and_the_next_file_is_processed() {
     let (_dir, ex, results) = queue_with_a_bad_file(
@@ -895,15 +907,7 @@ fn a_renderer_that_crashes_fails_its_file_and_the_next_file_is_processed() {
         &["asyRefCard.pdf", "xfig-howto.pdf"],
     );
     let (first, pages) = &results[0];
-    let err = first.as_ref().expect_err("the crashing file fails");
-    assert!(
-        matches!(err, ExtractError::Crashed { .. }) && err.is_permanent(),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("hostile.pdf") && err.to_string().contains("SIGABRT"),
-        "{err}"
-    );
+    assert_crashed_on_hostile_pdf(first.as_ref().expect_err("the crashing file fails"));
     assert_eq!(*pages, 1, "the page sent before the crash was delivered");
     assert_eq!(
         results[1].0.as_ref().map(|i| i.num_pages).ok(),
@@ -934,15 +938,7 @@ fn a_crash_in_a_reused_worker_fails_its_file_only_and_delivers_no_page_twice() {
     );
     assert_eq!(results[0].0.as_ref().map(|i| i.num_pages).ok(), Some(24));
     let (second, pages) = &results[1];
-    let err = second.as_ref().expect_err("the crashing file fails");
-    assert!(
-        matches!(err, ExtractError::Crashed { .. }) && err.is_permanent(),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("hostile.pdf") && err.to_string().contains("SIGABRT"),
-        "{err}"
-    );
+    assert_crashed_on_hostile_pdf(second.as_ref().expect_err("the crashing file fails"));
     assert_eq!(*pages, 1, "page 1 reached the sink once, across both tries");
     assert_eq!(results[2].0.as_ref().map(|i| i.num_pages).ok(), Some(3));
     assert_eq!(results[2].1, 3);
