@@ -160,21 +160,36 @@ impl Syncer {
         doc: &DocumentMeta,
         pages: &[PageRecord],
     ) -> Result<(), SyncError> {
-        let path = doc.source_path.to_string_lossy();
-        for p in pages {
-            self.check_embedding(&path, &records::page_id(&doc.doc_id, p.page), &p.embedding)?;
+        self.upsert_pages_of(&[(doc, pages)]).await
+    }
+
+    /// Writes the page records of several documents in as few requests as Chroma takes.
+    /// Chroma's cost per request is high and grows with the collection (a local server spent
+    /// 3.5× the CPU on the same records sent 16 a request instead of 100; BENCHMARKS.md), so
+    /// the agent gathers what is ready across documents before it writes.
+    pub async fn upsert_pages_of(
+        &self,
+        docs: &[(&DocumentMeta, &[PageRecord])],
+    ) -> Result<(), SyncError> {
+        let mut all = Vec::new();
+        for (doc, pages) in docs {
+            let path = doc.source_path.to_string_lossy();
+            for p in pages.iter() {
+                self.check_embedding(&path, &records::page_id(&doc.doc_id, p.page), &p.embedding)?;
+                all.push((*doc, p));
+            }
         }
         // Encoding (gzip, base64) is CPU work: spread it over the cores.
-        let records: Vec<Record> = pages
+        let records: Vec<Record> = all
             .par_iter()
-            .map(|p| records::page_record(doc, p, self.encoding))
+            .map(|(doc, p)| records::page_record(doc, p, self.encoding))
             .collect();
         let requests = self
             .visual
             .upsert(&records)
             .await
-            .map_err(|source| chroma_err("writing page records", &path, source))?;
-        tracing::debug!(path = %path, pages = pages.len(), requests, "page records written");
+            .map_err(|source| chroma_err("writing page records", &paths(docs), source))?;
+        tracing::debug!(documents = %paths(docs), pages = records.len(), requests, "page records written");
         Ok(())
     }
 
@@ -184,24 +199,37 @@ impl Syncer {
         doc: &DocumentMeta,
         chunks: &[ChunkRecord],
     ) -> Result<(), SyncError> {
-        let path = doc.source_path.to_string_lossy();
-        for c in chunks {
-            self.check_embedding(
-                &path,
-                &records::chunk_id(&doc.doc_id, c.chunk_index),
-                &c.embedding,
-            )?;
+        self.upsert_chunks_of(&[(doc, chunks)]).await
+    }
+
+    /// Writes the text-chunk records of several documents in as few requests as Chroma takes
+    /// (see [`Syncer::upsert_pages_of`]).
+    pub async fn upsert_chunks_of(
+        &self,
+        docs: &[(&DocumentMeta, &[ChunkRecord])],
+    ) -> Result<(), SyncError> {
+        let mut all = Vec::new();
+        for (doc, chunks) in docs {
+            let path = doc.source_path.to_string_lossy();
+            for c in chunks.iter() {
+                self.check_embedding(
+                    &path,
+                    &records::chunk_id(&doc.doc_id, c.chunk_index),
+                    &c.embedding,
+                )?;
+                all.push((*doc, c));
+            }
         }
-        let records: Vec<Record> = chunks
+        let records: Vec<Record> = all
             .par_iter()
-            .map(|c| records::chunk_record(doc, c, self.encoding))
+            .map(|(doc, c)| records::chunk_record(doc, c, self.encoding))
             .collect();
         let requests = self
             .text
             .upsert(&records)
             .await
-            .map_err(|source| chroma_err("writing text records", &path, source))?;
-        tracing::debug!(path = %path, chunks = chunks.len(), requests, "text records written");
+            .map_err(|source| chroma_err("writing text records", &paths(docs), source))?;
+        tracing::debug!(documents = %paths(docs), chunks = records.len(), requests, "text records written");
         Ok(())
     }
 
@@ -326,6 +354,19 @@ impl Syncer {
             }
         };
         Ok((count(&self.visual).await?, count(&self.text).await?))
+    }
+}
+
+/// The documents of a write, for its error: the first one's path, and how many more.
+fn paths<R>(docs: &[(&DocumentMeta, &[R])]) -> String {
+    match docs {
+        [] => String::new(),
+        [(one, _)] => one.source_path.to_string_lossy().into_owned(),
+        [(first, _), rest @ ..] => format!(
+            "{} and {} other documents",
+            first.source_path.to_string_lossy(),
+            rest.len()
+        ),
     }
 }
 

@@ -156,17 +156,15 @@ fn sync_err(e: SyncError) -> StageError {
 impl Sink for RealSink {
     async fn upsert_pages(
         &self,
-        doc: &DocumentMeta,
-        pages: &[PageRecord],
+        docs: &[(&DocumentMeta, &[PageRecord])],
     ) -> Result<(), StageError> {
-        self.0.upsert_pages(doc, pages).await.map_err(sync_err)
+        self.0.upsert_pages_of(docs).await.map_err(sync_err)
     }
     async fn upsert_chunks(
         &self,
-        doc: &DocumentMeta,
-        chunks: &[ChunkRecord],
+        docs: &[(&DocumentMeta, &[ChunkRecord])],
     ) -> Result<(), StageError> {
-        self.0.upsert_chunks(doc, chunks).await.map_err(sync_err)
+        self.0.upsert_chunks_of(docs).await.map_err(sync_err)
     }
     async fn finish_document(
         &self,

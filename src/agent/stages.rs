@@ -84,15 +84,15 @@ pub use crate::records::{ChunkRecord, DocumentMeta, PageRecord};
 /// Where records go. Upserts first, then `finish_document` prunes what no longer exists, so a
 /// changed document is never missing from search.
 pub trait Sink: Send + Sync + 'static {
+    /// Writes page records of one or more documents, in as few requests as the sink takes.
     fn upsert_pages(
         &self,
-        doc: &DocumentMeta,
-        pages: &[PageRecord],
+        docs: &[(&DocumentMeta, &[PageRecord])],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
+    /// Writes text-chunk records of one or more documents, in as few requests as it takes.
     fn upsert_chunks(
         &self,
-        doc: &DocumentMeta,
-        chunks: &[ChunkRecord],
+        docs: &[(&DocumentMeta, &[ChunkRecord])],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
     fn finish_document(
         &self,

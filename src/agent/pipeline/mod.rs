@@ -56,7 +56,8 @@ pub struct PipelineSettings {
     pub batch_text: usize,
     /// Unload the model after this long without work (`None`: keep it).
     pub idle_unload: Option<Duration>,
-    /// Pages per upsert request.
+    /// A document with this many pages waiting is written without waiting for its end (the
+    /// sync stage gathers records across documents into larger writes).
     pub upsert_pages: usize,
     /// A stage made to fail on purpose (tests; see [`FailPoint`]).
     pub fail_point: Option<FailPoint>,

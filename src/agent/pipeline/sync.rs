@@ -1,5 +1,6 @@
-//! The sync stage: upserts each document's records as its pages arrive, prunes what no longer
-//! exists when it ends, records the file in the store and closes its job.
+//! The sync stage: upserts the records of the pages as they arrive, gathered across documents
+//! into few large writes, prunes what no longer exists when a document ends, records the file
+//! in the store and closes its job.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,9 +15,13 @@ use crate::supervisor::{CancellationToken, TaskError};
 use crate::telemetry::DocStage;
 use crate::types::SCHEMA_VERSION;
 
+/// Embedding bytes (f32) gathered for one write: about one request's worth once encoded
+/// (base64 adds a third; a local Chroma takes 40 MiB a request).
+const WRITE_BYTES: usize = 24 << 20;
+
 /// A document's records not yet written, and what writing them took so far.
-#[derive(Default)]
 struct DocBuffer {
+    doc: Arc<Doc>,
     pages: Vec<PageRecord>,
     chunks: Vec<ChunkRecord>,
     num_chunks: u32,
@@ -25,31 +30,128 @@ struct DocBuffer {
     stopped: bool,
 }
 
+impl DocBuffer {
+    fn new(doc: Arc<Doc>) -> DocBuffer {
+        DocBuffer {
+            doc,
+            pages: Vec::new(),
+            chunks: Vec::new(),
+            num_chunks: 0,
+            sync_time: Duration::ZERO,
+            stopped: false,
+        }
+    }
+
+    /// Records to write: none once the document failed or the agent stopped.
+    fn has_writes(&self) -> bool {
+        !(self.pages.is_empty() && self.chunks.is_empty())
+            && self.doc.failure().is_none()
+            && !self.stopped
+    }
+}
+
+/// The documents the stage holds: their records not yet written, and those whose last page
+/// came (finished after their records are written).
+struct Held {
+    buffers: HashMap<u64, DocBuffer>,
+    ended: Vec<(Arc<Doc>, Ending)>,
+    /// Embedding bytes not yet written.
+    bytes: usize,
+}
+
+impl Held {
+    fn take(&mut self, msg: StageMsg<EmbeddedPage>) {
+        match msg {
+            StageMsg::Page(doc, page) => {
+                let buf = self
+                    .buffers
+                    .entry(doc.job.seq)
+                    .or_insert_with(|| DocBuffer::new(doc.clone()));
+                buf.num_chunks += page.chunks.len() as u32;
+                self.bytes += page
+                    .record
+                    .iter()
+                    .map(|p| p.embedding.data.len() * 4)
+                    .sum::<usize>()
+                    + page
+                        .chunks
+                        .iter()
+                        .map(|c| c.embedding.data.len() * 4)
+                        .sum::<usize>();
+                buf.pages.extend(page.record);
+                buf.chunks.extend(page.chunks);
+            }
+            StageMsg::End(doc, ending) => {
+                let buf = self
+                    .buffers
+                    .entry(doc.job.seq)
+                    .or_insert_with(|| DocBuffer::new(doc.clone()));
+                match &ending {
+                    // Checkpoint: the job runs again, and writes these records then.
+                    Ending::Interrupted => {
+                        buf.pages.clear();
+                        buf.chunks.clear();
+                    }
+                    // A failed document's records are not written.
+                    Ending::Finished(Err(e)) => doc.fail(e.clone()),
+                    Ending::Finished(Ok(_)) => {}
+                }
+                self.ended.push((doc, ending));
+            }
+        }
+    }
+
+    /// Whether to write now, with nothing more ready: a document ended (its job closes once its
+    /// records are in), or a document has `upsert_pages` pages waiting (search sees a long
+    /// document grow), or a request's worth is held.
+    fn due(&self, upsert_pages: usize) -> bool {
+        !self.ended.is_empty()
+            || self.bytes >= WRITE_BYTES
+            || self
+                .buffers
+                .values()
+                .any(|b| b.pages.len() >= upsert_pages.max(1))
+    }
+}
+
 pub(super) async fn run<S: Sink>(
     shared: Arc<Shared<S>>,
     mut vec_rx: mpsc::Receiver<StageMsg<EmbeddedPage>>,
     token: CancellationToken,
 ) -> Result<(), TaskError> {
-    let mut buffers: HashMap<u64, DocBuffer> = HashMap::new();
+    let mut held = Held {
+        buffers: HashMap::new(),
+        ended: Vec::new(),
+        bytes: 0,
+    };
     while let Some(msg) = vec_rx.recv().await {
         fail_point(&shared.settings, FailStage::Sync)?;
-        match msg {
-            StageMsg::Page(doc, page) => {
-                let buf = buffers.entry(doc.job.seq).or_default();
-                buf.num_chunks += page.chunks.len() as u32;
-                buf.pages.extend(page.record);
-                buf.chunks.extend(page.chunks);
-                if buf.pages.len() >= shared.settings.upsert_pages.max(1) {
-                    upsert(&shared, &token, &doc, buf).await;
+        held.take(msg);
+        // What else is ready joins this write, up to a request's worth: while Chroma is busy
+        // the next write grows; when the agent is idle a page is written as soon as it comes.
+        while held.bytes < WRITE_BYTES {
+            match vec_rx.try_recv() {
+                Ok(msg) => {
+                    fail_point(&shared.settings, FailStage::Sync)?;
+                    held.take(msg);
                 }
+                Err(_) => break,
             }
-            StageMsg::End(doc, ending) => {
-                let mut buf = buffers.remove(&doc.job.seq).unwrap_or_default();
-                let seq = doc.job.seq;
-                let r = finish(&shared, &token, &doc, &mut buf, ending).await;
-                shared.telemetry.document_finished(seq);
-                r.map_err(|e| fatal("the job queue cannot be written", e))?;
-            }
+        }
+        if !held.due(shared.settings.upsert_pages) {
+            continue;
+        }
+        write_held(&shared, &token, &mut held.buffers).await;
+        held.bytes = 0;
+        for (doc, ending) in std::mem::take(&mut held.ended) {
+            let seq = doc.job.seq;
+            let mut buf = held
+                .buffers
+                .remove(&seq)
+                .unwrap_or_else(|| DocBuffer::new(doc.clone()));
+            let r = finish(&shared, &token, &doc, &mut buf, ending).await;
+            shared.telemetry.document_finished(seq);
+            r.map_err(|e| fatal("the job queue cannot be written", e))?;
         }
     }
     Ok(())
@@ -70,12 +172,13 @@ fn doc_meta<S>(shared: &Shared<S>, doc: &Doc) -> DocumentMeta {
 /// Longest wait between two tries of a write while Chroma is away.
 const MAX_CHROMA_WAIT: Duration = Duration::from_secs(30);
 
-/// One write of a document's records.
+/// One write of some documents' records.
 enum Write<'a> {
-    Pages(&'a [PageRecord]),
-    Chunks(&'a [ChunkRecord]),
+    Pages(&'a [(&'a DocumentMeta, &'a [PageRecord])]),
+    Chunks(&'a [(&'a DocumentMeta, &'a [ChunkRecord])]),
     /// Prunes the records the document no longer has.
     Finish {
+        meta: &'a DocumentMeta,
         pages: u32,
         chunks: u32,
     },
@@ -90,14 +193,14 @@ enum Halt {
 }
 
 /// Writes to Chroma until the write succeeds, fails for good, or the agent stops. A Chroma
-/// that is away or answers 5xx is not the document's fault: the records already embedded are
+/// that is away or answers 5xx is not the documents' fault: the records already embedded are
 /// kept (the stages before this one wait, so memory stays bounded), tried again with back-off
 /// up to [`MAX_CHROMA_WAIT`], no attempt of the job is used up, and `/health` says why.
+/// `what` names the documents for the log.
 async fn write<S: Sink>(
     shared: &Shared<S>,
     token: &CancellationToken,
-    doc: &Doc,
-    meta: &DocumentMeta,
+    what: &str,
     w: Write<'_>,
 ) -> Result<(), Halt> {
     let t = &shared.telemetry;
@@ -105,18 +208,20 @@ async fn write<S: Sink>(
     let mut waited = false;
     loop {
         let result = match &w {
-            Write::Pages(p) => shared.sink.upsert_pages(meta, p).await,
-            Write::Chunks(c) => shared.sink.upsert_chunks(meta, c).await,
-            Write::Finish { pages, chunks } => {
-                shared.sink.finish_document(meta, *pages, *chunks).await
-            }
+            Write::Pages(p) => shared.sink.upsert_pages(p).await,
+            Write::Chunks(c) => shared.sink.upsert_chunks(c).await,
+            Write::Finish {
+                meta,
+                pages,
+                chunks,
+            } => shared.sink.finish_document(meta, *pages, *chunks).await,
         };
         let e = match result {
             Ok(()) => {
                 // Chroma answers (also after a deletion or move had to wait).
                 t.chroma_waiting(None);
                 if waited {
-                    tracing::info!(path = %doc.path.display(), "Chroma takes records again; writing on");
+                    tracing::info!(path = %what, "Chroma takes records again; writing on");
                 }
                 return Ok(());
             }
@@ -130,7 +235,7 @@ async fn write<S: Sink>(
         }
         t.failures.inc(Stage::Sync);
         if !waited {
-            tracing::warn!(path = %doc.path.display(), "{e}; the records embedded so far are kept and written when Chroma takes them again");
+            tracing::warn!(path = %what, "{e}; the records embedded so far are kept and written when Chroma takes them again");
         }
         waited = true;
         t.chroma_waiting(Some(e.reason.clone()));
@@ -145,36 +250,88 @@ async fn write<S: Sink>(
     }
 }
 
-async fn upsert<S: Sink>(
+/// Writes the records of these documents: pages, then chunks.
+async fn write_records<S: Sink>(
     shared: &Shared<S>,
     token: &CancellationToken,
-    doc: &Doc,
-    buf: &mut DocBuffer,
+    bufs: &[&DocBuffer],
+) -> Result<(), Halt> {
+    let metas: Vec<DocumentMeta> = bufs.iter().map(|b| doc_meta(shared, &b.doc)).collect();
+    let what = match bufs {
+        [one] => one.doc.path.display().to_string(),
+        _ => format!(
+            "{} and {} other documents",
+            bufs[0].doc.path.display(),
+            bufs.len() - 1
+        ),
+    };
+    let pages: Vec<(&DocumentMeta, &[PageRecord])> = metas
+        .iter()
+        .zip(bufs)
+        .filter(|(_, b)| !b.pages.is_empty())
+        .map(|(m, b)| (m, b.pages.as_slice()))
+        .collect();
+    if !pages.is_empty() {
+        write(shared, token, &what, Write::Pages(&pages)).await?;
+    }
+    let chunks: Vec<(&DocumentMeta, &[ChunkRecord])> = metas
+        .iter()
+        .zip(bufs)
+        .filter(|(_, b)| !b.chunks.is_empty())
+        .map(|(m, b)| (m, b.chunks.as_slice()))
+        .collect();
+    if !chunks.is_empty() {
+        write(shared, token, &what, Write::Chunks(&chunks)).await?;
+    }
+    Ok(())
+}
+
+/// Writes every held record, all documents together. A write refused for good is tried again
+/// one document at a time, so only the document at fault fails.
+async fn write_held<S: Sink>(
+    shared: &Shared<S>,
+    token: &CancellationToken,
+    buffers: &mut HashMap<u64, DocBuffer>,
 ) {
-    if doc.failure().is_some() || buf.stopped || (buf.pages.is_empty() && buf.chunks.is_empty()) {
+    let mut seqs: Vec<u64> = buffers
+        .iter()
+        .filter(|(_, b)| b.has_writes())
+        .map(|(s, _)| *s)
+        .collect();
+    if seqs.is_empty() {
         return;
     }
+    seqs.sort_unstable();
+    for &seq in &seqs {
+        shared.telemetry.document_stage(seq, DocStage::Syncing);
+    }
     let started = Instant::now();
-    let meta = doc_meta(shared, doc);
-    let mut halted = None;
-    if !buf.pages.is_empty() {
-        halted = write(shared, token, doc, &meta, Write::Pages(&buf.pages))
-            .await
-            .err();
-    }
-    if halted.is_none() && !buf.chunks.is_empty() {
-        halted = write(shared, token, doc, &meta, Write::Chunks(&buf.chunks))
-            .await
-            .err();
-    }
-    buf.sync_time += started.elapsed();
-    match halted {
-        None => {
-            buf.pages.clear();
-            buf.chunks.clear();
+    let all: Vec<&DocBuffer> = seqs.iter().map(|s| &buffers[s]).collect();
+    let outcome = write_records(shared, token, &all).await;
+    let mut results: Vec<(u64, Result<(), Halt>)> = match outcome {
+        Err(Halt::Failed(_)) if seqs.len() > 1 => {
+            let mut each = Vec::new();
+            for &seq in &seqs {
+                each.push((seq, write_records(shared, token, &[&buffers[&seq]]).await));
+            }
+            each
         }
-        Some(Halt::Failed(e)) => doc.fail(e),
-        Some(Halt::Stopped) => buf.stopped = true,
+        Ok(()) => seqs.iter().map(|s| (*s, Ok(()))).collect(),
+        Err(Halt::Stopped) => seqs.iter().map(|s| (*s, Err(Halt::Stopped))).collect(),
+        Err(Halt::Failed(e)) => vec![(seqs[0], Err(Halt::Failed(e)))],
+    };
+    let took = started.elapsed();
+    for (seq, result) in results.drain(..) {
+        let buf = buffers.get_mut(&seq).expect("held");
+        buf.sync_time += took;
+        match result {
+            Ok(()) => {
+                buf.pages.clear();
+                buf.chunks.clear();
+            }
+            Err(Halt::Failed(e)) => buf.doc.fail(e),
+            Err(Halt::Stopped) => buf.stopped = true,
+        }
     }
 }
 
@@ -185,27 +342,26 @@ async fn finish<S: Sink>(
     buf: &mut DocBuffer,
     ending: Ending,
 ) -> Result<(), StoreError> {
-    let res = match ending {
+    if let Ending::Interrupted = ending {
         // Checkpoint: the job runs again at the next start.
-        Ending::Interrupted => return shared.job_interrupted(&doc.job, &doc.path, doc.stamp),
-        Ending::Finished(res) => res,
-    };
-    if let Err(e) = res {
-        doc.fail(e);
+        return shared.job_interrupted(&doc.job, &doc.path, doc.stamp);
     }
-    shared
-        .telemetry
-        .document_stage(doc.job.seq, DocStage::Syncing);
-    upsert(shared, token, doc, buf).await;
+    // The document's records were written before this (`write_held`); a failed extraction
+    // marked the document failed when its end came.
     let meta = doc_meta(shared, doc);
     let num_pages = meta.num_pages;
     if doc.failure().is_none() && !buf.stopped {
+        shared
+            .telemetry
+            .document_stage(doc.job.seq, DocStage::Syncing);
         let started = Instant::now();
+        let what = doc.path.display().to_string();
         let w = Write::Finish {
+            meta: &meta,
             pages: num_pages,
             chunks: buf.num_chunks,
         };
-        match write(shared, token, doc, &meta, w).await {
+        match write(shared, token, &what, w).await {
             Ok(()) => {}
             Err(Halt::Failed(e)) => doc.fail(e),
             Err(Halt::Stopped) => buf.stopped = true,

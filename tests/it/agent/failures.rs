@@ -29,8 +29,7 @@ struct FlakySink {
 impl Sink for FlakySink {
     async fn upsert_pages(
         &self,
-        doc: &DocumentMeta,
-        pages: &[PageRecord],
+        docs: &[(&DocumentMeta, &[PageRecord])],
     ) -> Result<(), StageError> {
         if take_one(&self.fail_upserts) {
             return Err(StageError::transient(
@@ -38,14 +37,13 @@ impl Sink for FlakySink {
                 "injected at upsert_pages: Chroma answered 503 Service Unavailable",
             ));
         }
-        self.inner.upsert_pages(doc, pages).await
+        self.inner.upsert_pages(docs).await
     }
     async fn upsert_chunks(
         &self,
-        doc: &DocumentMeta,
-        chunks: &[ChunkRecord],
+        docs: &[(&DocumentMeta, &[ChunkRecord])],
     ) -> Result<(), StageError> {
-        self.inner.upsert_chunks(doc, chunks).await
+        self.inner.upsert_chunks(docs).await
     }
     async fn finish_document(
         &self,
@@ -226,5 +224,198 @@ async fn a_model_that_fails_to_load_once_is_reported_then_recovers() {
     assert_eq!(loaded.state, ModelState::Loaded, "{loaded:?}");
     assert_eq!(loaded.error, None, "a load that works clears the error");
     assert_eq!(loaded.loads, 1);
+    agent.shutdown().await.expect("shutdown");
+}
+
+/// Chroma behind a gate: page writes wait until the test opens it. Notes which documents each
+/// page write held, and refuses for good (as a 4xx does) any page write holding `refuse`.
+struct GatedSink {
+    inner: RealSink,
+    open: tokio::sync::watch::Receiver<bool>,
+    /// Page writes that reached the gate.
+    arrived: AtomicU32,
+    /// Per page write, in order: the file names it held, and whether it was refused.
+    writes: std::sync::Mutex<Vec<(Vec<String>, bool)>>,
+    refuse: Option<&'static str>,
+}
+
+impl GatedSink {
+    fn names(docs: &[(&DocumentMeta, &[PageRecord])]) -> Vec<String> {
+        docs.iter()
+            .map(|(d, _)| {
+                d.source_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    fn writes(&self) -> Vec<(Vec<String>, bool)> {
+        self.writes.lock().unwrap().clone()
+    }
+}
+
+impl Sink for &'static GatedSink {
+    async fn upsert_pages(
+        &self,
+        docs: &[(&DocumentMeta, &[PageRecord])],
+    ) -> Result<(), StageError> {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.clone();
+        open.wait_for(|o| *o)
+            .await
+            .expect("the test holds the gate");
+        let names = GatedSink::names(docs);
+        let refused = self
+            .refuse
+            .is_some_and(|r| names.iter().any(|n| n.as_str() == r));
+        self.writes.lock().unwrap().push((names, refused));
+        if refused {
+            return Err(StageError {
+                stage: Stage::Sync,
+                permanent: true,
+                reason: "injected at upsert_pages: Chroma answered 422 for bad.pdf's record".into(),
+                waits: false,
+            });
+        }
+        self.inner.upsert_pages(docs).await
+    }
+    async fn upsert_chunks(
+        &self,
+        docs: &[(&DocumentMeta, &[ChunkRecord])],
+    ) -> Result<(), StageError> {
+        self.inner.upsert_chunks(docs).await
+    }
+    async fn finish_document(
+        &self,
+        doc: &DocumentMeta,
+        num_pages: u32,
+        num_chunks: u32,
+    ) -> Result<(), StageError> {
+        self.inner.finish_document(doc, num_pages, num_chunks).await
+    }
+    async fn delete_document(&self, doc_id: &DocId) -> Result<(), StageError> {
+        self.inner.delete_document(doc_id).await
+    }
+    async fn move_document(&self, old: &DocId, new: &DocumentMeta) -> Result<bool, StageError> {
+        self.inner.move_document(old, new).await
+    }
+}
+
+/// An agent writing through a closed [`GatedSink`]; send `true` to open it.
+async fn start_gated(
+    rig: &Rig,
+    refuse: Option<&'static str>,
+) -> (Agent, &'static GatedSink, tokio::sync::watch::Sender<bool>) {
+    let (open_tx, open) = tokio::sync::watch::channel(false);
+    // Leaked: the agent's tasks and the test both hold it for the test's whole life.
+    let sink: &'static GatedSink = Box::leak(Box::new(GatedSink {
+        inner: RealSink(rig.syncer().await),
+        open,
+        arrived: AtomicU32::new(0),
+        writes: std::sync::Mutex::new(Vec::new()),
+        refuse,
+    }));
+    let extract = RealExtract::new(&rig.cfg, agent_exe()).expect("extractor");
+    let loader = RealModelLoader {
+        cfg: rig.cfg.model.clone(),
+    };
+    (rig.start_with(extract, loader, sink).await, sink, open_tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_embedded_while_chroma_is_busy_are_written_together() {
+    let rig = rig(200);
+    let (agent, sink, open) = start_gated(&rig, None).await;
+    let names = ["a.pdf", "b.pdf", "c.pdf", "d.pdf", "e.pdf", "f.pdf"];
+    for (i, n) in names.iter().enumerate() {
+        write_file(&rig.root.join(n), &pdf_pages(n, i as u16, i as u16));
+    }
+    let t = agent.telemetry.clone();
+    // The first write waits at the gate while every other document is embedded behind it.
+    until(
+        "all six documents embedded, the first write waiting",
+        || {
+            let t = t.clone();
+            async move { t.pages_embedded.total() == 6 && sink.arrived.load(Ordering::SeqCst) == 1 }
+        },
+    )
+    .await;
+    open.send(true).expect("the sink holds the gate");
+    until("all six documents indexed", || {
+        let t = t.clone();
+        async move { t.files_indexed.get() == 6 }
+    })
+    .await;
+    let writes = sink.writes();
+    assert_eq!(
+        writes.len(),
+        2,
+        "the first write, then one for everything embedded meanwhile: {writes:?}"
+    );
+    let mut written: Vec<String> = writes.iter().flat_map(|(w, _)| w.clone()).collect();
+    written.sort();
+    assert_eq!(written, names, "each document written once: {writes:?}");
+    let s = rig.syncer().await;
+    for n in names {
+        let (pages, chunks) = counts(&s, &rig.doc_id(n)).await;
+        assert_eq!(pages, 1, "{n}");
+        assert!(chunks > 0, "{n}");
+    }
+    assert_eq!(t.files_failed.get(), 0);
+    agent.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_good_fails_only_the_document_at_fault() {
+    let rig = rig(200);
+    let (agent, sink, open) = start_gated(&rig, Some("bad.pdf")).await;
+    let t = agent.telemetry.clone();
+    write_file(&rig.root.join("first.pdf"), &pdf_pages("first", 0, 0));
+    until("the first write waits at the gate", || async {
+        sink.arrived.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    write_file(&rig.root.join("good.pdf"), &pdf_pages("good", 0, 0));
+    write_file(&rig.root.join("bad.pdf"), &pdf_pages("bad", 0, 0));
+    until(
+        "good.pdf and bad.pdf embedded behind the first write",
+        || {
+            let t = t.clone();
+            async move { t.pages_embedded.total() == 3 }
+        },
+    )
+    .await;
+    open.send(true).expect("the sink holds the gate");
+    until("two documents indexed and one failed", || {
+        let t = t.clone();
+        async move { t.files_indexed.get() == 2 && t.files_failed.get() == 1 }
+    })
+    .await;
+    let writes = sink.writes();
+    let together = writes
+        .iter()
+        .position(|(w, _)| w.len() == 2)
+        .unwrap_or_else(|| panic!("good.pdf and bad.pdf were written together: {writes:?}"));
+    assert!(writes[together].1, "the write holding bad.pdf was refused");
+    assert!(
+        writes[together + 1..].contains(&(vec!["good.pdf".to_string()], false))
+            && writes[together + 1..].contains(&(vec!["bad.pdf".to_string()], true)),
+        "then each document was tried alone: {writes:?}"
+    );
+    let s = rig.syncer().await;
+    assert_eq!(counts(&s, &rig.doc_id("first.pdf")).await.0, 1);
+    assert_eq!(counts(&s, &rig.doc_id("good.pdf")).await.0, 1);
+    assert_eq!(counts(&s, &rig.doc_id("bad.pdf")).await, (0, 0));
+    let bad = agent
+        .store()
+        .file(&rig.root.join("bad.pdf"))
+        .expect("store")
+        .expect("bad.pdf recorded");
+    assert!(
+        bad.last_error.as_deref().is_some_and(|e| e.contains("422")),
+        "{bad:?}"
+    );
     agent.shutdown().await.expect("shutdown");
 }
