@@ -22,6 +22,9 @@ struct Linear {
     bias: Option<Tensor>,
 }
 
+/// Inputs of at most this many rows take the weight-major product in [`Linear::forward`].
+const SMALL_ROWS: usize = 64;
+
 impl Linear {
     fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
         Linear { weight, bias }
@@ -33,7 +36,15 @@ impl Linear {
             .split_last()
             .ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, *last))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, *last))?;
+        // A few rows (a query): W·xᵀ reads the weight once in its own row-major layout, where
+        // x·Wᵀ has gemm pack the whole transposed weight first (one 30-token query on the
+        // full-size model: 2.6 s -> 1.0-1.4 s on 2 cores).
+        let y = if rows <= SMALL_ROWS {
+            self.weight.matmul(&x2.t()?)?.t()?.contiguous()?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
