@@ -141,6 +141,12 @@ pub(super) async fn run<S: Sink>(
         if !held.due(shared.settings.upsert_pages) {
             continue;
         }
+        // Documents whose last page came are syncing now; the others are still being read.
+        for (doc, _) in &held.ended {
+            shared
+                .telemetry
+                .document_stage(doc.job.seq, DocStage::Syncing);
+        }
         write_held(&shared, &token, &mut held.buffers).await;
         held.bytes = 0;
         for (doc, ending) in std::mem::take(&mut held.ended) {
@@ -302,9 +308,6 @@ async fn write_held<S: Sink>(
         return;
     }
     seqs.sort_unstable();
-    for &seq in &seqs {
-        shared.telemetry.document_stage(seq, DocStage::Syncing);
-    }
     let started = Instant::now();
     let all: Vec<&DocBuffer> = seqs.iter().map(|s| &buffers[s]).collect();
     let outcome = write_records(shared, token, &all).await;
@@ -351,9 +354,6 @@ async fn finish<S: Sink>(
     let meta = doc_meta(shared, doc);
     let num_pages = meta.num_pages;
     if doc.failure().is_none() && !buf.stopped {
-        shared
-            .telemetry
-            .document_stage(doc.job.seq, DocStage::Syncing);
         let started = Instant::now();
         let what = doc.path.display().to_string();
         let w = Write::Finish {
