@@ -583,30 +583,21 @@ mod tests {
             let blocks =
                 attention_in_blocks(&q, &k, &v, 0.35, Some((&mask, &host)), max_bytes).unwrap();
             assert_eq!(blocks.dims(), whole.dims());
-            let diff = (&blocks - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&blocks, &whole);
             assert!(diff <= 1e-6, "max_bytes {max_bytes}: {diff}");
         }
         let unmasked = attention_in_blocks(&q, &k, &v, 0.35, None, item).unwrap();
         let unmasked_whole = attention_in_blocks(&q, &k, &v, 0.35, None, usize::MAX).unwrap();
-        let diff = (&unmasked - &unmasked_whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&unmasked, &unmasked_whole);
         assert!(diff <= 1e-6, "{diff}");
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("same shapes")
     }
 }
