@@ -359,14 +359,22 @@ impl Syncer {
 
 /// The documents of a write, for its error: the first one's path, and how many more.
 fn paths<R>(docs: &[(&DocumentMeta, &[R])]) -> String {
-    match docs {
-        [] => String::new(),
-        [(one, _)] => one.source_path.to_string_lossy().into_owned(),
-        [(first, _), rest @ ..] => format!(
-            "{} and {} other documents",
-            first.source_path.to_string_lossy(),
-            rest.len()
-        ),
+    documents_label(docs.iter().map(|(d, _)| d.source_path.as_path()))
+}
+
+/// Names a write's documents in a log line or an error: the one path, or the first path and
+/// how many other documents.
+pub(crate) fn documents_label<'a>(
+    mut paths: impl ExactSizeIterator<Item = &'a std::path::Path>,
+) -> String {
+    let others = paths.len().saturating_sub(1);
+    let first = paths
+        .next()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match others {
+        0 => first,
+        n => format!("{first} and {n} other documents"),
     }
 }
 

@@ -263,14 +263,7 @@ async fn write_records<S: Sink>(
     bufs: &[&DocBuffer],
 ) -> Result<(), Halt> {
     let metas: Vec<DocumentMeta> = bufs.iter().map(|b| doc_meta(shared, &b.doc)).collect();
-    let what = match bufs {
-        [one] => one.doc.path.display().to_string(),
-        _ => format!(
-            "{} and {} other documents",
-            bufs[0].doc.path.display(),
-            bufs.len() - 1
-        ),
-    };
+    let what = crate::sync::documents_label(metas.iter().map(|m| m.source_path.as_path()));
     let pages: Vec<(&DocumentMeta, &[PageRecord])> = metas
         .iter()
         .zip(bufs)
@@ -311,7 +304,7 @@ async fn write_held<S: Sink>(
     let started = Instant::now();
     let all: Vec<&DocBuffer> = seqs.iter().map(|s| &buffers[s]).collect();
     let outcome = write_records(shared, token, &all).await;
-    let mut results: Vec<(u64, Result<(), Halt>)> = match outcome {
+    let results: Vec<(u64, Result<(), Halt>)> = match outcome {
         Err(Halt::Failed(_)) if seqs.len() > 1 => {
             let mut each = Vec::new();
             for &seq in &seqs {
@@ -324,7 +317,7 @@ async fn write_held<S: Sink>(
         Err(Halt::Failed(e)) => vec![(seqs[0], Err(Halt::Failed(e)))],
     };
     let took = started.elapsed();
-    for (seq, result) in results.drain(..) {
+    for (seq, result) in results {
         let buf = buffers.get_mut(&seq).expect("held");
         buf.sync_time += took;
         match result {
