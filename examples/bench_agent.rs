@@ -22,15 +22,31 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+/// CPU time of this process so far, all threads, user and system.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage(2) fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Median wall time and median CPU time of `runs` runs of `f`, and its last result.
+fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, Duration, T) {
     let mut times = Vec::new();
+    let mut cpu = Vec::new();
     let mut last = None;
     for _ in 0..runs {
+        let c = cpu_time();
         let t = Instant::now();
         last = Some(f());
         times.push(t.elapsed());
+        cpu.push(cpu_time() - c);
     }
-    (median(times), last.expect("at least one run"))
+    (median(times), median(cpu), last.expect("at least one run"))
 }
 
 fn bare_walk(dir: &Path) -> usize {
@@ -81,13 +97,13 @@ fn reconcile_bench(n: usize) {
         store.flush().expect("flush");
     }
     let filter = Filter::new(std::slice::from_ref(&root), &[], &[]).expect("filter");
-    let runs = 3;
-    let (walk, walked) = time(runs, || bare_walk(&root));
+    let runs = 5;
+    let (walk, walk_cpu, walked) = time(runs, || bare_walk(&root));
     assert_eq!(walked, n);
-    let (scan, scanned) = time(runs, || filter.scan(&root).len());
+    let (scan, scan_cpu, scanned) = time(runs, || filter.scan(&root).len());
     assert_eq!(scanned, n);
-    let (open, ()) = time(runs, || drop(Store::open(state.path()).expect("open")));
-    let (rec, report) = time(runs, || {
+    let (open, open_cpu, ()) = time(runs, || drop(Store::open(state.path()).expect("open")));
+    let (rec, rec_cpu, report) = time(runs, || {
         let store = Store::open(state.path()).expect("open");
         let t = ChangeTracker {
             store,
@@ -101,31 +117,24 @@ fn reconcile_bench(n: usize) {
     });
     assert_eq!((report.unchanged, report.hashed), (n, 0), "{report:?}");
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("start-up reconcile of {n} unchanged files (median of {runs}):");
     println!(
-        "  {:<44} {:>9.1} ms  ×{:.2}",
-        "bare walk (read_dir + stat)",
-        ms(walk),
-        1.0
+        "start-up reconcile of {n} unchanged files (median of {runs}; {} threads):",
+        rayon::current_num_threads()
     );
-    println!(
-        "  {:<44} {:>9.1} ms  ×{:.2}",
-        "walk with exclusion rules (Filter::scan)",
-        ms(scan),
-        ms(scan) / ms(walk)
-    );
-    println!(
-        "  {:<44} {:>9.1} ms  ×{:.2}",
-        "store open (sled, job index rebuilt)",
-        ms(open),
-        ms(open) / ms(walk)
-    );
-    println!(
-        "  {:<44} {:>9.1} ms  ×{:.2}",
-        "open + full reconcile (no file read)",
-        ms(rec),
-        ms(rec) / ms(walk)
-    );
+    println!("  {:<44} {:>9} {:>7} {:>9}", "", "wall", "ratio", "CPU");
+    for (what, wall, cpu) in [
+        ("bare walk (read_dir + stat, one thread)", walk, walk_cpu),
+        ("walk with exclusion rules (Filter::scan)", scan, scan_cpu),
+        ("store open (sled, job index rebuilt)", open, open_cpu),
+        ("open + full reconcile (no file read)", rec, rec_cpu),
+    ] {
+        println!(
+            "  {what:<44} {:>6.1} ms  ×{:.2} {:>6.1} ms",
+            ms(wall),
+            ms(wall) / ms(walk),
+            ms(cpu)
+        );
+    }
     println!(
         "  per file: {:.1} µs; files hashed: {}",
         ms(rec) * 1e3 / n as f64,

@@ -13,6 +13,7 @@
 //! would embed every file again (hours on a CPU).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -100,6 +101,20 @@ fn advice(e: &sled::Error, opening: bool) -> &'static str {
 fn io(doing: impl Into<String>) -> impl FnOnce(sled::Error) -> StoreError {
     let doing = doing.into();
     move |source| StoreError::Io { doing, source }
+}
+
+/// A known file met by [`Store::records_in_folder`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum KnownFile<'a> {
+    /// Directly in the folder.
+    Direct {
+        name: &'a str,
+        stamp: FileStamp,
+        /// Whether the configured model embedded it.
+        same_model: bool,
+    },
+    /// Under a subfolder the walk did not go into.
+    Below(PathBuf),
 }
 
 /// Size and modification time: what tells us, without reading a file, that it is unchanged.
@@ -568,14 +583,19 @@ impl Store {
         Ok(out)
     }
 
-    /// Known files strictly under `dir` with their size and mtime, and whether `model`
-    /// embedded them: what a reconcile needs to pass over an unchanged file, read without
-    /// decoding the rest of each record.
-    pub fn stamps_under(
+    /// What a reconcile compares one walked folder with, handed to `each` in key order: the
+    /// known files directly in `dir` (their size and mtime, read without decoding the rest of
+    /// each record, and whether `model` embedded them; sorted by name), and the known files
+    /// under those subfolders of `dir` that are not in `walked` (sorted names). The walk reads
+    /// the folders in `walked` itself, and their records are jumped over here, so each record
+    /// is listed once in a whole walk.
+    pub fn records_in_folder(
         &self,
         dir: &Path,
+        walked: &[OsString],
         model: &str,
-    ) -> Result<Vec<(PathBuf, FileStamp, bool)>, StoreError> {
+        mut each: impl FnMut(KnownFile<'_>),
+    ) -> Result<(), StoreError> {
         /// The part of a [`FileRecord`] read here; serde skips the other fields.
         #[derive(Deserialize)]
         struct StampView<'a> {
@@ -583,17 +603,43 @@ impl Store {
             #[serde(borrow)]
             model: std::borrow::Cow<'a, str>,
         }
-        let mut out = Vec::new();
-        for item in self.files.scan_prefix(dir_prefix(dir)?) {
-            let (k, v) = item.map_err(io("listing file records"))?;
-            let view: StampView = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                what: "file",
-                key: String::from_utf8_lossy(&k).into_owned(),
-                message: e.to_string(),
-            })?;
-            out.push((path_of_key(&k), view.stamp, view.model == model));
+        const SEP: u8 = std::path::MAIN_SEPARATOR as u8;
+        let prefix = dir_prefix(dir)?;
+        let mut from = prefix.clone();
+        'range: loop {
+            for item in self.files.range(from.as_slice()..) {
+                let (k, v) = item.map_err(io("listing file records"))?;
+                let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                    break 'range;
+                };
+                if let Some(i) = rest.iter().position(|&b| b == SEP) {
+                    let sub = &rest[..i];
+                    if walked
+                        .binary_search_by(|w| w.as_encoded_bytes().cmp(sub))
+                        .is_ok()
+                    {
+                        // `dir/sub/…` are contiguous keys: go on after `dir/sub0`.
+                        from = [prefix.as_slice(), sub, &[SEP + 1]].concat();
+                        continue 'range;
+                    }
+                    each(KnownFile::Below(path_of_key(&k)));
+                    continue;
+                }
+                let view: StampView =
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                        what: "file",
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        message: e.to_string(),
+                    })?;
+                each(KnownFile::Direct {
+                    name: &String::from_utf8_lossy(rest),
+                    stamp: view.stamp,
+                    same_model: view.model == model,
+                });
+            }
+            break;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Paths of known files with this content.

@@ -8,7 +8,7 @@
 //! until it is back and watched again ([`FsEvent::RootBack`]).
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -75,41 +75,111 @@ pub enum FsEvent {
 /// A folder's ignore file as last read: its mtime (`None`: no file) and its rules.
 type ParsedIgnoreFile = (Option<SystemTime>, Option<Arc<Gitignore>>);
 
-/// For a scan: the ignore files in effect in each folder met so far, root first.
-#[derive(Default)]
-struct IgnoreChains {
-    by_dir: HashMap<PathBuf, Arc<Vec<Arc<Gitignore>>>>,
-    last: Option<(PathBuf, Arc<Vec<Arc<Gitignore>>>)>,
+/// The ignore files in effect in a folder, the watched folder's first.
+type IgnoreChain = Arc<Vec<Arc<Gitignore>>>;
+
+/// One folder as a walk read it.
+#[derive(Debug)]
+pub struct WalkedFolder {
+    pub dir: PathBuf,
+    /// The files directly in it that are indexed, by name, with their size and mtime.
+    pub files: Vec<(OsString, FileStamp)>,
+    /// The subfolders the walk went into, by name, sorted. Whatever is known under the
+    /// others (excluded, ignored, gone) is not there as far as the walk can tell.
+    pub subdirs: Vec<OsString>,
 }
 
-impl IgnoreChains {
-    fn of(&mut self, filter: &Filter, root: &Path, dir: &Path) -> Arc<Vec<Arc<Gitignore>>> {
-        if let Some((d, chain)) = &self.last {
-            if d == dir {
-                return chain.clone();
-            }
-        }
-        let chain = self.compute(filter, root, dir);
-        self.last = Some((dir.to_path_buf(), chain.clone()));
-        chain
+/// What the folders of one walk share while they are read in parallel.
+struct Walk<'w, R, V> {
+    filter: &'w Filter,
+    root: &'w Path,
+    visit: &'w V,
+    results: Mutex<Vec<R>>,
+    refused: Mutex<Vec<(PathBuf, String)>>,
+}
+
+impl<'w, R: Send, V: Fn(WalkedFolder) -> R + Sync> Walk<'w, R, V> {
+    fn refuse(&self, path: PathBuf, why: String) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((path, why));
     }
 
-    fn compute(&mut self, filter: &Filter, root: &Path, dir: &Path) -> Arc<Vec<Arc<Gitignore>>> {
-        if let Some(c) = self.by_dir.get(dir) {
-            return c.clone();
-        }
-        let mut chain = match dir.parent() {
-            Some(parent) if dir != root && parent.starts_with(root) => {
-                self.compute(filter, root, parent).as_ref().clone()
+    /// Reads `dir`, hands its subfolders to the pool, then visits it.
+    fn folder<'s>(&'s self, scope: &rayon::Scope<'s>, dir: PathBuf, chain: IgnoreChain)
+    where
+        'w: 's,
+    {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                // Not visited: what is known under it is left as it is until it can be read.
+                self.refuse(dir, unreadable(&err));
+                return;
             }
-            _ => Vec::new(),
         };
-        if let Some(gi) = filter.ignore_file(dir) {
-            chain.push(gi);
+        let rel_dir = dir.strip_prefix(self.root).unwrap_or(Path::new(""));
+        let mut files = Vec::new();
+        let mut subdirs = Vec::new();
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(err) => {
+                    self.refuse(dir.clone(), unreadable(&err));
+                    continue;
+                }
+            };
+            let name = entry.file_name();
+            if name.to_str().is_none() {
+                self.refuse(entry.path(), NOT_UTF8.to_string());
+                continue;
+            }
+            // Symlinks are not followed (nothing outside the watched folders is reached);
+            // FIFOs, sockets and devices are not documents.
+            let is_dir = match entry.file_type() {
+                Ok(t) if t.is_dir() => true,
+                Ok(t) if t.is_file() => false,
+                Ok(_) => continue,
+                Err(err) => {
+                    self.refuse(entry.path(), unreadable(&err));
+                    continue;
+                }
+            };
+            if !self
+                .filter
+                .accepts_entry(&dir, rel_dir, &name, is_dir, &chain)
+            {
+                continue;
+            }
+            if is_dir {
+                subdirs.push(name);
+                continue;
+            }
+            // By name in the open folder (fstatat), not by a path looked up from the root.
+            match entry.metadata() {
+                Ok(md) => files.push((name, FileStamp::of_metadata(&md))),
+                Err(err) => self.refuse(entry.path(), unreadable(&err)),
+            }
         }
-        let chain = Arc::new(chain);
-        self.by_dir.insert(dir.to_path_buf(), chain.clone());
-        chain
+        subdirs.sort();
+        for sub in &subdirs {
+            let path = dir.join(sub);
+            let mut chain = chain.clone();
+            if let Some(gi) = self.filter.ignore_file(&path) {
+                Arc::make_mut(&mut chain).push(gi);
+            }
+            scope.spawn(move |scope| self.folder(scope, path, chain));
+        }
+        let result = (self.visit)(WalkedFolder {
+            dir,
+            files,
+            subdirs,
+        });
+        self.results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(result);
     }
 }
 
@@ -150,18 +220,6 @@ pub const NOT_UTF8: &str = "its name is not valid UTF-8, and Chroma keeps names 
 
 fn unreadable(err: &dyn std::fmt::Display) -> String {
     format!("cannot be read ({err}), so it is not indexed. Fix: make it readable by the user the agent runs as, or exclude it (watch.exclude, .docusearchignore)")
-}
-
-/// The path a walk error is about, if it says.
-fn error_path(err: &ignore::Error) -> Option<&Path> {
-    match err {
-        ignore::Error::WithPath { path, .. } => Some(path),
-        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
-            error_path(err)
-        }
-        ignore::Error::Loop { child, .. } => Some(child),
-        _ => None,
-    }
 }
 
 /// Names never indexed, whatever the configuration: hidden entries, partial downloads and
@@ -295,24 +353,36 @@ impl Filter {
 
     /// [`Filter::accepts_file`] / [`Filter::accepts_dir`] for an entry of a walk that starts at
     /// an accepted folder and does not enter folders it refused: the folders on the way were
-    /// checked already, so only the entry's own name, the globs and the ignore files count.
-    fn accepts_walked(&self, path: &Path, is_dir: bool, chains: &mut IgnoreChains) -> bool {
-        let (Some(root), Some(name), Some(parent)) =
-            (self.root_of(path), path.file_name(), path.parent())
-        else {
-            return false;
-        };
-        let Ok(rel) = path.strip_prefix(root) else {
-            return false;
-        };
-        if is_excluded_name(name, is_dir) || !self.accepts_rules(rel, is_dir) {
+    /// checked already, so only the entry's own name, the globs and the ignore files in
+    /// `chain` count. Paths are built only for the rules that need them.
+    fn accepts_entry(
+        &self,
+        dir: &Path,
+        rel_dir: &Path,
+        name: &OsStr,
+        is_dir: bool,
+        chain: &[Arc<Gitignore>],
+    ) -> bool {
+        if is_excluded_name(name, is_dir) {
             return false;
         }
-        let chain = chains.of(self, root, parent);
+        let globs = !self.inner.exclude.is_empty() || self.inner.include.is_some();
+        let accepted = if globs {
+            self.accepts_rules(&rel_dir.join(name), is_dir)
+        } else {
+            is_dir || DocFormat::from_path(Path::new(name)).is_some()
+        };
+        if !accepted {
+            return false;
+        }
+        if chain.is_empty() {
+            return true;
+        }
+        let path = dir.join(name);
         // The deepest ignore file that says something wins, as in `ignored_by_files`.
         let mut ignored = false;
-        for gi in chain.iter() {
-            let m = gi.matched_path_or_any_parents(path, is_dir);
+        for gi in chain {
+            let m = gi.matched_path_or_any_parents(&path, is_dir);
             if m.is_ignore() {
                 ignored = true;
             } else if m.is_whitelist() {
@@ -320,6 +390,20 @@ impl Filter {
             }
         }
         !ignored
+    }
+
+    /// The ignore files in effect in `dir` (its own and its ancestors' up to `root`).
+    fn ignore_chain(&self, root: &Path, dir: &Path) -> IgnoreChain {
+        let mut dirs: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|d| d.starts_with(root))
+            .collect();
+        dirs.reverse();
+        Arc::new(
+            dirs.into_iter()
+                .filter_map(|d| self.ignore_file(d))
+                .collect(),
+        )
     }
 
     /// Configured globs and supported formats, on a path relative to its watched folder.
@@ -395,68 +479,60 @@ impl Filter {
     }
 
     /// Every indexable regular file under `dir` (inside a watched folder) with its size and
-    /// mtime. Symlinks are not followed, so nothing outside the watched folders is reached.
-    /// Unreadable folders are skipped with a warning.
+    /// mtime, sorted by the paths' bytes. Symlinks are not followed, so nothing outside the watched
+    /// folders is reached. Unreadable folders are skipped.
     pub fn scan(&self, dir: &Path) -> Vec<(PathBuf, FileStamp)> {
-        self.scan_reporting(dir, &mut Vec::new())
+        let mut out: Vec<(PathBuf, FileStamp)> = self
+            .walk_folders(dir, &mut Vec::new(), |f| {
+                f.files
+                    .into_iter()
+                    .map(|(name, stamp)| (f.dir.join(name), stamp))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect();
+        // By bytes: comparing paths component by component costs more than the walk.
+        out.sort_unstable_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
+        out
     }
 
-    /// [`Filter::scan`], adding to `refused` what it had to leave out with the reason (names
-    /// that are not UTF-8, folders and files it may not read), for the user to fix.
-    pub fn scan_reporting(
+    /// Walks `dir` (inside a watched folder) folder by folder, reading folders in parallel on
+    /// rayon's pool, and calls `visit` on each folder as soon as it is read, on the thread
+    /// that read it; returns what `visit` returned, in no particular order. Adds to `refused`
+    /// what had to be left out, with the reason (names that are not UTF-8, folders and files
+    /// that may not be read), for the user to fix.
+    ///
+    /// `dir` itself is visited even when its files are not indexed (it is excluded, ignored or
+    /// outside the watched folders), as a folder with nothing in it, so that what is known there can be compared
+    /// with nothing. A folder that cannot be read is not visited.
+    pub fn walk_folders<R: Send>(
         &self,
         dir: &Path,
         refused: &mut Vec<(PathBuf, String)>,
-    ) -> Vec<(PathBuf, FileStamp)> {
-        if self.root_of(dir).is_none() || !(self.root_of(dir) == Some(dir) || self.accepts_dir(dir))
-        {
-            return Vec::new();
-        }
-        let filter = self.clone();
-        // The ignore files that apply in a folder (its own and its ancestors'), worked out once
-        // per folder; the walk hands out a folder's entries together, so the last is kept at hand.
-        let chains: Mutex<IgnoreChains> = Mutex::default();
-        let bad_names: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
-        let bad = bad_names.clone();
-        let mut builder = ignore::WalkBuilder::new(dir);
-        builder
-            .standard_filters(false)
-            .follow_links(false)
-            .filter_entry(move |e| {
-                let is_dir = e.file_type().is_some_and(|t| t.is_dir());
-                if e.depth() == 0 {
-                    return true;
-                }
-                if e.file_name().to_str().is_none() {
-                    bad.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(e.path().to_path_buf());
-                    return false;
-                }
-                let mut chains = chains.lock().unwrap_or_else(|p| p.into_inner());
-                filter.accepts_walked(e.path(), is_dir, &mut chains)
-            });
-        let mut out = Vec::new();
-        for entry in builder.build() {
-            match entry {
-                Ok(e) => {
-                    if !e.file_type().is_some_and(|t| t.is_file()) {
-                        continue;
-                    }
-                    match e.metadata() {
-                        Ok(md) => out.push((e.into_path(), FileStamp::of_metadata(&md))),
-                        Err(err) => refused.push((e.path().to_path_buf(), unreadable(&err))),
-                    }
-                }
-                Err(err) => match error_path(&err) {
-                    Some(p) => refused.push((p.to_path_buf(), unreadable(&err))),
-                    None => tracing::warn!("skipped while scanning {}: {err}", dir.display()),
-                },
+        visit: impl Fn(WalkedFolder) -> R + Sync,
+    ) -> Vec<R> {
+        let root = match self.root_of(dir) {
+            Some(root) if root == dir || self.accepts_dir(dir) => root,
+            _ => {
+                return vec![visit(WalkedFolder {
+                    dir: dir.to_path_buf(),
+                    files: Vec::new(),
+                    subdirs: Vec::new(),
+                })]
             }
-        }
-        let bad = std::mem::take(&mut *bad_names.lock().unwrap_or_else(|p| p.into_inner()));
-        refused.extend(bad.into_iter().map(|p| (p, NOT_UTF8.to_string())));
-        out
+        };
+        let walk = Walk {
+            filter: self,
+            root,
+            visit: &visit,
+            results: Mutex::new(Vec::new()),
+            refused: Mutex::new(Vec::new()),
+        };
+        let chain = self.ignore_chain(root, dir);
+        rayon::scope(|scope| walk.folder(scope, dir.to_path_buf(), chain));
+        refused.extend(walk.refused.into_inner().unwrap_or_else(|p| p.into_inner()));
+        walk.results.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Turns one debounced OS event into ours.

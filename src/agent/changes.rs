@@ -3,15 +3,16 @@
 //! folder with what the store knows.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::state::{FileStamp, JobKind, JobState, Store, StoreError};
+use crate::state::{FileStamp, JobKind, JobState, KnownFile, Store, StoreError};
 use crate::telemetry::Telemetry;
 use crate::types::ContentHash;
-use crate::watch::{Filter, FsEvent, NOT_UTF8};
+use crate::watch::{Filter, FsEvent, WalkedFolder, NOT_UTF8};
 
 /// Turns changes into jobs. Cheap to clone.
 #[derive(Clone)]
@@ -28,6 +29,41 @@ pub struct ChangeTracker {
     pub model: String,
     /// Where files that cannot be indexed whatever they hold are listed, for `status`.
     pub telemetry: Arc<Telemetry>,
+}
+
+/// One folder compared with the store: what is settled, and what needs a closer look.
+#[derive(Default)]
+struct FolderComparison {
+    scanned: usize,
+    unchanged: usize,
+    busy: usize,
+    /// Known files whose size, mtime or model differ.
+    changed: Vec<(PathBuf, FileStamp)>,
+    new: Vec<(PathBuf, FileStamp)>,
+    /// Known files not found.
+    gone: Vec<PathBuf>,
+}
+
+impl FolderComparison {
+    /// A file the walk found in `dir`, with what the store knows of it.
+    fn walked(
+        &mut self,
+        dir: &Path,
+        name: OsString,
+        stamp: FileStamp,
+        known: Option<(FileStamp, bool)>,
+        busy: &HashSet<PathBuf>,
+    ) {
+        if !busy.is_empty() && busy.contains(&dir.join(&name)) {
+            self.busy += 1;
+            return;
+        }
+        match known {
+            Some((s, true)) if s == stamp => self.unchanged += 1,
+            Some(_) => self.changed.push((dir.join(name), stamp)),
+            None => self.new.push((dir.join(name), stamp)),
+        }
+    }
 }
 
 /// What a reconcile found.
@@ -213,96 +249,120 @@ impl ChangeTracker {
         Ok(v)
     }
 
-    /// Known files under `dir` by their stamps (stamps only: the whole record is read for the
-    /// few files that changed or vanished) and whether this model embedded them; and the paths
-    /// with a queued or running job, which are already being taken care of.
-    #[allow(clippy::type_complexity)]
-    fn known_and_busy(
+    /// Compares one walked folder with what the store knows there (stamps only: the whole
+    /// record is read later for the few files that changed or vanished). Runs on the walk's
+    /// threads, a folder at a time; both sides are sorted by name and merged, so an unchanged
+    /// file costs no path, no hashing and no allocation.
+    fn compare_folder(
         &self,
-        dir: &Path,
-    ) -> Result<(HashMap<PathBuf, (FileStamp, bool)>, HashSet<PathBuf>), StoreError> {
-        let known = self
-            .store
-            .stamps_under(dir, &self.model)?
-            .into_iter()
-            .map(|(p, stamp, same_model)| (p, (stamp, same_model)))
-            .collect();
-        let busy = self
-            .store
-            .jobs_under(dir)?
-            .into_iter()
-            .filter(|(_, j)| j.state != JobState::Failed)
-            .map(|(p, _)| p)
-            .collect();
-        Ok((known, busy))
+        folder: WalkedFolder,
+        busy: &HashSet<PathBuf>,
+    ) -> Result<FolderComparison, StoreError> {
+        let WalkedFolder {
+            dir,
+            mut files,
+            subdirs,
+        } = folder;
+        files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut out = FolderComparison {
+            scanned: files.len(),
+            ..FolderComparison::default()
+        };
+        let mut walked = files.into_iter().peekable();
+        self.store
+            .records_in_folder(&dir, &subdirs, &self.model, |known| match known {
+                KnownFile::Below(path) => out.gone.push(path),
+                KnownFile::Direct {
+                    name,
+                    stamp,
+                    same_model,
+                } => {
+                    while let Some((n, s)) =
+                        walked.next_if(|(n, _)| n.as_encoded_bytes() < name.as_bytes())
+                    {
+                        out.walked(&dir, n, s, None, busy);
+                    }
+                    match walked.next_if(|(n, _)| n.as_encoded_bytes() == name.as_bytes()) {
+                        Some((n, s)) => out.walked(&dir, n, s, Some((stamp, same_model)), busy),
+                        None => out.gone.push(dir.join(name)),
+                    }
+                }
+            })?;
+        for (n, s) in walked {
+            out.walked(&dir, n, s, None, busy);
+        }
+        if !busy.is_empty() {
+            out.gone.retain(|p| !busy.contains(p));
+        }
+        Ok(out)
     }
 
     /// Compares the folder `dir` with the store and files the jobs that make them agree.
     /// Known files with unchanged size and mtime are not read; changed ones are hashed; a
     /// vanished file whose content reappears elsewhere in `dir` is a move. A watched folder
-    /// that is missing is left as it is (see [`FsEvent::RootGone`]).
+    /// that is missing is left as it is (see [`FsEvent::RootGone`]); a folder that cannot be
+    /// read is left as it is, and listed in `status`.
     pub fn reconcile(&self, dir: &Path) -> Result<ReconcileReport, StoreError> {
         let mut report = ReconcileReport::default();
         if !dir.is_dir() {
             self.removed(dir)?;
             return Ok(report);
         }
-        // The walk and the store's listing side by side: each takes about as long.
-        let (found, refused, listed) = std::thread::scope(|s| {
-            let listing = s.spawn(|| self.known_and_busy(dir));
-            let mut refused = Vec::new();
-            let found = self.filter.scan_reporting(dir, &mut refused);
-            let listed = listing
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (found, refused, listed)
-        });
+        // Paths with a queued or running job are already being taken care of.
+        let busy: HashSet<PathBuf> = self
+            .store
+            .jobs_under(dir)?
+            .into_iter()
+            .filter(|(_, j)| j.state != JobState::Failed)
+            .map(|(p, _)| p)
+            .collect();
+        // Each folder is read and compared with its records on the walk's threads, so the
+        // walk and the store's listing are spread over the cores together.
+        let mut refused = Vec::new();
+        let compared = self
+            .filter
+            .walk_folders(dir, &mut refused, |f| self.compare_folder(f, &busy));
         self.telemetry.refused_under(dir, refused);
-        report.scanned = found.len();
-        let (mut known, busy) = listed?;
+        let (mut changed, mut new, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for c in compared {
+            let c = c?;
+            report.scanned += c.scanned;
+            report.unchanged += c.unchanged;
+            report.busy += c.busy;
+            changed.extend(c.changed);
+            new.extend(c.new);
+            gone.extend(c.gone);
+        }
+        changed.sort_by(|a, b| a.0.cmp(&b.0));
 
-        let mut new = Vec::new();
-        for (path, stamp) in found {
-            let known_stamp = known.remove(&path);
-            if busy.contains(&path) {
-                report.busy += 1;
+        for (path, stamp) in changed {
+            let Some(rec) = self.store.file(&path)? else {
+                new.push((path, stamp));
                 continue;
-            }
-            let rec = match known_stamp {
-                Some((s, true)) if s == stamp => {
-                    report.unchanged += 1;
-                    continue;
-                }
-                Some(_) => self.store.file(&path)?,
-                None => None,
             };
-            match rec {
-                Some(rec) => {
-                    let same = rec.model == self.model
-                        && rec.last_error.is_none()
-                        && match ContentHash::of_file(&path) {
-                            Ok(h) => {
-                                report.hashed += 1;
-                                h == rec.content_hash
-                            }
-                            Err(_) => false,
-                        };
-                    if same {
-                        let mut rec = rec;
-                        rec.stamp = stamp;
-                        self.store.put_file(&path, &rec)?;
-                        report.touched += 1;
-                    } else {
-                        self.store
-                            .enqueue(JobKind::Index { path }, Some(stamp), Duration::ZERO)?;
-                        report.changed += 1;
+            let same = rec.model == self.model
+                && rec.last_error.is_none()
+                && match ContentHash::of_file(&path) {
+                    Ok(h) => {
+                        report.hashed += 1;
+                        h == rec.content_hash
                     }
-                }
-                None => new.push((path, stamp)),
+                    Err(_) => false,
+                };
+            if same {
+                let mut rec = rec;
+                rec.stamp = stamp;
+                self.store.put_file(&path, &rec)?;
+                report.touched += 1;
+            } else {
+                self.store
+                    .enqueue(JobKind::Index { path }, Some(stamp), Duration::ZERO)?;
+                report.changed += 1;
             }
         }
+        new.sort_by(|a, b| a.0.cmp(&b.0));
         let mut vanished: Vec<(PathBuf, crate::state::FileRecord)> = Vec::new();
-        for p in known.into_keys().filter(|p| !busy.contains(p)) {
+        for p in gone {
             if let Some(rec) = self.store.file(&p)? {
                 vanished.push((p, rec));
             }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use docusearch_agent::state::{
-    now_ms, FileRecord, FileStamp, Job, JobKind, JobState, RetryPolicy, Store, StoreError,
+    now_ms, FileRecord, FileStamp, Job, JobKind, JobState, KnownFile, RetryPolicy, Store,
+    StoreError,
 };
 use docusearch_agent::types::{ContentHash, DocId, SCHEMA_VERSION};
 
@@ -288,17 +289,58 @@ fn file_records_prefix_listing_and_content_index() {
     same.sort();
     assert_eq!(same, vec![p("a/x.pdf"), p("ab/z.pdf")]);
 
-    // What a reconcile reads of each record: stamp, and whether this model embedded it.
+    // What a reconcile reads of each record: stamp, and whether this model embedded it; the
+    // records of subfolders the walk reads itself are jumped over, the others listed whole.
     let mut other = record(&p("a/y.pdf"), b"two");
     other.model = "another model".into();
     store.put_file(&p("a/y.pdf"), &other).expect("put");
+    for name in [
+        "a/b/in-walked.pdf",
+        "a/c/d/in-unwalked.pdf",
+        "a/c0.pdf",
+        "a/e/f.pdf",
+        "a/e0.pdf",
+    ] {
+        store
+            .put_file(&p(name), &record(&p(name), b"four"))
+            .expect("put");
+    }
+    let mut seen = Vec::new();
+    store
+        .records_in_folder(&p("a"), &["b".into(), "e".into()], "m", |known| {
+            seen.push(format!("{known:?}"))
+        })
+        .expect("records");
+    let direct = |name: &str, stamp: FileStamp, same_model: bool| {
+        format!(
+            "{:?}",
+            KnownFile::Direct {
+                name,
+                stamp,
+                same_model
+            }
+        )
+    };
     assert_eq!(
-        store.stamps_under(&p("a"), "m").expect("stamps"),
+        seen,
         vec![
-            (p("a/x.pdf"), record(&p("a/x.pdf"), b"one").stamp, true),
-            (p("a/y.pdf"), other.stamp, false),
+            format!("{:?}", KnownFile::Below(p("a/c/d/in-unwalked.pdf"))),
+            direct("c0.pdf", record(&p("a/c0.pdf"), b"four").stamp, true),
+            // Right where the jump over `a/e/` lands.
+            direct("e0.pdf", record(&p("a/e0.pdf"), b"four").stamp, true),
+            direct("x.pdf", record(&p("a/x.pdf"), b"one").stamp, true),
+            direct("y.pdf", other.stamp, false),
         ]
     );
+    for name in [
+        "a/b/in-walked.pdf",
+        "a/c/d/in-unwalked.pdf",
+        "a/c0.pdf",
+        "a/e/f.pdf",
+        "a/e0.pdf",
+    ] {
+        store.remove_file(&p(name)).expect("remove");
+    }
 
     // New content replaces the old hash entry; removal drops it.
     store

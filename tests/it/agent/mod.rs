@@ -66,21 +66,30 @@ fn reconcile_at_start_catches_up_what_happened_while_stopped() {
     let state = tempfile::tempdir().expect("state dir");
     let store = Store::open(state.path()).expect("store");
     let t = tracker(&root, &store);
-    for name in ["a.pdf", "b.pdf", "c.pdf", "same.pdf", "sub/u.pdf"] {
+    for name in [
+        "a.pdf",
+        "b.pdf",
+        "c.pdf",
+        "same.pdf",
+        "sub/u.pdf",
+        "gone/deep/g.pdf",
+    ] {
         write_file(&root.join(name), format!("content of {name}").as_bytes());
     }
     let r = t.reconcile_all().expect("reconcile");
-    assert_eq!((r.scanned, r.new, r.hashed), (5, 5, 0));
+    assert_eq!((r.scanned, r.new, r.hashed), (6, 6, 0));
     drain_jobs(&store);
 
     // Nothing changed: nothing is read, nothing queued.
     let r = t.reconcile_all().expect("reconcile");
-    assert_eq!((r.unchanged, r.hashed), (5, 0));
+    assert_eq!((r.unchanged, r.hashed), (6, 0));
     assert!(jobs(&store).is_empty());
 
-    // While stopped: an edit, a deletion, a rename, a new file, a touch with the same bytes.
+    // While stopped: an edit, a deletion, a rename, a new file, a touch with the same bytes,
+    // a folder deleted whole.
     write_file(&root.join("a.pdf"), b"new content of a.pdf, longer");
     std::fs::remove_file(root.join("b.pdf")).expect("rm");
+    std::fs::remove_dir_all(root.join("gone")).expect("rm -r");
     std::fs::rename(root.join("c.pdf"), root.join("sub/c-renamed.pdf")).expect("mv");
     write_file(&root.join("e.pdf"), b"brand new");
     let same = root.join("same.pdf");
@@ -99,7 +108,7 @@ fn reconcile_at_start_catches_up_what_happened_while_stopped() {
     let r = t.reconcile_all().expect("reconcile");
     assert_eq!(
         (r.unchanged, r.touched, r.changed, r.new, r.moved, r.deleted),
-        (1, 1, 1, 1, 1, 1),
+        (1, 1, 1, 1, 1, 2),
         "{r:?}"
     );
     assert_eq!(
@@ -113,6 +122,9 @@ fn reconcile_at_start_catches_up_what_happened_while_stopped() {
             },
             JobKind::Index {
                 path: root.join("e.pdf")
+            },
+            JobKind::Delete {
+                path: root.join("gone/deep/g.pdf")
             },
             JobKind::Move {
                 from: root.join("c.pdf"),
