@@ -19,9 +19,12 @@ fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    /// 1.5·2²³: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
     // Round to nearest by the 1.5·2²³ trick (no libm `floor`, which would not vectorise).
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -30,7 +33,10 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2ⁿ built from t's bits: n is t's mantissa minus ROUND's. (`n as i32` would be a
+    // saturating, NaN-checked scalar conversion per element and keep the loops scalar.)
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -304,6 +310,7 @@ mod tests {
         }
         assert!(worst_exp < 1e-6, "exp relative error {worst_exp}");
         assert!(worst_gelu < 1e-6, "gelu error {worst_gelu}");
+        assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(-1e30), 0.0);
         assert_eq!(exp(f32::MIN), 0.0);
     }
@@ -364,5 +371,50 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(&row[5..], &[0.0, 0.0]);
+    }
+
+    /// Rows longer than the lanes, as in the model (1,030 keys: 64 chunks of 16 and a tail),
+    /// so the vectorised bodies are what is compared.
+    #[test]
+    fn in_place_ops_equal_candle_ops_on_long_rows() {
+        let dev = Device::Cpu;
+        let l = 1030;
+        let x = Tensor::randn(0f32, 3f32, (2, 3, 4, l), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1f32, (2, 3, 4, l), &dev).unwrap();
+        let max_diff = |a: Tensor, b: Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let want = x.gelu().unwrap();
+        let d = max_diff(gelu_tanh(x.copy().unwrap()).unwrap(), want.clone());
+        assert!(d < 1e-5, "gelu {d}");
+        let d = max_diff(
+            gelu_mul(x.copy().unwrap(), &up).unwrap(),
+            (&want * &up).unwrap(),
+        );
+        assert!(d < 1e-5, "gelu·up {d}");
+        // The second item's last 37 keys are padding.
+        let mask_host: Vec<f32> = (0..2 * l)
+            .map(|i| if i >= l && i % l >= l - 37 { f32::MIN } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask_host.clone(), (2, 1, 1, l), &dev).unwrap();
+        for masked in [false, true] {
+            let biased = if masked {
+                (&x * 0.125).unwrap().broadcast_add(&mask).unwrap()
+            } else {
+                (&x * 0.125).unwrap()
+            };
+            let want = candle_nn::ops::softmax_last_dim(&biased).unwrap();
+            let m = masked.then_some((&mask, mask_host.as_slice()));
+            let got = scaled_masked_softmax(x.copy().unwrap(), 0.125, m).unwrap();
+            let d = max_diff(got, want);
+            assert!(d < 1e-6, "softmax (masked: {masked}) {d}");
+        }
     }
 }
