@@ -52,14 +52,22 @@ fn gelu(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
-/// Runs `body` on a slice, compiled for AVX2+FMA when the CPU has them.
+/// Runs `body` on a slice, compiled for AVX-512 (16 lanes) or else AVX2+FMA (8 lanes) when the
+/// CPU has them.
 macro_rules! multiversion {
     ($name:ident, |$($arg:ident : $ty:ty),*| $body:block) => {
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn widest($($arg: $ty),*) $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fast($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the features were just detected on this CPU (AVX-512F implies
+                    // AVX2 and FMA).
+                    return unsafe { widest($($arg),*) };
+                }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the features were just detected on this CPU.
                     return unsafe { fast($($arg),*) };
