@@ -71,29 +71,15 @@ fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm::new(w, b, eps))
 }
 
-/// An additive key mask (B, 1, 1, L): 0 on real tokens, the dtype's lowest value on padding; on
-/// the device, and on the host for the CPU kernels.
-struct KeyMask {
-    tensor: Tensor,
-    host: Vec<f32>,
-}
-
 /// Bytes of attention scores held at once. A whole batch's scores are a forward's largest
 /// allocation (8 text chunks of ~1,000 tokens with 8 heads: ~256 MB in f32), so a larger batch
 /// goes through attention a few items at a time; the matmuls stay large.
 const SCORES_BYTES: usize = 32 << 20;
 
-/// softmax(q·kᵀ·scale + mask)·v for q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H a multiple of
-/// Hkv (grouped-query attention without copying k and v).
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: Option<&KeyMask>,
-) -> Result<Tensor> {
-    let mask = mask.map(|m| (&m.tensor, m.host.as_slice()));
-    attention_in_blocks(q, k, v, scale, mask, SCORES_BYTES)
+/// softmax(q·kᵀ·scale)·v for q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H a multiple of Hkv
+/// (grouped-query attention without copying k and v). No mask: sequences are never padded.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, scale, SCORES_BYTES)
 }
 
 /// [`attention`] over as many batch items at a time as keep the scores within `max_bytes`
@@ -103,7 +89,6 @@ fn attention_in_blocks(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    mask: Option<(&Tensor, &[f32])>,
     max_bytes: usize,
 ) -> Result<Tensor> {
     let (b, h, lq, _) = q.dims4()?;
@@ -111,43 +96,29 @@ fn attention_in_blocks(
     let per_item = (h * lq * lk * q.dtype().size_in_bytes()).max(1);
     let items = (max_bytes / per_item).clamp(1, b.max(1));
     if items >= b {
-        return attention_block(q, k, v, scale, mask);
+        return attention_block(q, k, v, scale);
     }
     let mut outs = Vec::with_capacity(b.div_ceil(items));
     for start in (0..b).step_by(items) {
         let n = items.min(b - start);
-        let block_mask = match mask {
-            Some((t, host)) => {
-                let host = host.get(start * lk..(start + n) * lk).unwrap_or(&[]);
-                Some((t.narrow(0, start, n)?, host))
-            }
-            None => None,
-        };
         outs.push(attention_block(
             &q.narrow(0, start, n)?,
             &k.narrow(0, start, n)?,
             &v.narrow(0, start, n)?,
             scale,
-            block_mask.as_ref().map(|(t, host)| (t, *host)),
         )?);
     }
     Tensor::cat(&outs, 0)
 }
 
-fn attention_block(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: Option<(&Tensor, &[f32])>,
-) -> Result<Tensor> {
+fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let groups = h / hkv;
     // Heads of one group share k and v: stack their queries along the sequence axis.
     let q = q.reshape((b, hkv, groups * lq, d))?;
     let scores = q.matmul(&k.t()?)?.reshape((b, h, lq, ()))?;
-    let probs = ops::scaled_masked_softmax(scores, scale, mask)?;
+    let probs = ops::scaled_softmax(scores, scale)?;
     let probs = probs.reshape((b, hkv, groups * lq, ()))?;
     probs.matmul(v)?.reshape((b, h, lq, d))
 }
@@ -194,7 +165,7 @@ impl VisionLayer {
         let q = heads(self.q_proj.forward(&x)?)?;
         let k = heads(self.k_proj.forward(&x)?)?;
         let v = heads(self.v_proj.forward(&x)?)?;
-        let a = attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5), None)?;
+        let a = attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5))?;
         let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.out_proj.forward(&a)?)?;
         let x = self.layer_norm2.forward(&xs)?;
@@ -344,25 +315,59 @@ impl TextLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &Rope, mask: &KeyMask) -> Result<Tensor> {
-        let (b, l, _) = xs.dims3()?;
+    /// `xs` (T, hidden): the rows of every sequence one after another, no padding.
+    fn forward(&self, xs: &Tensor, rope: &Rope, seqs: &Sequences) -> Result<Tensor> {
         let x = self.input_layernorm.forward(xs)?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, l, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let q = self.q_proj.forward(&x)?;
+        let k = self.k_proj.forward(&x)?;
+        let v = self.v_proj.forward(&x)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        // Attention within each sequence; sequences of one length go through together.
+        let mut outs = Vec::with_capacity(seqs.groups.len());
+        for &(start, count, len) in &seqs.groups {
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                t.narrow(0, start, count * len)?
+                    .reshape((count, len, n, self.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = rope.apply(&heads(&q, self.num_heads)?)?;
+            let k = rope.apply(&heads(&k, self.num_kv_heads)?)?;
+            let v = heads(&v, self.num_kv_heads)?;
+            let a = attention(&q, &k, &v, scale)?;
+            outs.push(a.transpose(1, 2)?.reshape((count * len, ()))?);
+        }
+        let a = if outs.len() == 1 {
+            outs.pop().expect("one group")
+        } else {
+            Tensor::cat(&outs, 0)?
         };
-        let q = split(self.q_proj.forward(&x)?, self.num_heads)?;
-        let k = split(self.k_proj.forward(&x)?, self.num_kv_heads)?;
-        let v = split(self.v_proj.forward(&x)?, self.num_kv_heads)?;
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
-        let a = attention(&q, &k, &v, (self.head_dim as f64).powf(-0.5), Some(mask))?;
-        let a = a.transpose(1, 2)?.reshape((b, l, ()))?;
         let xs = (xs + self.o_proj.forward(&a)?)?;
         let x = self.post_attention_layernorm.forward(&xs)?;
         let x = ops::gelu_mul(self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
         xs + self.down_proj.forward(&x)?
+    }
+}
+
+/// Where each sequence's rows are in a packed (T, hidden) batch, as runs of sequences of the
+/// same length: (first row, sequences, length). A batch of pages is one run; text chunks of
+/// different lengths are one run each, so no row is padding and no attention is masked.
+struct Sequences {
+    groups: Vec<(usize, usize, usize)>,
+}
+
+impl Sequences {
+    fn new(lens: &[usize]) -> Sequences {
+        let mut groups: Vec<(usize, usize, usize)> = Vec::new();
+        let mut start = 0;
+        for &len in lens {
+            match groups.last_mut() {
+                Some((_, count, l)) if *l == len => *count += 1,
+                _ => groups.push((start, 1, len)),
+            }
+            start += len;
+        }
+        Sequences { groups }
     }
 }
 
@@ -404,7 +409,7 @@ impl Rope {
     }
 }
 
-/// Gemma run as an encoder: bidirectional attention with padding masked, final norm applied.
+/// Gemma run as an encoder: bidirectional attention within each sequence, final norm applied.
 struct TextModel {
     embed_tokens: Tensor,
     layers: Vec<TextLayer>,
@@ -430,17 +435,17 @@ impl TextModel {
         })
     }
 
-    /// Token embeddings scaled by √hidden, as Gemma does for text tokens (not for image features).
+    /// Token embeddings (T, hidden) of the ids `ids` (T), scaled by √hidden, as Gemma does for
+    /// text tokens (not for image features).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        let flat = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        flat.reshape((b, l, self.cfg.hidden_size))? * (self.cfg.hidden_size as f64).sqrt()
+        self.embed_tokens.index_select(ids, 0)? * (self.cfg.hidden_size as f64).sqrt()
     }
 
-    fn forward(&self, embeds: &Tensor, mask: &KeyMask) -> Result<Tensor> {
+    /// `embeds` (T, hidden): packed sequences, see [`Sequences`].
+    fn forward(&self, embeds: &Tensor, seqs: &Sequences) -> Result<Tensor> {
         let mut xs = embeds.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &self.rope, mask)?;
+            xs = layer.forward(&xs, &self.rope, seqs)?;
         }
         self.norm.forward(&xs)
     }
@@ -456,7 +461,7 @@ pub struct ColPaliModel {
     dtype: DType,
 }
 
-/// One forward's output: per sequence, its L2-normalised vectors, padding rows removed.
+/// One forward's output: per sequence, its L2-normalised vectors.
 pub type Rows = Vec<Vec<f32>>;
 
 impl ColPaliModel {
@@ -506,55 +511,42 @@ impl ColPaliModel {
         let b = pixels.dim(0)?;
         let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
         let image = self.vision.forward(&pixels)?;
-        let ids = Tensor::from_vec(prompt_ids.repeat(b), (b, prompt_ids.len()), &self.device)?;
-        let prompt = self.text.embed(&ids)?;
+        let ids = Tensor::from_vec(prompt_ids.repeat(b), b * prompt_ids.len(), &self.device)?;
+        let prompt =
+            self.text
+                .embed(&ids)?
+                .reshape((b, prompt_ids.len(), self.cfg.text.hidden_size))?;
         let embeds = Tensor::cat(&[&image, &prompt], 1)?;
         let l = embeds.dim(1)?;
-        self.encode(&embeds, &vec![l; b])
+        self.encode(&embeds.reshape((b * l, ()))?, &vec![l; b])
     }
 
-    /// Queries (or text chunks): each sequence's full token ids; padded to the longest here.
+    /// Queries (or text chunks): each sequence's full token ids. They go through packed, one
+    /// after another, with no padding to the longest.
     pub fn forward_texts(&self, ids: &[Vec<u32>]) -> Result<Vec<Rows>> {
-        let b = ids.len();
-        let l = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let mut flat = Vec::with_capacity(b * l);
-        for seq in ids {
-            flat.extend_from_slice(seq);
-            // Right padding with id 0 (<pad>): masked below, its rows dropped.
-            flat.extend(std::iter::repeat_n(0u32, l - seq.len()));
-        }
-        let ids_t = Tensor::from_vec(flat, (b, l), &self.device)?;
-        let embeds = self.text.embed(&ids_t)?;
+        let flat: Vec<u32> = ids.concat();
+        let t = flat.len();
+        let embeds = self.text.embed(&Tensor::from_vec(flat, t, &self.device)?)?;
         let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         self.encode(&embeds, &lens)
     }
 
+    /// `embeds` (T, hidden): the sequences of lengths `lens`, packed.
     fn encode(&self, embeds: &Tensor, lens: &[usize]) -> Result<Vec<Rows>> {
-        let (b, l, _) = embeds.dims3()?;
-        // Additive key mask: 0 where a token is real, the dtype's lowest value on padding.
-        let neg = match self.dtype {
-            DType::F32 => f32::MIN as f64,
-            _ => -65504.0,
-        };
-        let mut host = Vec::with_capacity(b * l);
-        for &n in lens {
-            host.extend((0..l).map(|j| if j < n { 0f32 } else { neg as f32 }));
-        }
-        let tensor = Tensor::from_slice(&host, (b, 1, 1, l), &self.device)?.to_dtype(self.dtype)?;
-        let hidden = self.text.forward(embeds, &KeyMask { tensor, host })?;
+        let hidden = self.text.forward(embeds, &Sequences::new(lens))?;
         let proj = self
             .custom_text_proj
             .forward(&hidden)?
             .to_dtype(DType::F32)?;
         let norm = proj.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        let out = proj
+        let mut rows = proj
             .broadcast_div(&norm)?
             .to_device(&Device::Cpu)?
-            .to_vec3::<f32>()?;
-        Ok(out
-            .into_iter()
-            .zip(lens)
-            .map(|(rows, &n)| rows.into_iter().take(n).collect())
+            .to_vec2::<f32>()?
+            .into_iter();
+        Ok(lens
+            .iter()
+            .map(|&n| rows.by_ref().take(n).collect())
             .collect())
     }
 }
@@ -563,8 +555,16 @@ impl ColPaliModel {
 mod tests {
     use super::*;
 
+    /// Runs of equal lengths share a group; a new length, even one seen before, starts one.
+    #[test]
+    fn sequences_group_runs_of_equal_length() {
+        let seqs = Sequences::new(&[3, 3, 5, 3, 2, 2]);
+        assert_eq!(seqs.groups, vec![(0, 2, 3), (6, 1, 5), (11, 1, 3), (14, 2, 2)]);
+        assert!(Sequences::new(&[]).groups.is_empty());
+    }
+
     /// Attention a few batch items at a time gives what the whole batch at once gives, with
-    /// grouped-query heads and a padding mask that differs per item.
+    /// grouped-query heads.
     #[test]
     fn attention_in_blocks_equals_the_whole_batch() {
         let dev = Device::Cpu;
@@ -572,24 +572,14 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (b, hkv, l, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (b, hkv, l, d), &dev).unwrap();
-        let host: Vec<f32> = (0..b)
-            .flat_map(|i| (0..l).map(move |j| if j < l - i { 0.0 } else { f32::MIN }))
-            .collect();
-        let mask = Tensor::from_slice(&host, (b, 1, 1, l), &dev).unwrap();
-        let whole =
-            attention_in_blocks(&q, &k, &v, 0.35, Some((&mask, &host)), usize::MAX).unwrap();
+        let whole = attention_in_blocks(&q, &k, &v, 0.35, usize::MAX).unwrap();
         let item = h * l * l * 4;
         for max_bytes in [1, item, 2 * item, 3 * item] {
-            let blocks =
-                attention_in_blocks(&q, &k, &v, 0.35, Some((&mask, &host)), max_bytes).unwrap();
+            let blocks = attention_in_blocks(&q, &k, &v, 0.35, max_bytes).unwrap();
             assert_eq!(blocks.dims(), whole.dims());
             let diff = max_abs_diff(&blocks, &whole);
             assert!(diff <= 1e-6, "max_bytes {max_bytes}: {diff}");
         }
-        let unmasked = attention_in_blocks(&q, &k, &v, 0.35, None, item).unwrap();
-        let unmasked_whole = attention_in_blocks(&q, &k, &v, 0.35, None, usize::MAX).unwrap();
-        let diff = max_abs_diff(&unmasked, &unmasked_whole);
-        assert!(diff <= 1e-6, "{diff}");
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

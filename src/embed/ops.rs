@@ -1,5 +1,5 @@
 //! Element-wise kernels on the model's hot path, on the CPU: GELU (tanh), GELU·up, and the
-//! attention softmax with its scale and padding mask, each done in place, vectorised and spread
+//! attention softmax with its scale, each done in place, vectorised and spread
 //! over the cores. candle's own versions are scalar `tanhf`/`expf` loops (GELU single-threaded)
 //! and allocate a fresh buffer per step (page faults on every forward). Other devices and dtypes
 //! use candle's ops.
@@ -94,34 +94,20 @@ multiversion!(gelu_mul_slice, |xs: &mut [f32], ys: &[f32]| {
 /// reorder a float reduction, so a single running max or sum keeps the loop scalar.
 const LANES: usize = 16;
 
-multiversion!(softmax_row, |row: &mut [f32], scale: f32, mask: &[f32]| {
+multiversion!(softmax_row, |row: &mut [f32], scale: f32| {
     let mut maxes = [f32::NEG_INFINITY; LANES];
     let split = row.len() / LANES * LANES;
     {
         let (body, tail) = row.split_at_mut(split);
-        if mask.is_empty() {
-            for c in body.chunks_exact_mut(LANES) {
-                for i in 0..LANES {
-                    c[i] *= scale;
-                    maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
-                }
+        for c in body.chunks_exact_mut(LANES) {
+            for i in 0..LANES {
+                c[i] *= scale;
+                maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
             }
-            for v in tail.iter_mut() {
-                *v *= scale;
-                maxes[0] = maxes[0].max(*v);
-            }
-        } else {
-            let (mbody, mtail) = mask.split_at(split);
-            for (c, m) in body.chunks_exact_mut(LANES).zip(mbody.chunks_exact(LANES)) {
-                for i in 0..LANES {
-                    c[i] = c[i] * scale + m[i];
-                    maxes[i] = if c[i] > maxes[i] { c[i] } else { maxes[i] };
-                }
-            }
-            for (v, m) in tail.iter_mut().zip(mtail) {
-                *v = *v * scale + *m;
-                maxes[0] = maxes[0].max(*v);
-            }
+        }
+        for v in tail.iter_mut() {
+            *v *= scale;
+            maxes[0] = maxes[0].max(*v);
         }
     }
     let max = maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -204,33 +190,19 @@ impl candle_core::InplaceOp2 for GeluMulInPlace {
     }
 }
 
-struct SoftmaxInPlace<'a> {
+struct SoftmaxInPlace {
     scale: f32,
-    /// Per batch item, an additive key mask of the row length; empty = no mask.
-    mask: &'a [f32],
-    /// Rows per batch item (heads × queries).
-    rows_per_item: usize,
 }
 
-impl candle_core::InplaceOp1 for SoftmaxInPlace<'_> {
+impl candle_core::InplaceOp1 for SoftmaxInPlace {
     fn name(&self) -> &'static str {
-        "scaled-masked-softmax-inplace"
+        "scaled-softmax-inplace"
     }
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
         let cols = *l.dims().last().unwrap_or(&1);
-        let rows_per_item = self.rows_per_item.max(1);
         slice_mut(s, l)?
-            .par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let mask = if self.mask.is_empty() {
-                    &[][..]
-                } else {
-                    let b = r / rows_per_item;
-                    &self.mask[b * cols..(b + 1) * cols]
-                };
-                softmax_row(row, self.scale, mask)
-            });
+            .par_chunks_mut(cols.max(1))
+            .for_each(|row| softmax_row(row, self.scale));
         Ok(())
     }
 }
@@ -255,31 +227,15 @@ pub fn gelu_mul(gate: Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// softmax(scores·scale + mask) over the last axis. `scores` is (B, H, Lq, Lk); `mask`, when
-/// given, is (B, 1, 1, Lk) additive, with `mask_host` the same values on the host for the CPU.
-pub fn scaled_masked_softmax(
-    scores: Tensor,
-    scale: f64,
-    mask: Option<(&Tensor, &[f32])>,
-) -> Result<Tensor> {
-    let (b, h, lq, lk) = scores.dims4()?;
+/// softmax(scores·scale) over the last axis. Consumes `scores`'s buffer when it can.
+pub fn scaled_softmax(scores: Tensor, scale: f64) -> Result<Tensor> {
     if cpu_f32_contiguous(&scores) {
-        let host = mask.map(|(_, m)| m).unwrap_or(&[]);
-        if !host.is_empty() && host.len() != b * lk {
-            candle_core::bail!("attention mask has {} values for {b}×{lk}", host.len());
-        }
         scores.inplace_op1(&SoftmaxInPlace {
             scale: scale as f32,
-            mask: host,
-            rows_per_item: h * lq,
         })?;
         return Ok(scores);
     }
     let s = (scores * scale)?;
-    let s = match mask {
-        Some((m, _)) => s.broadcast_add(m)?,
-        None => s,
-    };
     if s.dtype() == DType::F32 {
         candle_nn::ops::softmax_last_dim(&s)
     } else {
@@ -351,15 +307,9 @@ mod tests {
             .unwrap();
         assert!(d < 1e-5, "gelu·up {d}");
 
-        let mask_host: Vec<f32> = (0..2 * 7)
-            .map(|i| if i % 7 >= 5 && i >= 7 { f32::MIN } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask_host.clone(), (2, 1, 1, 7), &dev).unwrap();
-        let want =
-            candle_nn::ops::softmax_last_dim(&(&x * 0.3).unwrap().broadcast_add(&mask).unwrap())
-                .unwrap();
-        let got = scaled_masked_softmax(x.copy().unwrap(), 0.3, Some((&mask, &mask_host))).unwrap();
-        let d = (got.clone() - want)
+        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.3).unwrap()).unwrap();
+        let got = scaled_softmax(x.copy().unwrap(), 0.3).unwrap();
+        let d = (got - want)
             .unwrap()
             .abs()
             .unwrap()
@@ -368,17 +318,6 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6, "softmax {d}");
-        // Masked keys get exactly nothing.
-        let row = got
-            .get(1)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(&row[5..], &[0.0, 0.0]);
     }
 
     /// Rows longer than the lanes, as in the model (1,030 keys: 64 chunks of 16 and a tail),
@@ -407,22 +346,8 @@ mod tests {
             (&want * &up).unwrap(),
         );
         assert!(d < 1e-5, "gelu·up {d}");
-        // The second item's last 37 keys are padding.
-        let mask_host: Vec<f32> = (0..2 * l)
-            .map(|i| if i >= l && i % l >= l - 37 { f32::MIN } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask_host.clone(), (2, 1, 1, l), &dev).unwrap();
-        for masked in [false, true] {
-            let biased = if masked {
-                (&x * 0.125).unwrap().broadcast_add(&mask).unwrap()
-            } else {
-                (&x * 0.125).unwrap()
-            };
-            let want = candle_nn::ops::softmax_last_dim(&biased).unwrap();
-            let m = masked.then_some((&mask, mask_host.as_slice()));
-            let got = scaled_masked_softmax(x.copy().unwrap(), 0.125, m).unwrap();
-            let d = max_diff(got, want);
-            assert!(d < 1e-6, "softmax (masked: {masked}) {d}");
-        }
+        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125).unwrap()).unwrap();
+        let d = max_diff(scaled_softmax(x.copy().unwrap(), 0.125).unwrap(), want);
+        assert!(d < 1e-6, "softmax {d}");
     }
 }
