@@ -4,8 +4,10 @@ Starts its own `chroma run` on a fresh data directory, then upserts the same rec
 the agent's size in `full_embeddings`: 512 rows x 128 f32, gzip stored blocks, base64, ~350 KB)
 into a fresh collection per request size, and prints the wall time and the server's CPU seconds
 (from /proc) for each. Rounds alternate the sizes; later rounds run on a larger database.
+`--in-flight 1,2` also sends each size's requests from that many threads at once, to see
+whether the server spreads concurrent writes over the cores.
 
-    .venv/bin/python benches/chroma_request_cost.py [--records 600] [--sizes 16,25,50,100] [--rounds 2]
+    .venv/bin/python benches/chroma_request_cost.py [--records 600] [--sizes 16,25,50,100] [--rounds 2] [--in-flight 1]
 
 `chroma` is taken from CHROMA_BIN, else from this Python's own environment. Linux only (/proc).
 """
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,8 +46,10 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=600)
     ap.add_argument("--sizes", default="16,25,50,100")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--in-flight", default="1", help="requests in flight at once, comma-separated")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    in_flight = [int(s) for s in args.in_flight.split(",")]
     chroma = os.environ.get("CHROMA_BIN") or str(Path(sys.executable).parent / "chroma")
     if not shutil.which(chroma):
         sys.exit(f"no chroma at {chroma}: set CHROMA_BIN or run scripts/setup")
@@ -71,23 +76,32 @@ def main() -> None:
                 except Exception:
                     time.sleep(0.2)
             print(f"{args.records} records of {len(blobs[0]) / 1e6:.2f} MB, chroma {chromadb.__version__}")
-            print("round  records/request  requests  wall s  server CPU s  server CPU ms/request")
+            print("round  records/request  in flight  requests  wall s  server CPU s  server CPU ms/request")
+
+            def send(col, starts, size):
+                for start in starts:
+                    ids = [f"r{i}" for i in range(start, min(args.records, start + size))]
+                    col.upsert(
+                        ids=ids,
+                        embeddings=[rng.standard_normal(128).tolist() for _ in ids],
+                        documents=["x"] * len(ids),
+                        metadatas=[{"full_embeddings": blobs[i % 32], "doc_id": f"doc{i // 30}"} for i in range(start, start + len(ids))],
+                    )
+
             for rnd in range(args.rounds):
                 for size in sizes:
-                    col = client.get_or_create_collection(f"size{size}_round{rnd}")
-                    wall, cpu = time.time(), server_cpu_s(server.pid)
-                    requests = 0
-                    for start in range(0, args.records, size):
-                        ids = [f"r{i}" for i in range(start, min(args.records, start + size))]
-                        col.upsert(
-                            ids=ids,
-                            embeddings=[rng.standard_normal(128).tolist() for _ in ids],
-                            documents=["x"] * len(ids),
-                            metadatas=[{"full_embeddings": blobs[i % 32], "doc_id": f"doc{i // 30}"} for i in range(start, start + len(ids))],
-                        )
-                        requests += 1
-                    wall, cpu = time.time() - wall, server_cpu_s(server.pid) - cpu
-                    print(f"{rnd:5}  {size:15}  {requests:8}  {wall:6.1f}  {cpu:12.1f}  {cpu / requests * 1e3:21.0f}", flush=True)
+                    for n in in_flight:
+                        col = client.get_or_create_collection(f"size{size}_n{n}_round{rnd}")
+                        starts = list(range(0, args.records, size))
+                        wall, cpu = time.time(), server_cpu_s(server.pid)
+                        threads = [threading.Thread(target=send, args=(col, starts[k::n], size)) for k in range(n)]
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
+                        wall, cpu = time.time() - wall, server_cpu_s(server.pid) - cpu
+                        requests = len(starts)
+                        print(f"{rnd:5}  {size:15}  {n:9}  {requests:8}  {wall:6.1f}  {cpu:12.1f}  {cpu / requests * 1e3:21.0f}", flush=True)
         finally:
             server.terminate()
             server.wait()

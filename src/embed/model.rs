@@ -559,7 +559,10 @@ mod tests {
     #[test]
     fn sequences_group_runs_of_equal_length() {
         let seqs = Sequences::new(&[3, 3, 5, 3, 2, 2]);
-        assert_eq!(seqs.groups, vec![(0, 2, 3), (6, 1, 5), (11, 1, 3), (14, 2, 2)]);
+        assert_eq!(
+            seqs.groups,
+            vec![(0, 2, 3), (6, 1, 5), (11, 1, 3), (14, 2, 2)]
+        );
         assert!(Sequences::new(&[]).groups.is_empty());
     }
 
