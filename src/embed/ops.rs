@@ -279,65 +279,22 @@ mod tests {
         assert_eq!(exp(f32::MIN), 0.0);
     }
 
-    #[test]
-    fn in_place_ops_equal_candle_ops() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 3f32, (2, 3, 5, 7), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1f32, (2, 3, 5, 7), &dev).unwrap();
-        let want = x.gelu().unwrap();
-        let got = gelu_tanh(x.copy().unwrap()).unwrap();
-        let d = (got - &want)
+    fn max_diff(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "gelu {d}");
-        let want_mul = (&want * &up).unwrap();
-        let got = gelu_mul(x.copy().unwrap(), &up).unwrap();
-        let d = (got - want_mul)
             .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-5, "gelu·up {d}");
-
-        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.3).unwrap()).unwrap();
-        let got = scaled_softmax(x.copy().unwrap(), 0.3).unwrap();
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-6, "softmax {d}");
     }
 
-    /// Rows longer than the lanes, as in the model (1,030 keys: 64 chunks of 16 and a tail),
-    /// so the vectorised bodies are what is compared.
-    #[test]
-    fn in_place_ops_equal_candle_ops_on_long_rows() {
+    /// The in-place ops against candle's own on scores of `shape`.
+    fn assert_in_place_ops_equal_candle_ops(shape: (usize, usize, usize, usize), scale: f64) {
         let dev = Device::Cpu;
-        let l = 1030;
-        let x = Tensor::randn(0f32, 3f32, (2, 3, 4, l), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1f32, (2, 3, 4, l), &dev).unwrap();
-        let max_diff = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let x = Tensor::randn(0f32, 3f32, shape, &dev).unwrap();
+        let up = Tensor::randn(0f32, 1f32, shape, &dev).unwrap();
         let want = x.gelu().unwrap();
         let d = max_diff(gelu_tanh(x.copy().unwrap()).unwrap(), want.clone());
         assert!(d < 1e-5, "gelu {d}");
@@ -346,8 +303,21 @@ mod tests {
             (&want * &up).unwrap(),
         );
         assert!(d < 1e-5, "gelu·up {d}");
-        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125).unwrap()).unwrap();
-        let d = max_diff(scaled_softmax(x.copy().unwrap(), 0.125).unwrap(), want);
+        let want = candle_nn::ops::softmax_last_dim(&(&x * scale).unwrap()).unwrap();
+        let d = max_diff(scaled_softmax(x.copy().unwrap(), scale).unwrap(), want);
         assert!(d < 1e-6, "softmax {d}");
+    }
+
+    /// Rows shorter than the lanes: only the scalar tails run.
+    #[test]
+    fn in_place_ops_equal_candle_ops() {
+        assert_in_place_ops_equal_candle_ops((2, 3, 5, 7), 0.3);
+    }
+
+    /// Rows longer than the lanes, as in the model (1,030 keys: 64 chunks of 16 and a tail),
+    /// so the vectorised bodies are what is compared.
+    #[test]
+    fn in_place_ops_equal_candle_ops_on_long_rows() {
+        assert_in_place_ops_equal_candle_ops((2, 3, 4, 1030), 0.125);
     }
 }

@@ -294,13 +294,14 @@ fn file_records_prefix_listing_and_content_index() {
     let mut other = record(&p("a/y.pdf"), b"two");
     other.model = "another model".into();
     store.put_file(&p("a/y.pdf"), &other).expect("put");
-    for name in [
+    let names = [
         "a/b/in-walked.pdf",
         "a/c/d/in-unwalked.pdf",
         "a/c0.pdf",
         "a/e/f.pdf",
         "a/e0.pdf",
-    ] {
+    ];
+    for name in names {
         store
             .put_file(&p(name), &record(&p(name), b"four"))
             .expect("put");
@@ -332,13 +333,7 @@ fn file_records_prefix_listing_and_content_index() {
             direct("y.pdf", other.stamp, false),
         ]
     );
-    for name in [
-        "a/b/in-walked.pdf",
-        "a/c/d/in-unwalked.pdf",
-        "a/c0.pdf",
-        "a/e/f.pdf",
-        "a/e0.pdf",
-    ] {
+    for name in names {
         store.remove_file(&p(name)).expect("remove");
     }
 
