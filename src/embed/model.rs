@@ -337,11 +337,8 @@ impl TextLayer {
             let a = attention(&q, &k, &v, scale)?;
             outs.push(a.transpose(1, 2)?.reshape((count * len, ()))?);
         }
-        let a = if outs.len() == 1 {
-            outs.pop().expect("one group")
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
+        // One group (a batch of pages, or of equal-length texts): `cat` hands it back as it is.
+        let a = Tensor::cat(&outs, 0)?;
         let xs = (xs + self.o_proj.forward(&a)?)?;
         let x = self.post_attention_layernorm.forward(&xs)?;
         let x = ops::gelu_mul(self.gate_proj.forward(&x)?, &self.up_proj.forward(&x)?)?;
