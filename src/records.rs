@@ -141,6 +141,9 @@ pub const TEXT_PREVIEW_CHARS: usize = 200;
 
 pub use crate::types::MultivectorEncoding;
 
+/// Bytes of a multi-vector deflated on trial before the whole is (32 KiB: 64 rows of 128 f32).
+const DEFLATE_TRIAL_BYTES: usize = 32 << 10;
+
 /// Encodes a multi-vector for the `full_embeddings` key.
 pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> String {
     match encoding {
@@ -153,14 +156,17 @@ pub fn encode_multivector(mv: &MultiVector, encoding: MultivectorEncoding) -> St
             // by ~8%, yet every search would then inflate each candidate (~1 ms a page, most of
             // stage 2); values computed in bf16/f16 and widened to f32 shrink by 35-50%. Below a
             // 20% saving the same gzip format carries the bytes in stored blocks, which any gzip
-            // reader takes and which decode at copy speed.
-            let deflated = gzip(&raw, 1);
-            let gz = if deflated.len() * 5 <= raw.len() * 4 {
-                deflated
+            // reader takes and which decode at copy speed. A trial on the first rows decides:
+            // deflating a whole full-precision text chunk only to throw it away was most of the
+            // time a write spent encoding (BENCHMARKS.md, issue 15).
+            let saves = |raw: &[u8], deflated: &[u8]| deflated.len() * 5 <= raw.len() * 4;
+            let trial = &raw[..raw.len().min(DEFLATE_TRIAL_BYTES)];
+            let gz = if trial.len() == raw.len() || saves(trial, &gzip(trial, 1)) {
+                Some(gzip(&raw, 1)).filter(|d| saves(&raw, d))
             } else {
-                gzip(&raw, 0)
+                None
             };
-            base64_simd::STANDARD.encode_to_string(gz)
+            base64_simd::STANDARD.encode_to_string(gz.unwrap_or_else(|| gzip(&raw, 0)))
         }
         MultivectorEncoding::F16B64 => {
             let mut raw = Vec::with_capacity(mv.data.len() * 2);
@@ -675,8 +681,9 @@ mod tests {
 
     #[test]
     fn deflate_is_used_only_where_it_saves() {
-        // Full-precision values: stored blocks, so searches decode them at copy speed.
-        let full = sample(64, 128);
+        // Full-precision values: stored blocks, so searches decode them at copy speed. 512 rows
+        // (a text chunk) are more than the trial, so the trial decides both ways.
+        let full = sample(512, 128);
         let s = encode_multivector(&full, MultivectorEncoding::F32GzipB64);
         assert_eq!(first_block_type(&s), 0);
         // Values computed in bf16 (a GPU) and widened: half of every float is zero, deflated.
@@ -688,7 +695,7 @@ mod tests {
         assert_ne!(first_block_type(&t), 0);
         assert!(t.len() * 10 < s.len() * 7, "{} vs {}", t.len(), s.len());
         for (blob, mv) in [(&s, &full), (&t, &bf16)] {
-            let back = decode_multivector(blob, MultivectorEncoding::F32GzipB64, 64, 128).unwrap();
+            let back = decode_multivector(blob, MultivectorEncoding::F32GzipB64, 512, 128).unwrap();
             assert_eq!(&back.data, &mv.data);
         }
     }
