@@ -1,19 +1,22 @@
 //! End to end: the agent's `index` (CPU) against the old DocuSearch worker's Python path
-//! (`benches/e2e_python_baseline.py`), on the same folder, into separate collections of one real
-//! Chroma server. Two modes:
+//! (`benches/e2e_python_baseline.py`), on the same folder, each run into a fresh `chroma run`
+//! of the same build (a local server's cost per record grows with what it already holds, so
+//! a shared server favoured whichever side ran first). Two modes:
 //!
 //! - default, outside the model: the agent with the tiny checkpoint, Python with no model at all;
 //! - `--mid`: both sides run the same random mid-size checkpoint (written by
 //!   `scripts/bench_colpali_torch.py make`), the agent through candle, Python through
 //!   colpali-engine on CPU torch, with the agent's default batch sizes and thread count.
 //!
-//! `cargo build --release && cargo run --release --example bench_e2e -- [--mid] [--corpus A.pdf,B.pdf] [GENERATED_PAGES] [ROUNDS]`
+//! `cargo build --release && cargo run --release --example bench_e2e -- [--mid] [--nice] [--corpus A.pdf,B.pdf] [GENERATED_PAGES] [ROUNDS]`
 //!
-//! `--corpus` takes a subset of tests/fixtures/corpus's PDFs (default: all four).
-//! The folder: the corpus PDFs plus generated text PDFs (400 pages by default). Each side runs as
+//! `--corpus` takes a subset of tests/fixtures/corpus's PDFs (default: all four); `--nice` runs
+//! the agent at the service's nice value, as launchd and systemd start it.
+//! The folder: the corpus PDFs plus generated text PDFs (500 pages by default). Each side runs as
 //! a child process, measured with wait4 (CPU seconds and peak RSS include the agent's
 //! extraction workers); its requests go through a counting proxy (bytes sent to Chroma); a
-//! poller notes when the first page record can be found. Rounds alternate the two sides.
+//! poller notes when the first page record can be found; the server's CPU seconds come from
+//! /proc. Rounds alternate the two sides.
 //! Needs `DOCUSEARCH_BENCH_PYTHON` (or scripts/setup's environment) with chromadb, numpy,
 //! pypdfium2 and Pillow; with `--mid` also torch, transformers and colpali-engine (the reference
 //! stack of `cargo bench --bench embed`).
@@ -288,7 +291,7 @@ async fn main() {
             ),
         }
     }
-    let generated = numbers.first().copied().unwrap_or(400);
+    let generated = numbers.first().copied().unwrap_or(500);
     let rounds = numbers.get(1).copied().unwrap_or(3);
     let exe = Path::new(MANIFEST).join("target/release/docusearch-agent");
     assert!(

@@ -166,6 +166,16 @@ impl Sink for RealSink {
     ) -> Result<(), StageError> {
         self.0.upsert_chunks_of(docs).await.map_err(sync_err)
     }
+    async fn upsert_records(
+        &self,
+        pages: &[(&DocumentMeta, &[PageRecord])],
+        chunks: &[(&DocumentMeta, &[ChunkRecord])],
+    ) -> Result<(), StageError> {
+        self.0
+            .upsert_records_of(pages, chunks)
+            .await
+            .map_err(sync_err)
+    }
     async fn finish_document(
         &self,
         doc: &DocumentMeta,

@@ -94,6 +94,23 @@ pub trait Sink: Send + Sync + 'static {
         &self,
         docs: &[(&DocumentMeta, &[ChunkRecord])],
     ) -> impl Future<Output = Result<(), StageError>> + Send;
+    /// Writes page records, then text-chunk records, of one or more documents; the chunks only
+    /// once the pages are in. A sink may prepare the chunks while the pages are in flight.
+    fn upsert_records(
+        &self,
+        pages: &[(&DocumentMeta, &[PageRecord])],
+        chunks: &[(&DocumentMeta, &[ChunkRecord])],
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        async move {
+            if !pages.is_empty() {
+                self.upsert_pages(pages).await?;
+            }
+            if !chunks.is_empty() {
+                self.upsert_chunks(chunks).await?;
+            }
+            Ok(())
+        }
+    }
     fn finish_document(
         &self,
         doc: &DocumentMeta,

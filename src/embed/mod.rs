@@ -316,11 +316,16 @@ impl Embedder {
             for t in batch {
                 let mut seq = self.prompts.query_ids(t)?;
                 if seq.len() > max_len {
-                    tracing::warn!(
-                        tokens = seq.len(),
-                        max_len,
-                        "text longer than the model's positions: truncated"
-                    );
+                    // Once as a warning, then at debug level: with a short-context checkpoint
+                    // every chunk of a folder would otherwise log the same line.
+                    static WARNED: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    let msg = "text longer than the model's positions: truncated (further truncations are logged at debug level)";
+                    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(tokens = seq.len(), max_len, "{msg}");
+                    } else {
+                        tracing::debug!(tokens = seq.len(), max_len, "{msg}");
+                    }
                     seq.truncate(max_len);
                 }
                 ids.push(seq);

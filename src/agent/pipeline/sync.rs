@@ -180,8 +180,11 @@ const MAX_CHROMA_WAIT: Duration = Duration::from_secs(30);
 
 /// One write of some documents' records.
 enum Write<'a> {
-    Pages(&'a [(&'a DocumentMeta, &'a [PageRecord])]),
-    Chunks(&'a [(&'a DocumentMeta, &'a [ChunkRecord])]),
+    /// Pages, then chunks.
+    Records {
+        pages: &'a [(&'a DocumentMeta, &'a [PageRecord])],
+        chunks: &'a [(&'a DocumentMeta, &'a [ChunkRecord])],
+    },
     /// Prunes the records the document no longer has.
     Finish {
         meta: &'a DocumentMeta,
@@ -214,8 +217,7 @@ async fn write<S: Sink>(
     let mut waited = false;
     loop {
         let result = match &w {
-            Write::Pages(p) => shared.sink.upsert_pages(p).await,
-            Write::Chunks(c) => shared.sink.upsert_chunks(c).await,
+            Write::Records { pages, chunks } => shared.sink.upsert_records(pages, chunks).await,
             Write::Finish {
                 meta,
                 pages,
@@ -270,19 +272,17 @@ async fn write_records<S: Sink>(
         .filter(|(_, b)| !b.pages.is_empty())
         .map(|(m, b)| (m, b.pages.as_slice()))
         .collect();
-    if !pages.is_empty() {
-        write(shared, token, &what, Write::Pages(&pages)).await?;
-    }
     let chunks: Vec<(&DocumentMeta, &[ChunkRecord])> = metas
         .iter()
         .zip(bufs)
         .filter(|(_, b)| !b.chunks.is_empty())
         .map(|(m, b)| (m, b.chunks.as_slice()))
         .collect();
-    if !chunks.is_empty() {
-        write(shared, token, &what, Write::Chunks(&chunks)).await?;
-    }
-    Ok(())
+    let w = Write::Records {
+        pages: &pages,
+        chunks: &chunks,
+    };
+    write(shared, token, &what, w).await
 }
 
 /// Writes every held record, all documents together. A write refused for good is tried again
