@@ -6,8 +6,9 @@ Per PDF: pypdfium2 render at DPI, PIL `convert("RGB")` and bicubic resize to the
 square size, page text (`get_text_range`), 250/50-word chunks of the document's text; in place
 of the model, a multi-vector of the given shape per page and per chunk (cheap, deterministic);
 records with DocuSearch's metadata (`full_embeddings` as f32-gzip-b64, the mean as the
-embedding) upserted with the `chromadb` client in batches of 100 into `{prefix}_visual` and
-`{prefix}_text`. Prints one JSON object on stdout.
+embedding) upserted with the `chromadb` client in batches of 100 (fewer when 100 would pass
+Chroma's 40 MiB request limit: mid-size page records are ~0.7 MB each) into `{prefix}_visual`
+and `{prefix}_text`. Prints one JSON object on stdout.
 
 With `--model DIR --threads N --batch-visual B --batch-text B` the multi-vectors come from
 colpali-engine's `ColPali` on DIR (f32, CPU, `torch.set_num_threads(N)`): pages through a
@@ -41,6 +42,8 @@ except ImportError as e:  # say what to install instead of a traceback
     sys.exit(2)
 
 BATCH = 100
+# Chroma refuses request bodies over 40 MiB; blobs are most of a request.
+BATCH_BLOB_BYTES = 36 << 20
 CHUNK_WORDS, CHUNK_OVERLAP = 250, 50
 
 
@@ -124,9 +127,14 @@ def chunks(text):
 class Batches:
     def __init__(self, collection):
         self.c, self.ids, self.embs, self.docs, self.metas = collection, [], [], [], []
+        self.bytes = 0
         self.first_flush = None
 
     def add(self, id_, emb, doc, meta):
+        size = len(meta["full_embeddings"])
+        if self.ids and self.bytes + size > BATCH_BLOB_BYTES:
+            self.flush()
+        self.bytes += size
         self.ids.append(id_)
         self.embs.append(emb)
         self.docs.append(doc)
@@ -141,6 +149,7 @@ class Batches:
         if self.first_flush is None:
             self.first_flush = time.perf_counter()
         self.ids, self.embs, self.docs, self.metas = [], [], [], []
+        self.bytes = 0
 
 
 def main():

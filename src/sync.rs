@@ -172,7 +172,8 @@ impl Syncer {
         docs: &[(&DocumentMeta, &[PageRecord])],
     ) -> Result<(), SyncError> {
         let records = self.page_records(docs)?;
-        self.send_pages(docs, &records).await
+        self.send(&self.visual, "writing page records", docs, &records)
+            .await
     }
 
     /// Writes (or overwrites) some of a document's text-chunk records.
@@ -191,7 +192,8 @@ impl Syncer {
         docs: &[(&DocumentMeta, &[ChunkRecord])],
     ) -> Result<(), SyncError> {
         let records = self.chunk_records(docs)?;
-        self.send_chunks(docs, &records).await
+        self.send(&self.text, "writing text records", docs, &records)
+            .await
     }
 
     /// Writes page records, then text-chunk records, of several documents: the chunks are
@@ -208,7 +210,8 @@ impl Syncer {
             if page_records.is_empty() {
                 return Ok(());
             }
-            self.send_pages(pages, &page_records).await
+            self.send(&self.visual, "writing page records", pages, &page_records)
+                .await
         };
         let encode_chunks = async {
             // The page request goes out first.
@@ -221,7 +224,8 @@ impl Syncer {
         if chunk_records.is_empty() {
             return Ok(());
         }
-        self.send_chunks(chunks, &chunk_records).await
+        self.send(&self.text, "writing text records", chunks, &chunk_records)
+            .await
     }
 
     /// Checks and encodes page records (gzip, base64: CPU work, spread over the cores).
@@ -266,31 +270,19 @@ impl Syncer {
             .collect())
     }
 
-    async fn send_pages(
+    /// One upsert of encoded records into `collection`; `what` names it in errors.
+    async fn send<R>(
         &self,
-        docs: &[(&DocumentMeta, &[PageRecord])],
+        collection: &Collection,
+        what: &'static str,
+        docs: &[(&DocumentMeta, &[R])],
         records: &[Record],
     ) -> Result<(), SyncError> {
-        let requests = self
-            .visual
+        let requests = collection
             .upsert(records)
             .await
-            .map_err(|source| chroma_err("writing page records", &paths(docs), source))?;
-        tracing::debug!(documents = %paths(docs), pages = records.len(), requests, "page records written");
-        Ok(())
-    }
-
-    async fn send_chunks(
-        &self,
-        docs: &[(&DocumentMeta, &[ChunkRecord])],
-        records: &[Record],
-    ) -> Result<(), SyncError> {
-        let requests = self
-            .text
-            .upsert(records)
-            .await
-            .map_err(|source| chroma_err("writing text records", &paths(docs), source))?;
-        tracing::debug!(documents = %paths(docs), chunks = records.len(), requests, "text records written");
+            .map_err(|source| chroma_err(what, &paths(docs), source))?;
+        tracing::debug!(documents = %paths(docs), records = records.len(), requests, collection = %collection.name, "records written");
         Ok(())
     }
 
