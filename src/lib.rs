@@ -17,6 +17,7 @@ pub mod errors;
 pub mod extract;
 pub mod gpu_check;
 pub mod logging;
+pub mod priority;
 pub mod records;
 pub mod runtime_paths;
 pub mod search;

@@ -578,9 +578,11 @@ fn confine(cmd: &mut Command, memory_mb: u64) {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0);
     let bytes = memory_mb.saturating_mul(1024 * 1024);
-    // SAFETY: only async-signal-safe calls (setrlimit, prctl) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setrlimit, prctl, nice) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Rendering is bulk work: it yields the CPU (crate::priority says why).
+            crate::priority::lower_child_before_exec();
             if bytes > 0 {
                 let limit = libc::rlimit {
                     rlim_cur: bytes as libc::rlim_t,

@@ -392,7 +392,21 @@ pub fn start<X: Extract, L: EmbedLoader, S: Sink>(
         extract::run(extractor, doc_rx, page_tx, tk, sh)
     });
     let sh = shared.clone();
-    supervisor.spawn_blocking("embed", move || embed::run(loader, page_rx, vec_tx, sh));
+    supervisor.spawn_blocking("embed", move || {
+        // The model is bulk work: it runs on threads that yield the CPU (crate::priority).
+        match crate::priority::bulk_pool("ds-embed") {
+            Ok(pool) => pool.install(|| {
+                // candle's element-wise helper threads start with the first thread that needs
+                // them, at its priority: start them here, below the agent, not in a search.
+                candle_core::utils::barrier_pool();
+                embed::run(loader, page_rx, vec_tx, sh)
+            }),
+            Err(e) => {
+                tracing::warn!("the model runs at the agent's priority: no thread pool: {e}");
+                embed::run(loader, page_rx, vec_tx, sh)
+            }
+        }
+    });
     supervisor.spawn(
         "dispatch",
         dispatch::run(shared.clone(), doc_tx, token, mode),

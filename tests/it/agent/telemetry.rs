@@ -364,3 +364,84 @@ fn a_model_not_there_at_start_is_waited_for_and_used_once_it_is() {
     assert!(agent.health().expect("answers").is_healthy());
     assert!(agent.stop().success());
 }
+
+/// Fields of `/proc/PID[/task/TID]/stat` after the command name (field 3, the state, first).
+fn proc_stat(dir: &Path) -> Option<(String, Vec<i64>)> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let fields = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    Some((name, fields))
+}
+
+/// `stat` field 19, the nice value.
+const NICE: usize = 19 - 3;
+/// `stat` field 4, the parent's pid.
+const PPID: usize = 4 - 3;
+
+#[test]
+fn rendering_and_the_model_run_below_the_agents_priority_and_the_rest_at_it() {
+    use docusearch_agent::priority::BULK_NICE_STEP;
+    let rig = rig(200);
+    let agent = Agent::start(&rig, &rig.cfg, &[]);
+    write(&rig.root.join("one.pdf"), &pdf_pages("priority", 0, 1));
+    poll("one.pdf indexed", Duration::from_secs(120), &agent, || {
+        (agent.status().indexed.files == 1).then_some(())
+    });
+    let pid = agent.child.id();
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let (_, main) = proc_stat(&proc_dir).expect("the agent's /proc entry");
+    let base = main[NICE];
+    let bulk = (base + i64::from(BULK_NICE_STEP)).min(19);
+    assert!(
+        bulk > base,
+        "the test runs at nice {base}: nothing lower to check"
+    );
+
+    let mut threads: Vec<(String, i64)> = std::fs::read_dir(proc_dir.join("task"))
+        .expect("the agent's threads")
+        .filter_map(|t| proc_stat(&t.ok()?.path()))
+        .map(|(name, f)| (name, f[NICE]))
+        .collect();
+    threads.sort();
+    let of = |prefix: &str| -> Vec<i64> {
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|t| t.1)
+            .collect()
+    };
+    // The model's pool, and candle's element-wise helpers, which the model's first op started.
+    for bulk_threads in ["ds-embed-", "candle-bp-"] {
+        let nices = of(bulk_threads);
+        assert!(!nices.is_empty(), "no {bulk_threads}* thread: {threads:?}");
+        assert!(
+            nices.iter().all(|&n| n == bulk),
+            "{bulk_threads}*: {threads:?}"
+        );
+    }
+    // The sync stage, the watcher and the API run on tokio's threads, at the agent's priority.
+    let tokio = of("tokio-");
+    assert!(!tokio.is_empty(), "{threads:?}");
+    assert!(tokio.iter().all(|&n| n == base), "{threads:?}");
+
+    // The extraction worker that rendered one.pdf is kept for the next document.
+    let workers: Vec<i64> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|p| {
+            let p = p.ok()?.path();
+            let (_, f) = proc_stat(&p)?;
+            let cmdline = std::fs::read(p.join("cmdline")).ok()?;
+            (f[PPID] == i64::from(pid) && cmdline.windows(14).any(|w| w == b"extract-worker"))
+                .then_some(f[NICE])
+        })
+        .collect();
+    assert_eq!(
+        workers,
+        vec![bulk],
+        "one extraction worker, below the agent"
+    );
+}
