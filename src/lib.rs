@@ -2,10 +2,10 @@
 //!
 //! The modules follow the data flow (see `docs/` and DESIGN.md):
 //! `watch` → `state` (files, jobs) → `extract` (pages, text) → `embed` (ColPali) →
-//! `sync` (Chroma records) ; `search` reads them back; `agent` runs the stages; `service` and
-//! `api` make it a well-behaved background process. `records` is DocuSearch's record format
-//! (ids, metadata keys, encodings); `chroma` a generic client for the server that holds them;
-//! `errors` says an error and its causes once.
+//! `sync` (Chroma records) ; `search` reads them back; `agent` runs the stages; `service`,
+//! `priority` and `api` make it a well-behaved background process. `records` is DocuSearch's
+//! record format (ids, metadata keys, encodings); `chroma` a generic client for the server that
+//! holds them; `errors` says an error and its causes once.
 
 pub mod agent;
 pub mod api;
