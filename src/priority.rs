@@ -6,7 +6,8 @@
 //! model holds is lost, while rendering and the model have pages in hand and can wait
 //! (BENCHMARKS.md, end to end). Where nothing else wants the CPU, the bulk work gets all of it.
 //!
-//! The sync stage, the watcher, the status API and search keep the agent's priority.
+//! The sync stage, the watcher, the status API and search keep the agent's priority (the search
+//! page's thumbnails are rendered by the same extraction workers, so they are lowered too).
 
 use std::io;
 
