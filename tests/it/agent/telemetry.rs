@@ -435,8 +435,9 @@ fn rendering_and_the_model_run_below_the_agents_priority_and_the_rest_at_it() {
             let p = p.ok()?.path();
             let (_, f) = proc_stat(&p)?;
             let cmdline = std::fs::read(p.join("cmdline")).ok()?;
-            (f[PPID] == i64::from(pid) && cmdline.windows(14).any(|w| w == b"extract-worker"))
-                .then_some(f[NICE])
+            (f[PPID] == i64::from(pid)
+                && cmdline.split(|&b| b == 0).any(|a| a == b"extract-worker"))
+            .then_some(f[NICE])
         })
         .collect();
     assert_eq!(
